@@ -1,0 +1,1 @@
+"""Recursive Language Models as two Knative functions: `functions.infer` and `functions.execute`."""

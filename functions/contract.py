@@ -1,0 +1,185 @@
+"""The contract between the planes (v1): every JSON body either plane sends or receives.
+
+Field names here are the contract. Add fields freely; never rename these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class Strict(BaseModel):
+    """A request body: unknown fields are an error the caller sees, not something ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Open(BaseModel):
+    """A response body: readers ignore fields they do not know."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def context_bytes(value: Any) -> bytes:
+    """The canonical bytes of an RLM context: text as UTF-8, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+
+
+def context_ref(value: Any) -> str:
+    """The reference both planes compute for a context value."""
+    return sha256_hex(context_bytes(value))
+
+
+# ----------------------------------------------------------------------------- usage
+
+
+class ModelUsage(Open):
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, other: ModelUsage) -> None:
+        self.calls += other.calls
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_usd += other.cost_usd
+
+
+UsageByModel = dict[str, ModelUsage]
+
+
+def merge_usage(into: UsageByModel, other: UsageByModel) -> UsageByModel:
+    for model, usage in other.items():
+        into.setdefault(model, ModelUsage()).add(usage)
+    return into
+
+
+# ----------------------------------------------------------------------------- execute
+
+
+class StateRef(Strict):
+    """The REPL state: by reference, with the compressed pickle as base64 when the pod lacks it."""
+
+    ref: str = Field(pattern=SHA256_PATTERN)
+    data: str | None = None
+
+
+class ContextRef(Strict):
+    """The value bound to `context` in the guest: by reference, with data on first transfer."""
+
+    ref: str = Field(pattern=SHA256_PATTERN)
+    data: Any = None
+
+
+class Limits(Strict):
+    """Per-cell limits a caller may ask for; the execute plane caps each at its own maximum."""
+
+    deadline_s: float | None = Field(default=None, gt=0)
+    fuel: int | None = Field(default=None, gt=0)
+    memory_bytes: int | None = Field(default=None, gt=0)
+    output_bytes: int | None = Field(default=None, gt=0)
+    max_subcalls: int | None = Field(default=None, ge=0)
+
+
+class Callback(Strict):
+    """Where the guest's sub-calls go: an infer endpoint and the bearer token for this cell."""
+
+    url: str = Field(pattern=r"^https?://")
+    token: str = Field(min_length=1)
+
+
+class ExecuteRequest(Strict):
+    code: str
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="Variables bound in the guest before the code runs."
+    )
+    timeout: float | None = Field(default=None, gt=0, description="Seconds; same as deadline_s.")
+    session_id: str | None = Field(default=None, min_length=1, max_length=256)
+    state: StateRef | None = None
+    rlm_context: ContextRef | None = None
+    limits: Limits = Field(default_factory=Limits)
+    callback: Callback | None = None
+    return_state: bool = Field(default=False, description="Always include state.data.")
+
+
+class ErrorInfo(Open):
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class LocalInfo(Open):
+    type: str
+    preview: str
+
+
+class Answer(Open):
+    ready: bool = False
+    content: str | None = None
+
+
+class StateOut(Open):
+    ref: str
+    data: str | None = None
+    size: int = 0
+
+
+class SubcallSummary(Open):
+    count: int = 0
+    usage: UsageByModel = Field(default_factory=dict)
+
+
+class ExecuteResponse(Open):
+    stdout: str = ""
+    stderr: str = ""
+    error: ErrorInfo | None = None
+    state: StateOut | None = None
+    locals: dict[str, LocalInfo] = Field(default_factory=dict)
+    answer: Answer | None = None
+    execution_time: float = 0.0
+    subcalls: SubcallSummary = Field(default_factory=SubcallSummary)
+    trapped: str | None = None
+    session_reset: bool = Field(
+        default=False, description="A limit ended the live interpreter; state is the last good one."
+    )
+
+
+class Missing(Open):
+    """409 body: refs this pod does not hold; the caller re-sends them with data."""
+
+    missing: list[Literal["state", "rlm_context"]]
+    error: str = ""
+
+
+class Problem(Open):
+    """Every 4xx/5xx body: what went wrong and what to do about it."""
+
+    error: str
+    detail: Any = None
+
+
+# ----------------------------------------------------------------------------- sub-calls
+
+
+class SubcallRequest(Strict):
+    kind: Literal["llm", "rlm"]
+    prompts: list[str] = Field(min_length=1)
+    model: str | None = None
+
+
+class SubcallResponse(Open):
+    responses: list[str]
+    usage: UsageByModel = Field(default_factory=dict)

@@ -1,0 +1,381 @@
+"""Running one cell: sessions, state and context by reference, limits. No HTTP here.
+
+`CellRunner.run` turns an `ExecuteRequest` into an `ExecuteResponse`, or raises one of the
+errors below, each of which the API maps to a 4xx/503 with a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from functions.contract import (
+    Answer,
+    ErrorInfo,
+    ExecuteRequest,
+    ExecuteResponse,
+    LocalInfo,
+    StateOut,
+    SubcallSummary,
+    context_bytes,
+    sha256_hex,
+)
+from functions.execute import metrics
+from functions.execute.cache import LRU
+from functions.execute.sandbox import TRAP_DEADLINE, TRAP_FUEL, Interpreter
+from functions.execute.settings import ExecuteSettings
+from functions.execute.subcalls import CellScope, HttpTransport, SubcallGate, Transport
+
+log = logging.getLogger("rlm.execute")
+
+_TRUNCATED = "\n[... {stream} truncated: more than {limit} bytes were written ...]\n"
+_SESSION_OVERHEAD = 48 << 20  # what an idle interpreter costs the pod, roughly
+
+
+class MissingRefs(Exception):
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"this pod does not hold {' and '.join(missing)}: re-send with data")
+        self.missing = missing
+
+
+class BadCell(ValueError):
+    """The request is well-formed JSON but cannot be run as given (422)."""
+
+
+class Saturated(Exception):
+    """Every slot is busy; the caller retries after a pause."""
+
+
+@dataclass
+class Live:
+    """A live session: the interpreter and what its namespace currently holds."""
+
+    interpreter: Interpreter
+    gate: SubcallGate
+    state_ref: str | None = None
+    context_ref: str | None = None
+    size: int = _SESSION_OVERHEAD
+
+    def close(self) -> None:
+        self.interpreter.close()
+
+
+@dataclass
+class _Plan:
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    restore: bool = False
+    context_kind: str | None = None
+
+
+class CellRunner:
+    def __init__(self, settings: ExecuteSettings, transport: Transport | None = None) -> None:
+        self.settings = settings
+        self.transport = transport or HttpTransport(settings.subcall_timeout_s)
+        self.blobs: LRU[bytes] = LRU(settings.cache_bytes // 4)
+        self.contexts: LRU[tuple[bytes, str]] = LRU(settings.cache_bytes // 4)
+        self.sessions: LRU[Live] = LRU(
+            settings.cache_bytes // 2, settings.max_sessions, on_evict=self._evicted
+        )
+        self._slots = threading.BoundedSemaphore(settings.slots)
+        self._session_locks = [threading.Lock() for _ in range(64)]
+        self._spares: queue.SimpleQueue[Live] = queue.SimpleQueue()
+        self._closed = False
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
+        if not self._slots.acquire(timeout=self.settings.queue_wait_s):
+            raise Saturated("all sandbox slots are busy")
+        try:
+            if request.session_id is None:
+                return self._run_once(request, traceparent)
+            lock = self._session_locks[hash(request.session_id) % len(self._session_locks)]
+            with lock:
+                return self._run_in_session(request, traceparent)
+        finally:
+            self._slots.release()
+
+    def prewarm(self) -> None:
+        """Open one interpreter ahead of need (the first request then skips the ~1 s start)."""
+        self._spares.put(self._open())
+
+    def close(self) -> None:
+        self._closed = True
+        self.sessions.clear()
+        while not self._spares.empty():
+            self._spares.get().close()
+
+    # ------------------------------------------------------------------ paths
+
+    def _run_once(self, request: ExecuteRequest, traceparent: str | None) -> ExecuteResponse:
+        plan = _Plan()
+        self._add_context(request, None, plan)
+        live = self._take_spare()
+        try:
+            response, _ = self._turn(live, request, plan, traceparent, snapshot=False)
+        finally:
+            live.close()
+        return response
+
+    def _run_in_session(self, request: ExecuteRequest, traceparent: str | None) -> ExecuteResponse:
+        sid = request.session_id
+        assert sid is not None
+        live = self.sessions.pop(sid)
+        want = request.state.ref if request.state else None
+        if live is not None and (not live.interpreter.alive or live.state_ref != want):
+            live.close()
+            live = None
+        plan = _Plan()
+        missing: list[str] = []
+        if live is None and want is not None:
+            blob = self._state_blob(request)
+            if blob is None:
+                missing.append("state")
+            else:
+                plan.inputs["state.in"], plan.restore = blob, True
+        if not self._add_context(request, live, plan):
+            missing.append("rlm_context")
+        if missing:
+            if live is not None:
+                self.sessions.put(sid, live, live.size)
+            raise MissingRefs(missing)
+
+        live = live or self._take_spare()
+        try:
+            response, meta = self._turn(live, request, plan, traceparent, snapshot=True)
+        except BaseException:
+            live.close()
+            raise
+        if meta.get("load_failed"):
+            live.close()
+            raise BadCell(f"the state or context could not be loaded: {response.error.message}")
+        if response.trapped or not live.interpreter.alive:
+            live.close()
+            response.session_reset = True
+            response.stderr += (
+                f"\n[session reset: the cell was stopped ({response.trapped or 'interpreter exit'})"
+                "; variables are as they were before this cell]\n"
+            )
+            response.state = StateOut(ref=want, size=0) if want else None
+            if want and request.return_state:
+                blob = self.blobs.get(want)
+                response.state.data = _b64(blob) if blob else None
+            return response
+        if request.rlm_context:
+            live.context_ref = request.rlm_context.ref
+        live.state_ref = response.state.ref if response.state else None
+        live.size = _SESSION_OVERHEAD + int(meta.get("raw_state_size") or 0) * 2
+        live.size += len(plan.inputs.get("context.in", b"")) * 2 if plan.context_kind else 0
+        held = self.contexts.get(live.context_ref) if live.context_ref else None
+        live.size += len(held[0]) if held else 0
+        self.sessions.put(sid, live, live.size)
+        return response
+
+    # ------------------------------------------------------------------ pieces
+
+    def _state_blob(self, request: ExecuteRequest) -> bytes | None:
+        state = request.state
+        assert state is not None
+        if state.data is None:
+            return self.blobs.get(state.ref)
+        try:
+            blob = base64.b64decode(state.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadCell("state.data is not valid base64") from None
+        if sha256_hex(blob) != state.ref:
+            raise BadCell("state.data does not match state.ref (sha256 of the decoded bytes)")
+        self.blobs.put(state.ref, blob, len(blob))
+        return blob
+
+    def _add_context(self, request: ExecuteRequest, live: Live | None, plan: _Plan) -> bool:
+        """Put the RLM context (and seed variables) into the plan; False if the pod lacks it."""
+        rc = request.rlm_context
+        if rc is None or (live is not None and live.context_ref == rc.ref):
+            return True
+        if rc.data is not None:
+            data = context_bytes(rc.data)
+            if hashlib.sha256(data).hexdigest() != rc.ref:
+                raise BadCell(
+                    "rlm_context.data does not match rlm_context.ref: the ref is the sha256 of "
+                    "the text's UTF-8, or of compact sorted-key JSON for other values"
+                )
+            kind = "text" if isinstance(rc.data, str) else "json"
+            self.contexts.put(rc.ref, (data, kind), len(data))
+        else:
+            held = self.contexts.get(rc.ref)
+            if held is None:
+                return False
+            data, kind = held
+        plan.inputs["context.in"], plan.context_kind = data, kind
+        return True
+
+    def _turn(
+        self,
+        live: Live,
+        request: ExecuteRequest,
+        plan: _Plan,
+        traceparent: str | None,
+        snapshot: bool,
+    ) -> tuple[ExecuteResponse, dict]:
+        s = self.settings
+        limits = request.limits
+        deadline = min(limits.deadline_s or request.timeout or s.deadline_s, s.max_deadline_s)
+        fuel = min(limits.fuel or s.fuel, s.fuel)
+        output = min(limits.output_bytes or s.output_bytes, s.output_bytes)
+        max_subcalls = min(
+            s.max_subcalls if limits.max_subcalls is None else limits.max_subcalls, s.max_subcalls
+        )
+        cell = {"restore": plan.restore, "context": plan.context_kind, "snapshot": snapshot}
+        if request.context:
+            cell["vars"] = request.context
+        if request.return_state:
+            cell["force_state"] = True
+        live.gate.scope = CellScope(
+            callback=request.callback,
+            max_subcalls=max_subcalls,
+            headers={"traceparent": traceparent} if traceparent else {},
+        )
+        started = time.perf_counter()
+        result = live.interpreter.turn(
+            cell, request.code, plan.inputs, deadline_s=deadline, fuel=fuel, output_bytes=output
+        )
+        elapsed = time.perf_counter() - started
+        metrics.observe_cell(elapsed, result.trapped)
+
+        stdout = result.stdout.decode("utf-8", "replace")
+        stderr = result.stderr.decode("utf-8", "replace")
+        if "stdout" in result.truncated:
+            stdout += _TRUNCATED.format(stream="stdout", limit=output)
+        if "stderr" in result.truncated:
+            stderr += _TRUNCATED.format(stream="stderr", limit=output)
+        meta = _read_meta(result.report)
+        response = ExecuteResponse(
+            stdout=stdout,
+            stderr=stderr,
+            execution_time=elapsed,
+            subcalls=live.gate.scope.summary or SubcallSummary(),
+            trapped=_trap_name(result.trapped),
+        )
+        live.gate.scope = CellScope()
+        if result.trapped:
+            response.error = ErrorInfo(
+                type="TimeoutError" if result.trapped == TRAP_DEADLINE else "ResourceError",
+                message=_trap_message(result.trapped, deadline, fuel),
+            )
+            return response, meta
+        if not meta:
+            response.error = ErrorInfo(
+                type="SystemExit", message="the cell ended the interpreter (exit or os._exit)"
+            )
+            return response, meta
+        try:
+            if meta.get("error"):
+                response.error = ErrorInfo.model_validate(meta["error"])
+            if meta.get("answer"):
+                response.answer = Answer.model_validate(meta["answer"])
+            response.locals = {
+                str(k): LocalInfo.model_validate(v) for k, v in (meta.get("locals") or {}).items()
+            }
+        except ValidationError:
+            response.error = ErrorInfo(
+                type="ProtocolError", message="the cell's report was malformed"
+            )
+        if snapshot:
+            response.state = self._new_state(live, request, result.outputs.get("state.out"))
+        return response, meta
+
+    def _new_state(self, live: Live, request: ExecuteRequest, blob: bytes | None) -> StateOut:
+        """The state after the cell: the blob the guest wrote, or the one it had if unchanged."""
+        if blob is None and live.state_ref is not None:
+            blob = self.blobs.get(live.state_ref)
+            if blob is None:
+                return StateOut(ref=live.state_ref)
+        if blob is None:
+            blob = b""
+        ref = sha256_hex(blob)
+        if len(blob) <= self.settings.max_state_bytes:
+            self.blobs.put(ref, blob, len(blob))
+        inline = request.return_state or len(blob) <= self.settings.state_inline_bytes
+        return StateOut(ref=ref, data=_b64(blob) if inline else None, size=len(blob))
+
+    def _open(self) -> Live:
+        gate = SubcallGate(self.transport)
+        s = self.settings
+        interpreter = Interpreter(
+            subcall=gate,
+            memory_bytes=s.memory_bytes,
+            fuel=s.fuel,
+            state_cap=s.max_state_bytes,
+            max_subcalls=s.max_subcalls,
+            subcall_timeout_s=s.subcall_timeout_s,
+            cache_dir=s.wasm_cache_dir or None,
+        )
+        return Live(interpreter=interpreter, gate=gate)
+
+    def _take_spare(self) -> Live:
+        try:
+            live = self._spares.get_nowait()
+        except queue.Empty:
+            live = self._open()
+        if self._spares.empty() and not self._closed:
+            threading.Thread(target=self._refill, daemon=True).start()
+        return live
+
+    def _refill(self) -> None:
+        try:
+            live = self._open()
+        except Exception:
+            if not self._closed:
+                log.exception("could not open a spare interpreter")
+            return
+        if self._closed:
+            live.close()
+        else:
+            self._spares.put(live)
+
+    @staticmethod
+    def _evicted(_sid: str, live: Live) -> None:
+        live.close()
+
+
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode("ascii")
+
+
+def _read_meta(raw: bytes | None) -> dict:
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _trap_name(trapped: str | None) -> str | None:
+    if trapped is None:
+        return None
+    if trapped == TRAP_DEADLINE:
+        return "deadline"
+    if trapped == TRAP_FUEL:
+        return "fuel"
+    if "stack" in trapped:
+        return "stack"
+    return trapped
+
+
+def _trap_message(trapped: str, deadline: float, fuel: int) -> str:
+    if trapped == TRAP_DEADLINE:
+        return f"the cell ran past its deadline of {deadline:g} s"
+    if trapped == TRAP_FUEL:
+        return f"the cell used up its fuel ({fuel:,} instructions)"
+    return f"the cell was stopped: {trapped}"

@@ -1,0 +1,260 @@
+# Runs INSIDE the sandbox (CPython on WASI), once per interpreter, before the first cell.
+#
+# It defines the guest API the model's code sees and the module `_rlm_driver`, whose
+# `cell(plan, code)` the host calls each turn with both inline. The cell's report (error, answer,
+# locals) ends stderr after a marker the host chose. Bulk data goes through the /rlm mount:
+#   in:  state.in (the compressed pickle to restore), context.in (the RLM context)
+#   out: state.out (the new compressed pickle, only when it changed), meta.json (a fallback)
+# Nothing here is trusted by the host: it validates meta.json and never unpickles state.
+
+
+def _install():
+    import ast
+    import hashlib
+    import json
+    import sys
+    import traceback
+    import types
+    import zlib
+
+    import cloudpickle
+    from host import tools
+
+    mount = "/rlm"
+    DRIVER_FILE = "<rlm>"
+    main = sys.modules["__main__"].__dict__
+    driver = types.ModuleType("_rlm_driver")
+    sys.modules["_rlm_driver"] = driver
+
+    class SubcallError(RuntimeError):
+        """A sub-call failed: no callback, a refused token, the per-cell cap, or the model."""
+
+    SubcallError.__qualname__ = SubcallError.__name__
+    SubcallError.__module__ = "builtins"
+
+    def _subcall(kind, prompts, model):
+        prompts = [p if isinstance(p, str) else str(p) for p in prompts]
+        if not prompts:
+            return []
+        if model is not None and not isinstance(model, str):
+            raise TypeError("model must be a str or None")
+        try:
+            return tools.subcall(kind=kind, prompts=prompts, model=model)
+        except Exception as e:
+            raise SubcallError(str(e)) from None
+
+    def llm_query(prompt, model=None):
+        """Ask a sub-model one question; returns its reply as a str."""
+        return _subcall("llm", [prompt], model)[0]
+
+    def llm_query_batched(prompts, model=None):
+        """Ask a sub-model many questions at once (concurrently); returns replies in order."""
+        return _subcall("llm", list(prompts), model)
+
+    def rlm_query(prompt, model=None):
+        """Run a child RLM (its own REPL) on a sub-problem; returns its final answer."""
+        return _subcall("rlm", [prompt], model)[0]
+
+    def rlm_query_batched(prompts, model=None):
+        """Run several child RLMs concurrently; returns their answers in order."""
+        return _subcall("rlm", list(prompts), model)
+
+    def _user_names():
+        return [
+            name
+            for name in main
+            if not name.startswith("_") and name not in RESERVED and name != "context"
+        ]
+
+    def _preview(value, limit=120):
+        try:
+            text = repr(value)
+        except Exception as e:
+            text = f"<unrepresentable: {type(e).__name__}>"
+        if len(text) > limit:
+            text = text[: limit - 3] + "..."
+        size = ""
+        try:
+            if hasattr(value, "__len__") and not isinstance(value, type):
+                size = f" (len {len(value)})"
+        except Exception:
+            pass
+        return text + size
+
+    def SHOW_VARS():
+        """Print the variables you have made in the REPL, with their types."""
+        names = _user_names()
+        if not names:
+            print("No variables yet.")
+        for name in sorted(names):
+            value = main[name]
+            print(f"{name}: {type(value).__name__} = {_preview(value, 80)}")
+
+    def FINAL_VAR(name):
+        """Make the value of variable `name` (a str of the name, or the value) the final answer."""
+        if isinstance(name, str) and name.strip().strip("'\"") in main:
+            value = main[name.strip().strip("'\"")]
+        elif isinstance(name, str):
+            raise NameError(f"FINAL_VAR: no variable named {name!r}; SHOW_VARS() lists them")
+        else:
+            value = name
+        answer = main.get("answer")
+        if not isinstance(answer, dict):
+            answer = main["answer"] = {"content": None, "ready": False}
+        answer["content"] = value if isinstance(value, str) else str(value)
+        answer["ready"] = True
+        return answer["content"]
+
+    def FINAL(text):
+        """Make `text` the final answer."""
+        answer = main.get("answer")
+        if not isinstance(answer, dict):
+            answer = main["answer"] = {"content": None, "ready": False}
+        answer["content"] = str(text)
+        answer["ready"] = True
+        return answer["content"]
+
+    api = {
+        "llm_query": llm_query,
+        "llm_query_batched": llm_query_batched,
+        "rlm_query": rlm_query,
+        "rlm_query_batched": rlm_query_batched,
+        "SHOW_VARS": SHOW_VARS,
+        "FINAL_VAR": FINAL_VAR,
+        "FINAL": FINAL,
+        "SubcallError": SubcallError,
+    }
+    RESERVED = {*api, "answer"}
+
+    def _read(name):
+        with open(f"{mount}/{name}", "rb") as f:
+            return f.read()
+
+    def _write(name, data):
+        with open(f"{mount}/{name}", "wb") as f:
+            f.write(data)
+
+    def _run_user_code(code):
+        """Run the cell like an interactive prompt: a final expression's value is printed."""
+        tree = ast.parse(code, "<cell>", "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, "<cell>", "exec"), main)
+        if last is not None:
+            value = eval(compile(last, "<cell>", "eval"), main)
+            if value is not None:
+                print(repr(value))
+
+    def _error_info(exc):
+        """The exception as the user should see it: their frames only, no driver frames."""
+        if isinstance(exc, SyntaxError):
+            text = "".join(traceback.format_exception_only(type(exc), exc))
+        else:
+            frames = traceback.extract_tb(exc.__traceback__)
+            while frames and frames[0].filename != "<cell>":
+                frames.pop(0)
+            frames = [f for f in frames if f.filename != DRIVER_FILE]
+            text = (
+                "Traceback (most recent call last):\n"
+                + "".join(traceback.format_list(frames))
+                + "".join(traceback.format_exception_only(type(exc), exc))
+            )
+        return {"type": type(exc).__name__, "message": str(exc), "traceback": text}
+
+    def _answer():
+        answer = main.get("answer")
+        if not isinstance(answer, dict):
+            return None
+        content = answer.get("content")
+        if content is not None and not isinstance(content, str):
+            content = str(content)
+        return {"ready": bool(answer.get("ready")), "content": content}
+
+    def _snapshot():
+        """Pickle the user namespace; values that cannot be pickled are dropped and named."""
+        names = [n for n in main if n not in api and n != "context" and not n.startswith("__")]
+        names = [n for n in names if n != "__builtins__"]
+        space = {n: main[n] for n in names}
+        try:
+            blob = cloudpickle.dumps(space, protocol=5)
+            dropped = []
+        except Exception:
+            dropped = []
+            for name in list(space):
+                try:
+                    cloudpickle.dumps(space[name], protocol=5)
+                except Exception as e:
+                    dropped.append((name, type(space[name]).__name__, type(e).__name__))
+                    del space[name]
+            blob = cloudpickle.dumps(space, protocol=5)
+        for name, kind, why in dropped:
+            print(
+                f"[state] variable {name!r} ({kind}) cannot be pickled ({why}); "
+                "it will not survive a restore on another pod",
+                file=sys.stderr,
+            )
+        return zlib.compress(blob, 1), len(blob), [d[0] for d in dropped]
+
+    last = {"meta": "{}", "digest": None}
+
+    def cell(plan, code):
+        plan = json.loads(plan)
+        meta = {"error": None, "answer": None, "locals": {}, "dropped": [], "raw_state_size": 0}
+        try:
+            if plan.get("restore"):
+                main.update(cloudpickle.loads(zlib.decompress(_read("state.in"))))
+                last["digest"] = None
+            if plan.get("context") == "text":
+                main["context"] = _read("context.in").decode("utf-8")
+            elif plan.get("context") == "json":
+                main["context"] = json.loads(_read("context.in"))
+            if plan.get("vars"):
+                main.update(plan["vars"])
+        except BaseException as e:
+            info = _error_info(e)
+            info["message"] = f"could not load the inputs: {info['message']}"
+            meta["error"] = info
+            meta["load_failed"] = True
+            _report(plan, meta)
+            return
+        main.setdefault("answer", {"content": None, "ready": False})
+        try:
+            _run_user_code(code)
+        except BaseException as e:
+            info = _error_info(e)
+            meta["error"] = info
+            sys.stderr.write(info["traceback"])
+        meta["answer"] = _answer()
+        meta["locals"] = {
+            n: {"type": type(main[n]).__name__, "preview": _preview(main[n])}
+            for n in _user_names()[:200]
+        }
+        if plan.get("snapshot"):
+            blob, raw, dropped = _snapshot()
+            meta["dropped"], meta["raw_state_size"] = dropped, raw
+            digest = hashlib.sha256(blob).hexdigest()
+            meta["state_changed"] = digest != last["digest"] or plan.get("force_state", False)
+            if meta["state_changed"]:
+                _write("state.out", blob)
+                last["digest"] = digest
+        _report(plan, meta)
+
+    def _report(plan, meta):
+        """The cell's report goes last on stderr, after a marker the host chose."""
+        last["meta"] = json.dumps(meta)
+        sys.stdout.flush()
+        sys.__stderr__.write(plan["marker"] + last["meta"])
+        sys.__stderr__.flush()
+
+    def report_to_file():
+        """When stderr overflowed and cut the report, the host asks for it as a file."""
+        _write("meta.json", last["meta"].encode())
+
+    driver.report_to_file = report_to_file
+    driver.cell = cell
+    main.update(api)
+
+
+_install()
+del _install

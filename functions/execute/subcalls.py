@@ -1,0 +1,99 @@
+"""The host side of the guest's sub-calls: counted, capped, and sent to the cell's callback."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+from pydantic import ValidationError
+
+from functions.contract import (
+    Callback,
+    SubcallRequest,
+    SubcallResponse,
+    SubcallSummary,
+    merge_usage,
+)
+from functions.execute.sandbox import SubcallRefused
+
+# Delivers one sub-call request for a cell: over HTTP to infer, or in-process when embedded.
+Transport = Callable[[Callback, SubcallRequest, dict[str, str]], SubcallResponse]
+
+
+@dataclass
+class CellScope:
+    """What one cell may do with sub-calls, and what it did."""
+
+    callback: Callback | None = None
+    max_subcalls: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    summary: SubcallSummary = field(default_factory=SubcallSummary)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SubcallGate:
+    """Bound to one interpreter; the scope is swapped in for each cell it runs."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.scope = CellScope()
+
+    def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
+        scope = self.scope
+        if scope.callback is None:
+            raise SubcallRefused(
+                "sub-calls are not available in this cell: the request had no callback"
+            )
+        with scope.lock:
+            if scope.summary.count + len(prompts) > scope.max_subcalls:
+                raise SubcallRefused(
+                    f"sub-call limit reached: at most {scope.max_subcalls} per cell "
+                    f"({scope.summary.count} made, {len(prompts)} more asked)"
+                )
+            scope.summary.count += len(prompts)
+        try:
+            request = SubcallRequest(kind=kind, prompts=prompts, model=model)  # type: ignore[arg-type]
+        except ValidationError as e:
+            raise SubcallRefused(f"bad sub-call: {e.errors()[0]['msg']}") from None
+        reply = self.transport(scope.callback, request, scope.headers)
+        with scope.lock:
+            merge_usage(scope.summary.usage, reply.usage)
+        if len(reply.responses) != len(prompts):
+            raise SubcallRefused("the sub-call answer did not match the prompts")
+        return reply.responses
+
+
+class HttpTransport:
+    """POSTs to the callback URL with the cell's bearer token; errors become guest exceptions."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    def __call__(
+        self, callback: Callback, request: SubcallRequest, headers: dict[str, str]
+    ) -> SubcallResponse:
+        try:
+            response = self._client.post(
+                callback.url,
+                json=request.model_dump(),
+                headers={"Authorization": f"Bearer {callback.token}", **headers},
+            )
+        except httpx.TimeoutException:
+            raise SubcallRefused("sub-call timed out waiting for the infer plane") from None
+        except httpx.HTTPError as e:
+            raise SubcallRefused(f"sub-call could not reach the infer plane: {e}") from None
+        if response.status_code != 200:
+            try:
+                reason = response.json().get("error", response.text)
+            except ValueError:
+                reason = response.text
+            raise SubcallRefused(f"sub-call refused ({response.status_code}): {reason[:300]}")
+        try:
+            return SubcallResponse.model_validate_json(response.content)
+        except ValidationError:
+            raise SubcallRefused("the infer plane sent an unreadable sub-call answer") from None
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,106 @@
+"""HTTP plumbing both functions share: bounded JSON bodies, problems as 4xx, health, metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Request, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+HEALTH_PATHS = ("/health", "/health/liveness", "/health/readiness")
+
+
+class HttpProblem(Exception):
+    """An answer other than 200, with a message that says what to fix."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+        self.headers = headers or {}
+        self.body = body
+
+    def response(self) -> Response:
+        body = self.body or {"error": self.message}
+        if self.detail is not None:
+            body.setdefault("detail", self.detail)
+        return json_response(body, self.status, self.headers)
+
+
+def json_response(
+    body: BaseModel | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    text = body.model_dump_json() if isinstance(body, BaseModel) else json.dumps(body)
+    return Response(text, status=status, headers=headers, mimetype="application/json")
+
+
+def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 past `max_bytes` before it is all read."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise HttpProblem(413, f"request body is {length} bytes; the limit is {max_bytes}")
+    data = request.stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HttpProblem(413, f"request body is over the limit of {max_bytes} bytes")
+    return data
+
+
+def parse_json(data: bytes) -> Any:
+    if not data:
+        raise HttpProblem(400, "request body is empty: send a JSON object")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise HttpProblem(400, f"request body is not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise HttpProblem(
+            400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    except RecursionError:
+        raise HttpProblem(400, "request body is nested too deeply") from None
+
+
+def validate(model: type[M], value: Any) -> M:
+    """Build the model, or a 422 naming every field that is wrong and why."""
+    if not isinstance(value, dict):
+        raise HttpProblem(422, f"expected a JSON object, got {type(value).__name__}")
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        raise HttpProblem(422, "; ".join(problems[:5]), detail=problems) from None
+    except RecursionError:
+        raise HttpProblem(422, "request body is nested too deeply") from None
+
+
+def _describe(err: Any) -> str:
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    if err.get("type") == "extra_forbidden":
+        return f"{where}: unknown field (check its spelling)"
+    if err.get("type") == "missing":
+        return f"{where}: required field is missing"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def metrics_response(registry: CollectorRegistry, refresh: Callable[[], None] | None) -> Response:
+    if refresh:
+        refresh()
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def not_found(request: Request, routes: str) -> HttpProblem:
+    return HttpProblem(
+        404, f"no route {request.method} {request.path}; this function serves {routes}"
+    )

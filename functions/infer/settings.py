@@ -1,0 +1,84 @@
+"""The infer plane's settings, read once from the environment at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from functions.config import ConfigError, env_float, env_int, env_str, env_url
+
+MIB = 1 << 20
+
+# Every variable this plane reads; the manifests are checked against this list.
+ENV_NAMES = (
+    "LLM_API_KEY",
+    "LLM_BASE_URL",
+    "LLM_MODEL",
+    "LLM_SUB_MODEL",
+    "LLM_TIMEOUT",
+    "LLM_MAX_RETRIES",
+    "LLM_PRICES",
+    "WASM_SERVICE_URL",
+    "INFER_CALLBACK_URL",
+    "RLM_TOKEN_KEY",
+    "MAX_DEPTH",
+    "MAX_ITERATIONS",
+    "EXECUTION_TIMEOUT",
+    "INFER_MAX_RUNS",
+    "INFER_SUBCALL_CONCURRENCY",
+    "INFER_MAX_CONTEXT_MB",
+    "INFER_OUTPUT_CHARS",
+    "K_SINK",
+)
+REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    api_key: str
+    base_url: str
+    model: str
+    sub_model: str | None = None
+    llm_timeout_s: float = 120.0
+    llm_max_retries: int = 4
+    prices_json: str = ""  # LLM_PRICES: {"model": [usd per 1M input, usd per 1M output]}
+    execute_url: str = ""  # WASM_SERVICE_URL; empty: embedded sandbox in this process
+    callback_url: str = ""  # INFER_CALLBACK_URL: how the execute plane reaches /subcalls
+    token_key: bytes = b""  # RLM_TOKEN_KEY: signs sub-call tokens; only infer holds it
+    max_depth: int = 1
+    max_iterations: int = 30
+    cell_timeout_s: float = 300.0  # EXECUTION_TIMEOUT: one cell's wall deadline
+    max_runs: int = 32  # INFER_MAX_RUNS: runs at once in this process; more get 429
+    subcall_concurrency: int = 16  # INFER_SUBCALL_CONCURRENCY: a batch's fan-out bound
+    max_context_bytes: int = 256 * MIB  # INFER_MAX_CONTEXT_MB
+    output_chars: int = 20_000  # INFER_OUTPUT_CHARS: a cell's output shown to the model
+    sink_url: str = ""  # K_SINK: progress events go here when set
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, served: bool = True) -> InferSettings:
+        """`served`: running as the infer function, so the execute URL and token key are needed."""
+        e = env if env is not None else os.environ
+        key = env_str("RLM_TOKEN_KEY", "" if not served else None, e)
+        if served and len(key) < 32:
+            raise ConfigError("RLM_TOKEN_KEY must be at least 32 characters of secret")
+        return cls(
+            api_key=env_str("LLM_API_KEY", None, e),
+            base_url=env_url("LLM_BASE_URL", None, e),
+            model=env_str("LLM_MODEL", None, e),
+            sub_model=env_str("LLM_SUB_MODEL", "", e) or None,
+            llm_timeout_s=env_float("LLM_TIMEOUT", 120.0, 1, e),
+            llm_max_retries=env_int("LLM_MAX_RETRIES", 4, 0, e),
+            prices_json=env_str("LLM_PRICES", "", e),
+            execute_url=env_url("WASM_SERVICE_URL", None, e) if served else "",
+            callback_url=env_url("INFER_CALLBACK_URL", "http://127.0.0.1:8080", e),
+            token_key=key.encode(),
+            max_depth=env_int("MAX_DEPTH", 1, 0, e),
+            max_iterations=env_int("MAX_ITERATIONS", 30, 1, e),
+            cell_timeout_s=env_float("EXECUTION_TIMEOUT", 300.0, 0.001, e),
+            max_runs=env_int("INFER_MAX_RUNS", 32, 1, e),
+            subcall_concurrency=env_int("INFER_SUBCALL_CONCURRENCY", 16, 1, e),
+            max_context_bytes=env_int("INFER_MAX_CONTEXT_MB", 256, 1, e) * MIB,
+            output_chars=env_int("INFER_OUTPUT_CHARS", 20_000, 100, e),
+            sink_url=env_url("K_SINK", "", e) if e.get("K_SINK") else "",
+        )
