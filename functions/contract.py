@@ -183,3 +183,39 @@ class SubcallRequest(Strict):
 class SubcallResponse(Open):
     responses: list[str]
     usage: UsageByModel = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- infer
+
+
+class InferRequest(Strict):
+    query: str = Field(min_length=1, max_length=1_000_000)
+    context: Any = None
+    context_uri: str | None = Field(default=None, pattern=r"^(https?|file)://")
+    model: str | None = None
+    sub_model: str | None = None
+    max_depth: int | None = Field(default=None, ge=0, le=8)
+    max_iterations: int | None = Field(default=None, ge=1, le=1000)
+    max_budget_usd: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_timeout_s: float | None = Field(default=None, gt=0)
+    max_errors: int | None = Field(default=None, ge=1)
+    trajectory: bool = False
+    root_prompt: str | None = Field(default=None, description="A short hint shown to the root.")
+
+
+RunStatus = Literal["completed", "stopped", "failed"]
+
+
+class InferResult(Open):
+    run_id: str
+    status: RunStatus
+    answer: str | None = None
+    stop_reason: str | None = None
+    error: str | None = None
+    usage: UsageByModel = Field(default_factory=dict)
+    total_cost_usd: float = 0.0
+    total_tokens: int = 0
+    iterations: int = 0
+    execution_time: float = 0.0
+    trajectory: list[dict[str, Any]] | None = None

@@ -317,6 +317,7 @@ class CellRunner:
             state_cap=s.max_state_bytes,
             max_subcalls=s.max_subcalls,
             subcall_timeout_s=s.subcall_timeout_s,
+            max_request_bytes=s.max_request_bytes,
             cache_dir=s.wasm_cache_dir or None,
         )
         return Live(interpreter=interpreter, gate=gate)

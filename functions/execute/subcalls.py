@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from functions.contract import (
 )
 from functions.execute.sandbox import SubcallRefused
 
+MAX_STAGED_CHARS = 256 << 20
+
 # Delivers one sub-call request for a cell: over HTTP to infer, or in-process when embedded.
 Transport = Callable[[Callback, SubcallRequest, dict[str, str]], SubcallResponse]
 
@@ -30,6 +33,8 @@ class CellScope:
     max_subcalls: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     summary: SubcallSummary = field(default_factory=SubcallSummary)
+    staged: list[str] = field(default_factory=list)
+    staged_chars: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -39,6 +44,25 @@ class SubcallGate:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.scope = CellScope()
+
+    def stage(self, part: str) -> None:
+        scope = self.scope
+        scope.staged_chars += len(part)
+        if scope.staged_chars > MAX_STAGED_CHARS:
+            scope.staged.clear()
+            raise SubcallRefused(f"sub-call batch is over {MAX_STAGED_CHARS:,} characters")
+        scope.staged.append(part)
+
+    def staged_prompts(self) -> list[str]:
+        scope = self.scope
+        text, scope.staged, scope.staged_chars = "".join(scope.staged), [], 0
+        try:
+            prompts = json.loads(text)
+        except ValueError:
+            raise SubcallRefused("the staged sub-call batch was malformed") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise SubcallRefused("the staged sub-call batch must be a list of str")
+        return prompts
 
     def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
         scope = self.scope

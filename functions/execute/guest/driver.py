@@ -22,6 +22,7 @@ def _install():
 
     mount = "/rlm"
     DRIVER_FILE = "<rlm>"
+    STAGE_CHARS = 100_000  # sandbox.STAGE_CHARS: a tool frame is capped at 1 MiB
     main = sys.modules["__main__"].__dict__
     driver = types.ModuleType("_rlm_driver")
     sys.modules["_rlm_driver"] = driver
@@ -39,7 +40,12 @@ def _install():
         if model is not None and not isinstance(model, str):
             raise TypeError("model must be a str or None")
         try:
-            return tools.subcall(kind=kind, prompts=prompts, model=model)
+            payload = json.dumps(prompts)
+            if len(payload) <= STAGE_CHARS:
+                return tools.subcall(kind=kind, prompts=prompts, model=model)
+            for i in range(0, len(payload), STAGE_CHARS):
+                tools.subcall_part(part=payload[i : i + STAGE_CHARS])
+            return tools.subcall(kind=kind, prompts=[], model=model, staged=True)
         except Exception as e:
             raise SubcallError(str(e)) from None
 

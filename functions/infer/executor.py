@@ -1,0 +1,194 @@
+"""How infer reaches the execute plane: over HTTP, or in this process when embedded.
+
+`ReplSession` is one REPL session as infer sees it: the refs it last had, and the log of cells
+with the sub-call answers they got, so a session a pod lost can be rebuilt by replay.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+from pydantic import ValidationError
+
+from functions.contract import (
+    Callback,
+    ContextRef,
+    ExecuteRequest,
+    ExecuteResponse,
+    Limits,
+    StateRef,
+    context_ref,
+)
+
+
+class ExecuteMissing(Exception):
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(", ".join(missing))
+        self.missing = missing
+
+
+class ExecuteError(Exception):
+    """The execute plane could not run the cell (after retries), or refused it."""
+
+
+class Executor(Protocol):
+    def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse: ...
+
+
+class RemoteExecutor:
+    """POSTs cells to an execute function; retries what is safe to retry.
+
+    A cell re-sent with the same state ref is safe: the pod either still holds the session at
+    that ref or rebuilds it from the ref, so the cell runs on the same variables.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 900.0,
+        retries: int = 6,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 4.0,
+    ) -> None:
+        self.url = url.rstrip("/") + "/execute"
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
+        body = request.model_dump_json(exclude_none=True).encode()
+        headers = {"content-type": "application/json"}
+        if traceparent:
+            headers["traceparent"] = traceparent
+        for attempt in range(self.retries + 1):
+            wait = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
+            try:
+                response = self._client.post(self.url, content=body, headers=headers)
+            except httpx.HTTPError as e:
+                if attempt == self.retries:
+                    raise ExecuteError(f"execute plane unreachable at {self.url}: {e}") from None
+                time.sleep(wait)
+                continue
+            if response.status_code == 200:
+                try:
+                    return ExecuteResponse.model_validate_json(response.content)
+                except ValidationError:
+                    raise ExecuteError("execute plane sent an unreadable response") from None
+            if response.status_code == 409:
+                raise ExecuteMissing(response.json().get("missing", []))
+            if response.status_code in (429, 502, 503, 504) and attempt < self.retries:
+                time.sleep(max(wait, _retry_after(response)))
+                continue
+            raise ExecuteError(f"execute plane refused the cell ({response.status_code}): "
+                               f"{_error_text(response)}")  # fmt: skip
+        raise ExecuteError("execute plane stayed busy")  # the loop above always returns or raises
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class LocalExecutor:
+    """The execute plane's cell runner in this process (embedded mode): same sandbox, no HTTP."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
+        from functions.execute.cells import BadCell, MissingRefs, Saturated
+
+        for _ in range(100):
+            try:
+                return self.runner.run(request, traceparent)
+            except MissingRefs as e:
+                raise ExecuteMissing(e.missing) from None
+            except BadCell as e:
+                raise ExecuteError(str(e)) from None
+            except Saturated:
+                time.sleep(0.1)
+        raise ExecuteError("the embedded sandbox stayed busy")
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+@dataclass
+class ReplSession:
+    """One session on the execute plane; `run` hides 409s (re-send data, or replay)."""
+
+    executor: Executor
+    session_id: str
+    context: Any
+    limits: Limits
+    mint_callback: Callable[[bool], Callback | None]  # replay: bool -> a callback for a cell
+    state_ref: str | None = None
+    state_data: str | None = None
+    cells: list[str] = field(default_factory=list)  # the code of every cell, for replay
+    replays: int = 0
+
+    def __post_init__(self) -> None:
+        self.context_ref = context_ref(self.context)
+
+    def run(self, code: str, traceparent: str | None = None) -> ExecuteResponse:
+        response = self._send(code, self.mint_callback(False), traceparent)
+        self.cells.append(code)
+        if not response.trapped:
+            self._take_state(response)
+        return response
+
+    def _send(
+        self, code: str, callback: Callback | None, traceparent: str | None
+    ) -> ExecuteResponse:
+        request = ExecuteRequest(
+            code=code,
+            session_id=self.session_id,
+            state=StateRef(ref=self.state_ref) if self.state_ref else None,
+            rlm_context=ContextRef(ref=self.context_ref),
+            limits=self.limits,
+            callback=callback,
+        )
+        for _ in range(3):
+            try:
+                return self.executor.run(request, traceparent)
+            except ExecuteMissing as e:
+                if "rlm_context" in e.missing:
+                    request.rlm_context = ContextRef(ref=self.context_ref, data=self.context)
+                if "state" in e.missing:
+                    if self.state_data is not None:
+                        request.state = StateRef(ref=self.state_ref or "", data=self.state_data)
+                    else:
+                        self._replay(traceparent)
+                        request.state = StateRef(ref=self.state_ref) if self.state_ref else None
+        raise ExecuteError("the execute plane kept losing this session's state")
+
+    def _replay(self, traceparent: str | None) -> None:
+        """Rebuild the session from its first cell: sub-calls are answered from the memo."""
+        self.replays += 1
+        self.state_ref, self.state_data = None, None
+        callback = self.mint_callback(True)
+        for code in self.cells:
+            response = self._send(code, callback, traceparent)
+            if not response.trapped:
+                self._take_state(response)
+
+    def _take_state(self, response: ExecuteResponse) -> None:
+        if response.state is not None:
+            self.state_ref = response.state.ref
+            self.state_data = response.state.data
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(30.0, float(response.headers.get("retry-after", "0")))
+    except ValueError:
+        return 0.0
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))[:500]
+    except ValueError:
+        return response.text[:500]

@@ -1,0 +1,65 @@
+"""Loading the RLM context a request names: inline, or fetched from a URL, size-capped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ContextError(ValueError):
+    """The context cannot be had: the message says why and what to send instead."""
+
+
+def load_context(value: Any, uri: str | None, max_bytes: int, allow_files: bool) -> Any:
+    if uri is None:
+        return "" if value is None else value  # its size was bounded with the request body
+    if value is not None:
+        raise ContextError("send either context or context_uri, not both")
+    if uri.startswith("file://"):
+        if not allow_files:
+            raise ContextError("file:// context_uri is only for the embedded mode; send http(s)")
+        return read_file(Path(uri[len("file://") :]), max_bytes)
+    return fetch(uri, max_bytes)
+
+
+def read_file(path: Path, max_bytes: int) -> Any:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ContextError(f"cannot read context file {path}: {e.strerror}") from None
+    if size > max_bytes:
+        raise ContextError(f"context file {path} is {size} bytes; the limit is {max_bytes}")
+    return decode(path.read_bytes(), path.suffix == ".json")
+
+
+def fetch(uri: str, max_bytes: int, timeout_s: float = 60.0) -> Any:
+    try:
+        with httpx.stream("GET", uri, timeout=timeout_s, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise ContextError(f"context_uri answered {response.status_code}: {uri}")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ContextError(f"context_uri content is over {max_bytes} bytes: {uri}")
+                chunks.append(chunk)
+            is_json = "json" in response.headers.get("content-type", "")
+    except httpx.HTTPError as e:
+        raise ContextError(f"cannot fetch context_uri {uri}: {e}") from None
+    return decode(b"".join(chunks), is_json)
+
+
+def decode(data: bytes, is_json: bool) -> Any:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ContextError("context is not UTF-8 text") from None
+    if is_json:
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ContextError(f"context is not valid JSON: {e}") from None
+    return text

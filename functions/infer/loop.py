@@ -1,0 +1,296 @@
+"""The Recursive Language Model loop: the root model writes code, the sandbox runs it, repeat.
+
+One `Run` is one RLM at one depth. Its sub-calls (and child runs at depth + 1) are served by
+the infer plane's sub-call endpoint, which `Run` reaches only through the tokens it mints.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from functions.contract import (
+    Callback,
+    ExecuteResponse,
+    InferResult,
+    Limits,
+    ModelUsage,
+    UsageByModel,
+    merge_usage,
+)
+from functions.infer import parsing, prompts
+from functions.infer.executor import ExecuteError, Executor, ReplSession
+from functions.infer.llm import LLMError
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class RunConfig:
+    model: str
+    sub_model: str | None = None
+    max_depth: int = 1
+    max_iterations: int = 30
+    max_budget_usd: float | None = None
+    max_tokens: int | None = None
+    max_timeout_s: float | None = None
+    max_errors: int | None = None
+    output_chars: int = 20_000
+    cell_timeout_s: float = 300.0
+    root_prompt: str | None = None
+
+    @property
+    def models(self) -> list[str]:
+        return [m for m in (self.model, self.sub_model) if m]
+
+
+class BudgetStop(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    """One RLM run. `mint_callback(run, replay)` gives the callback each cell sends."""
+
+    config: RunConfig
+    llm: Any  # functions.infer.llm.LLM
+    executor: Executor
+    mint_callback: Callable[[Run, bool], Callback | None]
+    depth: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    emit: Emit | None = None
+    traceparent: str | None = None
+    usage: UsageByModel = field(default_factory=dict)
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    cancelled: Callable[[], bool] = lambda: False
+
+    # ----------------------------------------------------------------- public
+
+    def completion(self, query: str, context: Any) -> InferResult:
+        session = ReplSession(
+            executor=self.executor,
+            session_id=f"{self.run_id}-d{self.depth}",
+            context=context,
+            limits=Limits(deadline_s=self.config.cell_timeout_s),
+            mint_callback=lambda replay: self.mint_callback(self, replay),
+        )
+        messages = [
+            {"role": "system", "content": self._system_prompt()},
+            {"role": "user", "content": prompts.first_user_message(query, *_describe(context))},
+        ]
+        iterations, errors, partial = 0, 0, None
+        try:
+            for iterations in range(1, self.config.max_iterations + 1):
+                self._check_budgets()
+                self._event("turn", {"iteration": iterations})
+                reply = self._ask(messages, iterations)
+                messages.append({"role": "assistant", "content": reply})
+                blocks = parsing.find_code_blocks(reply)
+                outputs = []
+                for code in blocks:
+                    response = self._cell(session, code, iterations)
+                    errors = errors + 1 if response.error else 0
+                    if response.answer and response.answer.content is not None:
+                        partial = response.answer.content
+                    if response.answer and response.answer.ready:
+                        return self._finish("completed", iterations, response.answer.content)
+                    outputs.append(
+                        prompts.format_cell_output(
+                            response.stdout,
+                            response.stderr,
+                            response.error.traceback or response.error.message
+                            if response.error
+                            else None,
+                            self.config.output_chars,
+                        )
+                    )
+                    if self.config.max_errors and errors >= self.config.max_errors:
+                        raise BudgetStop(f"max_errors: {errors} failing cells in a row")
+                final = self._final_from_text(reply, session, iterations, has_code=bool(blocks))
+                if final is not None:
+                    return self._finish("completed", iterations, final)
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": prompts.iteration_user_message(outputs, iterations),
+                    }
+                )
+            self._check_budgets()
+            messages.append({"role": "user", "content": prompts.final_request_message()})
+            reply = self._ask(messages, iterations + 1)
+            final = self._final_from_text(reply, session, iterations, has_code=False)
+            return self._finish(
+                "completed", iterations, final if final is not None else reply.strip(),
+                reason="max_iterations",
+            )  # fmt: skip
+        except BudgetStop as stop:
+            return self._finish("stopped", iterations, partial, reason=str(stop))
+        except (LLMError, ExecuteError) as e:
+            return self._finish("failed", iterations, partial, error=str(e))
+
+    # ----------------------------------------------------------------- steps
+
+    def _system_prompt(self) -> str:
+        text = prompts.system_prompt(
+            max_depth=self.config.max_depth,
+            depth=self.depth,
+            sub_model=self.config.sub_model,
+            output_chars=self.config.output_chars,
+        )
+        if self.config.root_prompt:
+            text += "\n\n" + self.config.root_prompt
+        return text
+
+    def _ask(self, messages: list[dict[str, str]], iteration: int) -> str:
+        started = time.monotonic()
+        completion = self.llm.complete(messages, self.config.model, deadline=self._deadline())
+        self._add_usage({completion.model: completion.usage})
+        self._record(
+            kind="llm",
+            iteration=iteration,
+            prompt_chars=sum(len(m["content"]) for m in messages),
+            response=completion.text,
+            usage=completion.usage.model_dump(),
+            model=completion.model,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        self._event("reply", {"iteration": iteration, "chars": len(completion.text)})
+        return completion.text
+
+    def _cell(self, session: ReplSession, code: str, iteration: int) -> ExecuteResponse:
+        self._event("code", {"iteration": iteration, "code": code})
+        started = time.monotonic()
+        remaining = self._remaining()
+        if remaining is not None:
+            session.limits = Limits(deadline_s=max(0.1, min(self.config.cell_timeout_s, remaining)))
+        response = session.run(code, self.traceparent)
+        self._add_usage(response.subcalls.usage)
+        self._record(
+            kind="cell",
+            iteration=iteration,
+            code=code,
+            stdout=response.stdout,
+            stderr=response.stderr,
+            error=response.error.model_dump() if response.error else None,
+            answer=response.answer.model_dump() if response.answer else None,
+            subcalls=response.subcalls.model_dump(),
+            trapped=response.trapped,
+            seconds=round(time.monotonic() - started, 4),
+            execution_time=response.execution_time,
+        )
+        self._event(
+            "output",
+            {
+                "iteration": iteration,
+                "stdout": response.stdout[-2000:],
+                "error": response.error.message if response.error else None,
+                "subcalls": response.subcalls.count,
+            },
+        )
+        return response
+
+    def _final_from_text(
+        self, reply: str, session: ReplSession, iteration: int, has_code: bool
+    ) -> str | None:
+        final = parsing.find_final(reply)
+        if final is None:
+            return None
+        if final.kind == "text":
+            return final.value
+        response = self._cell(session, f"FINAL_VAR({final.value!r})", iteration)
+        if response.answer and response.answer.ready:
+            return response.answer.content
+        return None
+
+    def _finish(
+        self,
+        status: str,
+        iterations: int,
+        answer: str | None,
+        reason: str | None = None,
+        error: str | None = None,
+    ) -> InferResult:
+        total = ModelUsage()
+        for usage in self.usage.values():
+            total.add(usage)
+        result = InferResult(
+            run_id=self.run_id,
+            status=status,  # type: ignore[arg-type]
+            answer=answer,
+            stop_reason=reason,
+            error=error,
+            usage=self.usage,
+            total_cost_usd=round(total.cost_usd, 6),
+            total_tokens=total.input_tokens + total.output_tokens,
+            iterations=iterations,
+            execution_time=round(time.monotonic() - self.started, 4),
+        )
+        self._record(kind="final", **result.model_dump(exclude={"trajectory"}))
+        self._event("final", result.model_dump(exclude={"trajectory"}))
+        return result
+
+    # ----------------------------------------------------------------- budgets
+
+    def _deadline(self) -> float | None:
+        if self.config.max_timeout_s is None:
+            return None
+        return self.started + self.config.max_timeout_s
+
+    def _remaining(self) -> float | None:
+        deadline = self._deadline()
+        return None if deadline is None else deadline - time.monotonic()
+
+    def _check_budgets(self) -> None:
+        c = self.config
+        if self.cancelled():
+            raise BudgetStop("cancelled")
+        remaining = self._remaining()
+        if remaining is not None and remaining <= 0:
+            raise BudgetStop(f"max_timeout_s: {c.max_timeout_s} s passed")
+        total = ModelUsage()
+        for usage in self.usage.values():
+            total.add(usage)
+        if c.max_budget_usd is not None and total.cost_usd >= c.max_budget_usd:
+            raise BudgetStop(f"max_budget_usd: spent ${total.cost_usd:.4f} of ${c.max_budget_usd}")
+        if c.max_tokens is not None and total.input_tokens + total.output_tokens >= c.max_tokens:
+            used = total.input_tokens + total.output_tokens
+            raise BudgetStop(f"max_tokens: used {used} of {c.max_tokens}")
+
+    def _add_usage(self, usage: UsageByModel) -> None:
+        merge_usage(self.usage, usage)
+        self._event("usage", {m: u.model_dump() for m, u in self.usage.items()})
+
+    # ----------------------------------------------------------------- records
+
+    def _record(self, **entry: Any) -> None:
+        entry = {
+            "run_id": self.run_id,
+            "depth": self.depth,
+            "t": round(self._elapsed(), 4),
+            **entry,
+        }
+        self.trajectory.append(entry)
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        if self.emit is not None:
+            self.emit(kind, {"run_id": self.run_id, "depth": self.depth, **data})
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _describe(context: Any) -> tuple[str, int, list[int]]:
+    """The context's type, total length and chunk lengths, for the first user message."""
+    if isinstance(context, str):
+        return "str", len(context), [len(context)]
+    if isinstance(context, list):
+        lengths = [len(x) if isinstance(x, str | list | dict) else 1 for x in context]
+        return "list", sum(lengths), lengths[:100]
+    if isinstance(context, dict):
+        lengths = [len(str(v)) for v in context.values()]
+        return "dict", sum(lengths), lengths[:100]
+    return type(context).__name__, len(str(context)), [len(str(context))]

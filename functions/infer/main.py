@@ -1,0 +1,227 @@
+"""The infer function: runs Recursive Language Models; the public entry point.
+
+    functions-framework --source functions/infer/main.py --target infer
+
+Routes: POST /infer and POST / (JSON, `Accept: text/event-stream` for progress, or a
+CloudEvent `<prefix>.infer.requested`), POST /subcalls (the sandbox's callbacks),
+POST /v1/chat/completions (OpenAI-compatible), GET /health*, GET /metrics, GET /openapi.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import functions_framework
+from flask import Request, Response
+
+from functions import events, logs
+from functions.config import ConfigError
+from functions.contract import InferRequest, InferResult, SubcallRequest
+from functions.http import (
+    HEALTH_PATHS,
+    HttpProblem,
+    json_response,
+    metrics_response,
+    not_found,
+    parse_json,
+    read_body,
+    validate,
+)
+from functions.infer import chat, metrics, tokens
+from functions.infer.idempotency import OncePerKey
+from functions.infer.inputs import ContextError, load_context
+from functions.infer.service import Busy, InferService
+from functions.infer.settings import InferSettings
+
+log = logging.getLogger("rlm.infer")
+
+try:
+    SETTINGS = InferSettings.from_env()
+except ConfigError as e:
+    sys.exit(f"infer: configuration error: {e}")
+logs.setup()
+
+_service: InferService | None = None
+_service_lock = threading.Lock()
+_events: OncePerKey[tuple[str, dict[str, Any]]] = OncePerKey()
+_BODY_SLACK = 1 << 20
+
+
+def service() -> InferService:
+    """Built on first use, in the worker process (clients and threads do not survive fork)."""
+    global _service
+    with _service_lock:
+        if _service is None:
+            from functions.infer.executor import RemoteExecutor
+            from functions.infer.llm import LLM
+
+            llm = LLM(
+                base_url=SETTINGS.base_url,
+                api_key=SETTINGS.api_key,
+                timeout_s=SETTINGS.llm_timeout_s,
+                max_retries=SETTINGS.llm_max_retries,
+                prices_json=SETTINGS.prices_json,
+            )
+            executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
+            _service = InferService(SETTINGS, llm, executor)
+            if SETTINGS.sink_url:
+                from functions.infer.sink import ProgressSink
+
+                _service.sink = ProgressSink(SETTINGS.sink_url)
+        return _service
+
+
+@functions_framework.http
+def infer(request: Request) -> Response:
+    try:
+        return _route(request)
+    except HttpProblem as problem:
+        return problem.response()
+    except Exception:
+        log.exception("internal error")
+        return HttpProblem(500, "internal error in the infer function; see its logs").response()
+
+
+def _route(request: Request) -> Response:
+    path = request.path.rstrip("/") or "/"
+    method = request.method
+    if method == "GET" and path in HEALTH_PATHS:
+        return json_response({"status": "ok"})
+    if method == "GET" and path == "/metrics":
+        return metrics_response(metrics.REGISTRY, None)
+    if method == "GET" and path == "/openapi.json":
+        from functions.infer.openapi import document
+
+        return json_response(document())
+    if method == "POST" and path == "/subcalls":
+        return _subcalls(request)
+    if method == "POST" and path == "/v1/chat/completions":
+        body = validate(chat.ChatRequest, parse_json(_body(request)))
+        return chat.respond(body, lambda r: _run(r, request.headers.get("traceparent")))
+    if method == "POST" and path in ("/", "/infer"):
+        if events.is_cloudevent(request.headers):
+            return _serve_event(request)
+        infer_request = validate(InferRequest, parse_json(_body(request)))
+        traceparent = request.headers.get("traceparent")
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return _stream(infer_request, traceparent)
+        result = _run(infer_request, traceparent)
+        return json_response(result, 502 if result.status == "failed" else 200)
+    raise not_found(request, "POST /infer, POST /v1/chat/completions, GET /health, GET /metrics")
+
+
+def _body(request: Request) -> bytes:
+    return read_body(request, SETTINGS.max_context_bytes + _BODY_SLACK)
+
+
+def _run(
+    request: InferRequest,
+    traceparent: str | None,
+    emit: Any = None,
+    cancelled: Any = None,
+) -> InferResult:
+    try:
+        context = load_context(
+            request.context, request.context_uri, SETTINGS.max_context_bytes, allow_files=False
+        )
+    except ContextError as e:
+        raise HttpProblem(422, str(e)) from None
+    svc = service()
+    sink = svc.sink
+
+    def fan_out(kind: str, data: dict[str, Any]) -> None:
+        metrics.observe_event(kind, data)
+        if emit:
+            emit(kind, data)
+        if sink:
+            sink.emit(kind, data)
+
+    started = time.monotonic()
+    try:
+        result = svc.run(request, context, fan_out, traceparent, cancelled)
+    except Busy as e:
+        raise HttpProblem(429, f"{e}; retry shortly", headers={"Retry-After": "2"}) from None
+    metrics.requests_total.labels(status=result.status).inc()
+    metrics.duration.observe(time.monotonic() - started)
+    for usage in result.usage.values():
+        metrics.tokens_total.labels(direction="input").inc(usage.input_tokens)
+        metrics.tokens_total.labels(direction="output").inc(usage.output_tokens)
+    log.info(
+        "run %s",
+        result.status,
+        extra={"run_id": result.run_id, "depth": 0, "status": result.status,
+               "duration_s": result.execution_time},
+    )  # fmt: skip
+    return result
+
+
+def _stream(request: InferRequest, traceparent: str | None) -> Response:
+    """Server-sent events: progress as the run goes, then the result."""
+    updates: queue.Queue[tuple[str, Any]] = queue.Queue()
+    gone = threading.Event()
+
+    def work() -> None:
+        try:
+            result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set)
+            updates.put(("result", result.model_dump(mode="json")))
+        except HttpProblem as problem:
+            updates.put(("error", {"error": problem.message, "status": problem.status}))
+
+    threading.Thread(target=work, daemon=True).start()
+
+    def frames() -> Iterator[str]:
+        try:
+            while True:
+                kind, data = updates.get()
+                yield f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+                if kind in ("result", "error"):
+                    return
+        finally:
+            gone.set()  # the client went away, or the run ended: stop at the next turn
+
+    return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _subcalls(request: Request) -> Response:
+    auth = request.headers.get("authorization", "")
+    if not auth.lower().startswith("bearer "):
+        raise HttpProblem(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    body = validate(SubcallRequest, parse_json(read_body(request, 64 << 20)))
+    try:
+        reply = service().subcall(auth[7:].strip(), body)
+    except tokens.TokenError as e:
+        raise HttpProblem(getattr(e, "status", 401), str(e)) from None
+    metrics.subcalls_total.labels(kind=body.kind).inc(len(body.prompts))
+    return json_response(reply)
+
+
+def _serve_event(request: Request) -> Response:
+    body = _body(request)
+    try:
+        event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
+    except events.BadEvent as e:
+        raise HttpProblem(400, str(e)) from None
+
+    def work() -> tuple[str, dict[str, Any]]:
+        try:
+            infer_request = validate(InferRequest, event.data)
+            result = _run(infer_request, request.headers.get("traceparent"))
+        except HttpProblem as problem:
+            if problem.status == 429:
+                raise
+            return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
+        kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
+        return kind, result.model_dump(mode="json")
+
+    (kind, data), repeat = _events.run(event["id"], work)
+    if repeat:
+        log.info("redelivered event served from memory", extra={"event_id": event["id"]})
+    headers, payload = events.reply(kind, events.SOURCE_INFER, data, subject=event["id"])
+    return Response(payload, status=200, headers=headers)

@@ -1,0 +1,217 @@
+"""The infer plane's work, without HTTP: runs, sub-calls and child runs, wired together.
+
+The HTTP function (`main.py`) and the embedded SDK both drive an `InferService`; the loop is
+never written twice.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from functions.contract import (
+    Callback,
+    InferRequest,
+    InferResult,
+    ModelUsage,
+    SubcallRequest,
+    SubcallResponse,
+    UsageByModel,
+    merge_usage,
+)
+from functions.infer import tokens
+from functions.infer.executor import Executor
+from functions.infer.loop import Emit, Run, RunConfig
+from functions.infer.settings import InferSettings
+
+_MEMO_RUNS = 256
+_TOKEN_SLACK_S = 60.0
+
+
+class Memo:
+    """Sub-call answers a run's cells received, so a replayed cell gets the same ones."""
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple, deque[list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, key: tuple, responses: list[str]) -> None:
+        with self._lock:
+            self._answers.setdefault(key, deque()).append(responses)
+
+    def replay(self, key: tuple) -> list[str] | None:
+        with self._lock:
+            queue = self._answers.get(key)
+            return queue.popleft() if queue else None
+
+
+class InferService:
+    def __init__(
+        self,
+        settings: InferSettings,
+        llm: Any,
+        executor: Executor,
+        callback_url: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.llm = llm
+        self.executor = executor
+        self.callback_url = (callback_url or settings.callback_url).rstrip("/") + "/subcalls"
+        self.token_key = settings.token_key or secrets.token_bytes(32)
+        self._memos: OrderedDict[str, Memo] = OrderedDict()
+        self._memo_lock = threading.Lock()
+        self._runs = threading.BoundedSemaphore(settings.max_runs)
+        self.sink: Any = None  # a ProgressSink when K_SINK is set
+
+    # ----------------------------------------------------------------- runs
+
+    def config_for(self, request: InferRequest) -> RunConfig:
+        s = self.settings
+        return RunConfig(
+            model=request.model or s.model,
+            sub_model=request.sub_model or s.sub_model,
+            max_depth=s.max_depth if request.max_depth is None else request.max_depth,
+            max_iterations=request.max_iterations or s.max_iterations,
+            max_budget_usd=request.max_budget_usd,
+            max_tokens=request.max_tokens,
+            max_timeout_s=request.max_timeout_s,
+            max_errors=request.max_errors,
+            output_chars=s.output_chars,
+            cell_timeout_s=s.cell_timeout_s,
+            root_prompt=request.root_prompt,
+        )
+
+    def run(
+        self,
+        request: InferRequest,
+        context: Any,
+        emit: Emit | None = None,
+        traceparent: str | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        run_id: str | None = None,
+    ) -> InferResult:
+        """One root run. Raises `Busy` when this process already runs its maximum."""
+        if not self._runs.acquire(timeout=0.5):
+            raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
+        try:
+            run = Run(
+                config=self.config_for(request),
+                llm=self.llm,
+                executor=self.executor,
+                mint_callback=self._mint,
+                emit=emit,
+                traceparent=traceparent,
+            )
+            if run_id:
+                run.run_id = run_id
+            if cancelled:
+                run.cancelled = cancelled
+            result = run.completion(request.query, context)
+            if request.trajectory:
+                result.trajectory = run.trajectory
+            return result
+        finally:
+            self._runs.release()
+
+    def _mint(self, run: Run, replay: bool) -> Callback:
+        remaining = run.config.max_timeout_s
+        ttl = (remaining or run.config.cell_timeout_s * run.config.max_iterations) + _TOKEN_SLACK_S
+        claims = tokens.TokenClaims(
+            run_id=run.run_id,
+            depth=run.depth,
+            max_depth=run.config.max_depth,
+            exp=int(time.time() + ttl),
+            models=run.config.models,
+            nonce=("replay-" if replay else "") + uuid.uuid4().hex[:12],
+        )
+        return Callback(url=self.callback_url, token=tokens.mint(self.token_key, claims))
+
+    # ----------------------------------------------------------------- sub-calls
+
+    def subcall(self, token: str, request: SubcallRequest) -> SubcallResponse:
+        """Serve the guest's sub-call. Raises `tokens.TokenError` (401/403) before any cost."""
+        claims = tokens.verify(self.token_key, token)
+        model = request.model or (claims.models[1] if len(claims.models) > 1 else None)
+        model = model or (claims.models[0] if claims.models else self.settings.model)
+        tokens.check_scope(claims, request.kind, model)
+        memo = self._memo(claims.run_id)
+        key = (claims.depth, request.kind, model, tuple(request.prompts))
+        if claims.nonce.startswith("replay-"):
+            remembered = memo.replay(key)
+            if remembered is not None:
+                return SubcallResponse(responses=remembered, usage={})
+        usage: UsageByModel = {}
+        lock = threading.Lock()
+
+        def one(prompt: str) -> str:
+            if request.kind == "rlm" and claims.depth < claims.max_depth:
+                text, used = self._child(claims, prompt, model)
+            else:
+                completion = self.llm.complete([{"role": "user", "content": prompt}], model)
+                text, used = completion.text, {completion.model: completion.usage}
+            with lock:
+                merge_usage(usage, used)
+            return text
+
+        workers = max(1, min(len(request.prompts), self.settings.subcall_concurrency))
+        with ThreadPoolExecutor(workers, thread_name_prefix="subcall") as pool:
+            responses = list(pool.map(one, request.prompts))
+        memo.record(key, responses)
+        return SubcallResponse(responses=responses, usage=usage)
+
+    def _child(self, claims: Any, prompt: str, model: str) -> tuple[str, UsageByModel]:
+        """A child RLM at depth + 1 whose context is the prompt."""
+        remaining = max(1.0, claims.exp - time.time() - _TOKEN_SLACK_S)
+        config = RunConfig(
+            model=model,
+            sub_model=claims.models[1] if len(claims.models) > 1 else None,
+            max_depth=claims.max_depth,
+            max_iterations=self.settings.max_iterations,
+            max_timeout_s=remaining,
+            output_chars=self.settings.output_chars,
+            cell_timeout_s=self.settings.cell_timeout_s,
+        )
+        child = Run(
+            config=config,
+            llm=self.llm,
+            executor=self.executor,
+            mint_callback=self._mint,
+            depth=claims.depth + 1,
+            run_id=f"{claims.run_id}.{uuid.uuid4().hex[:6]}",
+        )
+        result = child.completion(CHILD_QUERY, prompt)
+        answer = result.answer if result.answer is not None else f"[child RLM {result.status}: "
+        if result.answer is None:
+            answer += f"{result.stop_reason or result.error}]"
+        return answer, result.usage
+
+    def _memo(self, run_id: str) -> Memo:
+        root = run_id.split(".")[0]
+        with self._memo_lock:
+            memo = self._memos.get(root)
+            if memo is None:
+                memo = self._memos[root] = Memo()
+                while len(self._memos) > _MEMO_RUNS:
+                    self._memos.popitem(last=False)
+            self._memos.move_to_end(root)
+            return memo
+
+
+CHILD_QUERY = "Carry out the request written in `context` and give its answer."
+
+
+class Busy(Exception):
+    pass
+
+
+def total_usage(usage: UsageByModel) -> ModelUsage:
+    total = ModelUsage()
+    for u in usage.values():
+        total.add(u)
+    return total
