@@ -105,3 +105,78 @@ def execute_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]
     )
     yield served
     served.stop()
+
+
+class SwitchablePolicy:
+    """One scripted model for the whole session; each test sets the script it needs."""
+
+    def __init__(self) -> None:
+        from functions.scripted_model import needle_policy
+
+        self.default = needle_policy
+        self.current = needle_policy
+
+    def __call__(self, request):
+        return self.current(request)
+
+
+@pytest.fixture(scope="session")
+def scripted_llm() -> Iterator:
+    from functions.scripted_model import ScriptedModel
+
+    policy = SwitchablePolicy()
+    model = ScriptedModel(policy).start()
+    model.switch = policy
+    yield model
+    model.stop()
+
+
+@pytest.fixture
+def llm(scripted_llm):
+    """The session's scripted model, reset to the needle script with no faults or latency."""
+    scripted_llm.switch.current = scripted_llm.switch.default
+    scripted_llm.faults.clear()
+    scripted_llm.latency_s = 0.0
+    scripted_llm.requests.clear()
+    yield scripted_llm
+    scripted_llm.switch.current = scripted_llm.switch.default
+    scripted_llm.faults.clear()
+    scripted_llm.latency_s = 0.0
+
+
+TOKEN_KEY = "test-signing-key-0123456789abcdef0123456789"
+
+
+def infer_env(scripted_llm, execute_url: str, infer_port: int, **extra: str) -> dict[str, str]:
+    return {
+        "LLM_BASE_URL": scripted_llm.base_url,
+        "LLM_API_KEY": "sk-test",
+        "LLM_MODEL": "scripted-root",
+        "LLM_SUB_MODEL": "scripted-sub",
+        "LLM_MAX_RETRIES": "3",
+        "LLM_PRICES": '{"scripted-root": [1.0, 2.0], "scripted-sub": [0.5, 1.0]}',
+        "WASM_SERVICE_URL": execute_url,
+        "INFER_CALLBACK_URL": f"http://127.0.0.1:{infer_port}",
+        "RLM_TOKEN_KEY": TOKEN_KEY,
+        "MAX_ITERATIONS": "6",
+        "EXECUTION_TIMEOUT": "60",
+        **extra,
+    }
+
+
+@dataclass
+class Stack:
+    infer: Served
+    execute: Served
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, scripted_llm) -> Iterator[Stack]:
+    """Infer and execute as two real processes on loopback, talking to the scripted model."""
+    tmp = tmp_path_factory.mktemp("stack")
+    execute = serve("execute", {}, tmp, ready="/health/readiness")
+    port = free_port()
+    infer = serve("infer", infer_env(scripted_llm, execute.url, port), tmp, port=port)
+    yield Stack(infer, execute)
+    infer.stop()
+    execute.stop()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -86,7 +88,7 @@ class CellRunner:
             settings.cache_bytes // 2, settings.max_sessions, on_evict=self._evicted
         )
         self._slots = threading.BoundedSemaphore(settings.slots)
-        self._session_locks = [threading.Lock() for _ in range(64)]
+        self._session_locks = KeyedLocks()
         self._spares: queue.SimpleQueue[Live] = queue.SimpleQueue()
         self._closed = False
 
@@ -98,8 +100,7 @@ class CellRunner:
         try:
             if request.session_id is None:
                 return self._run_once(request, traceparent)
-            lock = self._session_locks[hash(request.session_id) % len(self._session_locks)]
-            with lock:
+            with self._session_locks.hold(request.session_id):
                 return self._run_in_session(request, traceparent)
         finally:
             self._slots.release()
@@ -243,6 +244,8 @@ class CellRunner:
             callback=request.callback,
             max_subcalls=max_subcalls,
             headers={"traceparent": traceparent} if traceparent else {},
+            pause=self._slots.release,
+            resume=self._slots.acquire,
         )
         started = time.perf_counter()
         result = live.interpreter.turn(
@@ -346,6 +349,35 @@ class CellRunner:
     @staticmethod
     def _evicted(_sid: str, live: Live) -> None:
         live.close()
+
+
+class KeyedLocks:
+    """One lock per key, alive only while someone holds or waits for it.
+
+    Cells of one session run one at a time; cells of different sessions never wait on each
+    other (a cell waiting on a child RLM must not block the child's own session).
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (None, 0))
+            lock = lock or threading.Lock()
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
 
 
 def _b64(blob: bytes) -> str:

@@ -34,6 +34,10 @@ class CellScope:
     headers: dict[str, str] = field(default_factory=dict)
     summary: SubcallSummary = field(default_factory=SubcallSummary)
     staged: list[str] = field(default_factory=list)
+    # While the guest waits on a sub-call it uses no CPU: its slot is lent out meanwhile, so
+    # cells of child RLMs can run (otherwise deep recursion would deadlock on slots).
+    pause: Callable[[], None] = lambda: None
+    resume: Callable[[], None] = lambda: None
     staged_chars: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -81,7 +85,11 @@ class SubcallGate:
             request = SubcallRequest(kind=kind, prompts=prompts, model=model)  # type: ignore[arg-type]
         except ValidationError as e:
             raise SubcallRefused(f"bad sub-call: {e.errors()[0]['msg']}") from None
-        reply = self.transport(scope.callback, request, scope.headers)
+        scope.pause()
+        try:
+            reply = self.transport(scope.callback, request, scope.headers)
+        finally:
+            scope.resume()
         with scope.lock:
             merge_usage(scope.summary.usage, reply.usage)
         if len(reply.responses) != len(prompts):
