@@ -67,6 +67,9 @@ class Run:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     cancelled: Callable[[], bool] = lambda: False
+    # (run_id, cell nonce) -> the sub-calls that cell made, when this process served them
+    subcall_log: Callable[[str, str], list[dict[str, Any]]] = lambda _run, _cell: []
+    cell_nonce: str = ""
 
     # ----------------------------------------------------------------- public
 
@@ -178,6 +181,7 @@ class Run:
             error=response.error.model_dump() if response.error else None,
             answer=response.answer.model_dump() if response.answer else None,
             subcalls=response.subcalls.model_dump(),
+            subcall_log=self.subcall_log(self.run_id, self.cell_nonce),
             trapped=response.trapped,
             seconds=round(time.monotonic() - started, 4),
             execution_time=response.execution_time,

@@ -32,6 +32,7 @@ from functions.infer.settings import InferSettings
 
 _MEMO_RUNS = 256
 _TOKEN_SLACK_S = 60.0
+LOGGED_CHARS = 4000  # of each sub-call prompt and answer, in the trajectory
 
 
 class Memo:
@@ -39,7 +40,16 @@ class Memo:
 
     def __init__(self) -> None:
         self._answers: dict[tuple, deque[list[str]]] = {}
+        self._calls: dict[str, list[dict[str, Any]]] = {}  # by cell nonce, for the trajectory
         self._lock = threading.Lock()
+
+    def log(self, nonce: str, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._calls.setdefault(nonce, []).append(entry)
+
+    def take_log(self, nonce: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._calls.pop(nonce, [])
 
     def record(self, key: tuple, responses: list[str]) -> None:
         with self._lock:
@@ -107,6 +117,7 @@ class InferService:
                 mint_callback=self._mint,
                 emit=emit,
                 traceparent=traceparent,
+                subcall_log=self._take_log,
             )
             if run_id:
                 run.run_id = run_id
@@ -130,7 +141,11 @@ class InferService:
             models=run.config.models,
             nonce=("replay-" if replay else "") + uuid.uuid4().hex[:12],
         )
+        run.cell_nonce = claims.nonce
         return Callback(url=self.callback_url, token=tokens.mint(self.token_key, claims))
+
+    def _take_log(self, run_id: str, nonce: str) -> list[dict[str, Any]]:
+        return self._memo(run_id).take_log(nonce)
 
     # ----------------------------------------------------------------- sub-calls
 
@@ -148,24 +163,41 @@ class InferService:
                 return SubcallResponse(responses=remembered, usage={})
         usage: UsageByModel = {}
         lock = threading.Lock()
+        recursive = request.kind == "rlm" and claims.depth < claims.max_depth
 
-        def one(prompt: str) -> str:
-            if request.kind == "rlm" and claims.depth < claims.max_depth:
-                text, used = self._child(claims, prompt, model)
+        def one(prompt: str) -> tuple[str, list[dict[str, Any]] | None]:
+            if recursive:
+                text, used, trajectory = self._child(claims, prompt, model)
             else:
                 completion = self.llm.complete([{"role": "user", "content": prompt}], model)
-                text, used = completion.text, {completion.model: completion.usage}
+                text, used, trajectory = completion.text, {completion.model: completion.usage}, None
             with lock:
                 merge_usage(usage, used)
-            return text
+            return text, trajectory
 
         workers = max(1, min(len(request.prompts), self.settings.subcall_concurrency))
         with ThreadPoolExecutor(workers, thread_name_prefix="subcall") as pool:
-            responses = list(pool.map(one, request.prompts))
+            results = list(pool.map(one, request.prompts))
+        responses = [text for text, _ in results]
         memo.record(key, responses)
+        memo.log(
+            claims.nonce,
+            {
+                "kind": request.kind,
+                "model": model,
+                "depth": claims.depth + 1 if recursive else claims.depth,
+                "calls": [
+                    {"prompt": p[:LOGGED_CHARS], "response": r[:LOGGED_CHARS], "trajectory": t}
+                    for p, (r, t) in zip(request.prompts, results, strict=True)
+                ],
+                "usage": {m: u.model_dump() for m, u in usage.items()},
+            },
+        )
         return SubcallResponse(responses=responses, usage=usage)
 
-    def _child(self, claims: Any, prompt: str, model: str) -> tuple[str, UsageByModel]:
+    def _child(
+        self, claims: Any, prompt: str, model: str
+    ) -> tuple[str, UsageByModel, list[dict[str, Any]]]:
         """A child RLM at depth + 1 whose context is the prompt."""
         remaining = max(1.0, claims.exp - time.time() - _TOKEN_SLACK_S)
         config = RunConfig(
@@ -184,12 +216,13 @@ class InferService:
             mint_callback=self._mint,
             depth=claims.depth + 1,
             run_id=f"{claims.run_id}.{uuid.uuid4().hex[:6]}",
+            subcall_log=self._take_log,
         )
         result = child.completion(CHILD_QUERY, prompt)
         answer = result.answer if result.answer is not None else f"[child RLM {result.status}: "
         if result.answer is None:
             answer += f"{result.stop_reason or result.error}]"
-        return answer, result.usage
+        return answer, result.usage, child.trajectory
 
     def _memo(self, run_id: str) -> Memo:
         root = run_id.split(".")[0]
