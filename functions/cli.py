@@ -185,13 +185,12 @@ def _serve(args: argparse.Namespace) -> int:
         "RLM_TOKEN_KEY": os.environ.get("RLM_TOKEN_KEY") or secrets.token_urlsafe(32),
         "LLM_API_KEY": os.environ.get("LLM_API_KEY") or "none",
     }
-    root = Path(__file__).resolve().parent
-    processes = []
-    for plane, port in (("execute", args.execute_port), ("infer", args.infer_port)):
-        command = [sys.executable, "-m", "functions_framework", "--source",
-                   str(root / plane / "main.py"), "--target", plane, "--host", host,
-                   "--port", str(port)]  # fmt: skip
-        processes.append(subprocess.Popen(command, env=env))
+    from functions.local import command
+
+    processes = [
+        subprocess.Popen(command(plane, host, port), env=env)
+        for plane, port in (("execute", args.execute_port), ("infer", args.infer_port))
+    ]
     print(f"execute: {execute_url}/execute\ninfer:   {infer_url}/infer  "
           f"(also {infer_url}/v1/chat/completions)\nCtrl-C stops both.", flush=True)  # fmt: skip
     try:

@@ -71,7 +71,8 @@ def merge_usage(into: UsageByModel, other: UsageByModel) -> UsageByModel:
 
 
 class StateRef(Strict):
-    """The REPL state: by reference, with the compressed pickle as base64 when the pod lacks it."""
+    """The REPL state by reference: `ref` is the sha256 of the pickled namespace; `data`, sent
+    when the pod lacks it, is that pickle zlib-compressed and base64-encoded."""
 
     ref: str = Field(pattern=SHA256_PATTERN)
     data: str | None = None

@@ -2,8 +2,8 @@
 
 It is not a language model: a policy function writes each reply. `rlm demo` uses it (and says
 so) so the whole pipeline can be seen without an API key; the tests use it to play the model
-through the real `openai` client. Faults can be queued to test retries: a status with
-Retry-After, a delay, or a dropped connection.
+through the real `openai` client. Faults can be queued for the next requests (a status with
+Retry-After, a delay, a dropped connection) and a fixed latency set, to test retries.
 
     python -m functions.scripted_model --port 8765 --scenario needle
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -22,18 +23,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 STAND_IN_NAME = "scripted-stand-in"
+ROOT_MARKER = "REPL"  # a system prompt holding this word makes a request a root RLM turn
 
 
 @dataclass
 class ChatRequest:
     model: str
     messages: list[dict[str, Any]]
+    stream: bool = False
 
     @property
     def is_root(self) -> bool:
-        """A root RLM call carries the REPL system prompt; a sub-call is a bare question."""
+        """A root RLM turn carries the REPL system prompt; a sub-call is a bare question."""
         first = self.messages[0] if self.messages else {}
-        return first.get("role") == "system" and "REPL" in str(first.get("content", ""))
+        return first.get("role") in ("system", "developer") and ROOT_MARKER in _text(first)
 
     @property
     def turn(self) -> int:
@@ -42,48 +45,76 @@ class ChatRequest:
 
     @property
     def last(self) -> str:
-        return str(self.messages[-1].get("content", "")) if self.messages else ""
+        """The text of the last message."""
+        return _text(self.messages[-1]) if self.messages else ""
+
+    def texts(self, role: str) -> list[str]:
+        return [_text(m) for m in self.messages if m.get("role") == role]
 
 
+Request = ChatRequest
 Policy = Callable[[ChatRequest], str]
 
 
-@dataclass
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+@dataclass(frozen=True)
 class Fault:
-    status: int = 0  # an HTTP status to answer instead (429, 500, ...)
-    retry_after: float | None = None
-    delay_s: float = 0.0  # sleep before answering
+    """What to do to one request instead of (or before) answering it."""
+
+    status: int = 0  # answer with this HTTP status (429, 500, 400, ...) instead
+    retry_after: float | None = None  # with a Retry-After header (seconds)
+    delay_s: float = 0.0  # sleep first (longer than the client's timeout: a timeout)
     drop: bool = False  # close the connection without an answer
 
 
 @dataclass
 class ScriptedModel:
     policy: Policy
-    latency_s: float = 0.0
+    latency_s: float = 0.0  # added to every answered request
     host: str = "127.0.0.1"
     port: int = 0
+    api_key: str | None = None  # when set, other bearer tokens get 401
+    send_usage: bool = True  # False: answers without a usage object, as some servers do
     faults: deque[Fault] = field(default_factory=deque)
-    requests: list[ChatRequest] = field(default_factory=list)
+    requests: list[ChatRequest] = field(default_factory=list)  # the ones the policy answered
+    received: int = 0  # chat requests that arrived, faulted ones included
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._busy = 0  # requests being handled (a delayed one outlives its client's timeout)
         self._server: ThreadingHTTPServer | None = None
 
     @property
     def base_url(self) -> str:
-        assert self._server is not None, "start the model first"
+        if self._server is None:
+            raise RuntimeError("start the scripted model first")
         return f"http://{self.host}:{self._server.server_address[1]}/v1"
 
     def start(self) -> ScriptedModel:
-        self._server = ThreadingHTTPServer((self.host, self.port), _handler(self))
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        server = self._server = _QuietServer((self.host, self.port), _handler(self))
+        serve = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="scripted-model"
+        )
+        serve.daemon = True
+        serve.start()
         return self
 
     def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def __enter__(self) -> ScriptedModel:
         return self.start()
@@ -91,21 +122,107 @@ class ScriptedModel:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def inject(self, *faults: Fault) -> None:
+    def inject(self, *faults: Fault, times: int = 1) -> None:
+        """Apply `faults`, in order, `times` over, to the next chat requests."""
         with self._lock:
-            self.faults.extend(faults)
+            for _ in range(times):
+                self.faults.extend(faults)
 
-    def _next_fault(self) -> Fault | None:
+    def wait_idle(self, timeout_s: float = 5.0) -> bool:
+        """Wait until no request is being handled; False if some still is after `timeout_s`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout_s)
+
+    def reset(self, wait_s: float = 5.0) -> None:
+        """No faults, no latency, an empty log (after requests still in flight are done)."""
+        self.wait_idle(wait_s)
         with self._lock:
+            self.faults.clear()
+            self.requests.clear()
+            self.received = 0
+            self.latency_s = 0.0
+
+    def root_requests(self) -> list[ChatRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.is_root]
+
+    def sub_requests(self) -> list[ChatRequest]:
+        with self._lock:
+            return [r for r in self.requests if not r.is_root]
+
+    def _arrived(self) -> Fault | None:
+        with self._lock:
+            self.received += 1
             return self.faults.popleft() if self.faults else None
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._busy += 1
+
+    def _end(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
 
     def _record(self, request: ChatRequest) -> None:
         with self._lock:
             self.requests.append(request)
 
 
-def _tokens(text: str) -> int:
-    return len(text) // 4 + 1
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default 5 drops bursts of connections: 1 s SYN retries
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that time out or are dropped on purpose break pipes; that is expected."""
+
+
+_MODELS = {
+    "object": "list",
+    "data": [{"id": STAND_IN_NAME, "object": "model", "created": 0, "owned_by": "scripted"}],
+}
+
+
+def _usage(request: ChatRequest, text: str) -> dict[str, int]:
+    prompt = sum(estimate_tokens(_text(m)) for m in request.messages)
+    completion = estimate_tokens(text)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _completion(ident: str, request: ChatRequest, text: str, usage: dict | None) -> dict:
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "finish_reason": "stop", "logprobs": None, "message": message}
+    body = {
+        "id": ident,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [choice],
+    }
+    return body if usage is None else {**body, "usage": usage}
+
+
+def _chunks(ident: str, request: ChatRequest, text: str, usage: dict | None) -> list[dict]:
+    """The SSE frames of one streamed reply: role, text in pieces, stop, usage if asked."""
+    base = {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": request.model,
+    }
+    deltas = [{"role": "assistant", "content": ""}]
+    deltas += [{"content": text[i : i + 24]} for i in range(0, len(text), 24)]
+    frames = [
+        {**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas
+    ]
+    frames.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage is not None:
+        frames.append({**base, "choices": [], "usage": usage})
+    return frames
 
 
 def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
@@ -116,73 +233,99 @@ def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
-            if self.path.rstrip("/").endswith("/models"):
-                self._json(200, {"object": "list", "data": [{"id": STAND_IN_NAME,
-                                                              "object": "model"}]})  # fmt: skip
+            if self.path.rstrip("/") in ("/v1/models", "/models"):
+                self._json(200, _MODELS)
             else:
-                self._json(404, {"error": {"message": "not found"}})
+                self._error(404, f"no route GET {self.path}")
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("content-length", 0))
-            body = json.loads(self.rfile.read(length) or b"{}")
-            fault = model._next_fault()
-            if fault and fault.delay_s:
-                time.sleep(fault.delay_s)
-            if fault and fault.drop:
-                self.close_connection = True
-                self.connection.shutdown(2)
-                return
-            if fault and fault.status:
-                headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
-                self._json(fault.status, {"error": {"message": f"scripted {fault.status}"}},
-                           headers)  # fmt: skip
-                return
+            model._begin()
+            try:
+                self._post()
+            finally:
+                model._end()
+
+        def _post(self) -> None:
+            body = self._body()
             if not self.path.rstrip("/").endswith("/chat/completions"):
-                self._json(404, {"error": {"message": "not found"}})
+                self._error(404, f"no route POST {self.path}")
                 return
-            request = ChatRequest(body.get("model", ""), body.get("messages", []))
+            fault = model._arrived()
+            if fault is not None and self._apply(fault):
+                return
+            if model.api_key and self.headers.get("authorization") != f"Bearer {model.api_key}":
+                self._error(401, "incorrect API key")
+                return
+            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+                self._error(400, "the body must be a JSON object with a 'messages' list")
+                return
+            stream = bool(body.get("stream"))
+            request = ChatRequest(str(body.get("model", "")), body["messages"], stream)
             model._record(request)
             if model.latency_s:
                 time.sleep(model.latency_s)
-            text = model.policy(request)
-            prompt_tokens = sum(_tokens(str(m.get("content", ""))) for m in request.messages)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(text),
-                     "total_tokens": prompt_tokens + _tokens(text)}  # fmt: skip
-            ident, created = f"chatcmpl-{time.time_ns()}", int(time.time())
-            if body.get("stream"):
-                self._stream(ident, created, request.model, text, usage)
+            try:
+                text = model.policy(request)
+            except Exception as e:
+                self._error(500, f"the scripted policy failed: {type(e).__name__}: {e}")
                 return
-            self._json(200, {
-                "id": ident, "object": "chat.completion", "created": created,
-                "model": request.model,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}],
-                "usage": usage,
-            })  # fmt: skip
+            usage = _usage(request, text) if model.send_usage else None
+            ident = f"chatcmpl-scripted-{time.time_ns()}"
+            if not stream:
+                self._json(200, _completion(ident, request, text, usage))
+                return
+            if not (body.get("stream_options") or {}).get("include_usage"):
+                usage = None
+            self._stream(_chunks(ident, request, text, usage))
 
-        def _stream(self, ident: str, created: int, name: str, text: str, usage: dict) -> None:
+        def _body(self) -> Any:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                return json.loads(raw or b"{}")
+            except ValueError:
+                return None
+
+        def _apply(self, fault: Fault) -> bool:
+            """Carry out `fault`; True when it took the place of the answer."""
+            if fault.delay_s:
+                time.sleep(fault.delay_s)
+            if fault.drop:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return True
+            if fault.status:
+                after = fault.retry_after
+                headers = {} if after is None else {"Retry-After": f"{after:g}"}
+                self._error(fault.status, f"scripted fault {fault.status}", headers)
+                return True
+            return False
+
+        def _stream(self, frames: list[dict]) -> None:
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
+            self.send_header("cache-control", "no-cache")
             self.send_header("connection", "close")
             self.end_headers()
-            base = {"id": ident, "object": "chat.completion.chunk", "created": created,
-                    "model": name}  # fmt: skip
-            for delta, reason in (({"role": "assistant", "content": text}, None), ({}, "stop")):
-                chunk = {**base, "choices": [{"index": 0, "delta": delta,
-                                              "finish_reason": reason}]}  # fmt: skip
-                if reason:
-                    chunk["usage"] = usage
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
             self.close_connection = True
+            for frame in frames:
+                self.wfile.write(f"data: {json.dumps(frame)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+            kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+            kind = "server_error" if status >= 500 else kind
+            body = {"error": {"message": message, "type": kind, "code": None}}
+            self._json(status, body, headers)
 
         def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
@@ -192,49 +335,82 @@ def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
 # ----------------------------------------------------------------------------- policies
 
 
-def repl(code: str) -> str:
-    return f"Let me run this.\n```repl\n{code.strip()}\n```"
+def repl(code: str, preface: str = "Let me run this.") -> str:
+    """A reply holding one ```repl block."""
+    return f"{preface}\n```repl\n{code.strip()}\n```"
 
 
 def answer_from_prompt(request: ChatRequest) -> str:
-    """The sub-model: finds 'the magic number is N' in its prompt, else says NONE."""
+    """The sub-model: finds 'magic number is N' in its prompt and answers N, else NONE."""
     found = re.search(r"magic number is (\d+)", request.last)
     return found.group(1) if found else "NONE"
 
 
-NEEDLE_STEPS = [
-    repl("print(type(context).__name__, len(context))\nprint(context[:200])"),
-    repl(
-        """
+NEEDLE_PROBE = repl("print(type(context))\nprint(len(context))", "First, a look at the context.")
+
+NEEDLE_SEARCH = repl(
+    """
+if isinstance(context, str):
+    text = context
+elif isinstance(context, list):
+    text = "\\n".join(map(str, context))
+else:
+    text = str(context)
 size = 100_000
-chunks = [context[i:i + size] for i in range(0, len(context), size)]
+chunks = [text[i : i + size] for i in range(0, len(text), size)]
 replies = llm_query_batched(
-    [f"Find the magic number in this text. Reply with just the number or NONE.\\n{c}"
-     for c in chunks]
+    [
+        f"Find the magic number in this text. Reply with just the number or NONE.\\n{chunk}"
+        for chunk in chunks
+    ]
 )
-found = [r.strip() for r in replies if r.strip() != "NONE"]
-print(len(chunks), "chunks;", "found:", found)
+found = [r.strip() for r in replies if r.strip() and r.strip().upper() != "NONE"]
+print(f"{len(chunks)} chunks searched; found: {found}")
 if found:
     answer["content"] = found[0]
     answer["ready"] = True
-"""
-    ),
-    "I could not find it in the chunks.\nFINAL(NONE)",
-]
+""",
+    "I will search the context chunk by chunk with the sub-model.",
+)
 
 
-def scripted_replies(root_replies: list[str], sub_answer: Policy = answer_from_prompt) -> Policy:
-    """Root calls get `root_replies` in order (the last one repeats); sub-calls `sub_answer`."""
+def needle_policy(request: ChatRequest) -> str:
+    """Plays a root RLM that finds 'the magic number is N' in `context`, and its sub-model.
+
+    Root turn 0 probes the context; turn 1 searches it with llm_query_batched over ~100k-char
+    chunks and sets `answer`; any later turn answers FINAL(...) with what the search printed.
+    """
+    if not request.is_root:
+        return answer_from_prompt(request)
+    if request.turn == 0:
+        return NEEDLE_PROBE
+    if request.turn == 1:
+        return NEEDLE_SEARCH
+    printed = re.findall(r"found: \[([^\]]*)\]", "\n".join(request.texts("user")))
+    first = printed[-1].split(",")[0].strip().strip("'\"") if printed else ""
+    return f"The search is done.\nFINAL({first or 'NONE'})"
+
+
+Reply = str | Policy
+
+
+def scripted_replies(root_replies: list[Reply], sub_answer: Policy = answer_from_prompt) -> Policy:
+    """Root turns get `root_replies` in order (the last one repeats); sub-calls `sub_answer`.
+
+    A reply may be a callable of the request, for a turn that depends on what came back.
+    """
+    if not root_replies:
+        raise ValueError("scripted_replies needs at least one root reply")
 
     def policy(request: ChatRequest) -> str:
         if not request.is_root:
             return sub_answer(request)
-        return root_replies[min(request.turn, len(root_replies) - 1)]
+        reply = root_replies[min(request.turn, len(root_replies) - 1)]
+        return reply(request) if callable(reply) else reply
 
     return policy
 
 
-needle_policy = scripted_replies(NEEDLE_STEPS)
 SCENARIOS: dict[str, Policy] = {"needle": needle_policy}
 
 
@@ -246,10 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per reply")
     args = parser.parse_args(argv)
     model = ScriptedModel(SCENARIOS[args.scenario], args.latency, args.host, args.port).start()
-    print(f"scripted stand-in model ({args.scenario}) at {model.base_url}", flush=True)
+    print(
+        f"scripted stand-in model (scenario {args.scenario!r}, not a language model) "
+        f"at {model.base_url}",
+        flush=True,
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         model.stop()
     return 0
 

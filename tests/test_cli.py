@@ -199,8 +199,8 @@ def test_serve_starts_both_and_stops_on_ctrl_c(llm):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                r = httpx.post(url + "/infer", timeout=30,
-                               json={"query": "magic?", "context": haystack(20_000, 55)})  # fmt: skip
+                body = {"query": "magic?", "context": haystack(20_000, 55)}
+                r = httpx.post(url + "/infer", timeout=30, json=body)
                 break
             except httpx.HTTPError:
                 time.sleep(0.3)

@@ -12,8 +12,8 @@ import zlib
 
 import pytest
 
-from functions.contract import ExecuteRequest, context_ref
-from functions.execute.cells import BadCell, MissingRefs
+from functions.contract import ExecuteRequest, context_ref, sha256_hex
+from functions.execute.cells import BadCell, MissingRefs, pack_state
 
 
 def cell(runner, code: str, **fields):
@@ -250,13 +250,11 @@ def test_crafted_pickle_runs_only_inside_the_guest(runner):
         def __reduce__(self):
             return (exec, ("open('/tmp/pwned-by-pickle', 'w').write('x')",))
 
-    blob = zlib.compress(pickle.dumps({"evil": Evil()}))
-    from functions.contract import sha256_hex
-
+    blob = pickle.dumps({"evil": Evil()})
     request = ExecuteRequest(
         code="print('never')",
         session_id="evil-pickle",
-        state={"ref": sha256_hex(blob), "data": base64.b64encode(blob).decode()},
+        state={"ref": sha256_hex(blob), "data": pack_state(blob)},
     )
     with pytest.raises(BadCell, match="could not be loaded"):
         runner.run(request)
@@ -265,17 +263,21 @@ def test_crafted_pickle_runs_only_inside_the_guest(runner):
 
 def test_corrupt_state_blob_is_refused(runner):
     blob = b"not a pickle at all"
-    from functions.contract import sha256_hex
-
     with pytest.raises(BadCell, match="could not be loaded"):
         runner.run(
             ExecuteRequest(
                 code="1",
                 session_id="corrupt",
-                state={"ref": sha256_hex(blob), "data": base64.b64encode(blob).decode()},
+                state={"ref": sha256_hex(blob), "data": pack_state(blob)},
             )
         )
-    with pytest.raises(BadCell, match="does not match"):
-        runner.run(
-            ExecuteRequest(code="1", session_id="corrupt", state={"ref": "a" * 64, "data": "AAAA"})
-        )
+    huge = base64.b64encode(zlib.compress(b"0" * (600 << 20))).decode()
+    bad = [
+        ({"ref": "a" * 64, "data": pack_state(b"x")}, "does not match"),
+        ({"ref": "a" * 64, "data": "AAAA"}, "not base64 of a zlib"),
+        ({"ref": "a" * 64, "data": "%%%"}, "not base64 of a zlib"),
+        ({"ref": "a" * 64, "data": huge}, "unpacks to more than"),
+    ]
+    for state, words in bad:
+        with pytest.raises(BadCell, match=words):
+            runner.run(ExecuteRequest(code="1", session_id="corrupt", state=state))

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -169,7 +170,7 @@ class CellRunner:
             response.state = StateOut(ref=want, size=0) if want else None
             if want and request.return_state:
                 blob = self.blobs.get(want)
-                response.state.data = _b64(blob) if blob else None
+                response.state.data = pack_state(blob) if blob else None
             return response
         if request.rlm_context:
             live.context_ref = request.rlm_context.ref
@@ -188,12 +189,9 @@ class CellRunner:
         assert state is not None
         if state.data is None:
             return self.blobs.get(state.ref)
-        try:
-            blob = base64.b64decode(state.data, validate=True)
-        except (binascii.Error, ValueError):
-            raise BadCell("state.data is not valid base64") from None
+        blob = unpack_state(state.data, self.settings.max_state_bytes)
         if sha256_hex(blob) != state.ref:
-            raise BadCell("state.data does not match state.ref (sha256 of the decoded bytes)")
+            raise BadCell("state.data does not match state.ref (sha256 of the uncompressed pickle)")
         self.blobs.put(state.ref, blob, len(blob))
         return blob
 
@@ -293,7 +291,13 @@ class CellRunner:
                 type="ProtocolError", message="the cell's report was malformed"
             )
         if snapshot:
-            response.state = self._new_state(live, request, result.outputs.get("state.out"))
+            blob = result.outputs.get("state.out")
+            if blob is None and isinstance(meta.get("state_inline"), str):
+                try:
+                    blob = base64.b64decode(meta["state_inline"], validate=True)
+                except (binascii.Error, ValueError):
+                    response.error = ErrorInfo(type="ProtocolError", message="bad inline state")
+            response.state = self._new_state(live, request, blob)
         return response, meta
 
     def _new_state(self, live: Live, request: ExecuteRequest, blob: bytes | None) -> StateOut:
@@ -308,7 +312,7 @@ class CellRunner:
         if len(blob) <= self.settings.max_state_bytes:
             self.blobs.put(ref, blob, len(blob))
         inline = request.return_state or len(blob) <= self.settings.state_inline_bytes
-        return StateOut(ref=ref, data=_b64(blob) if inline else None, size=len(blob))
+        return StateOut(ref=ref, data=pack_state(blob) if inline else None, size=len(blob))
 
     def _open(self) -> Live:
         gate = SubcallGate(self.transport)
@@ -380,8 +384,21 @@ class KeyedLocks:
                     self._locks[key] = (lock, users - 1)
 
 
-def _b64(blob: bytes) -> str:
-    return base64.b64encode(blob).decode("ascii")
+def pack_state(blob: bytes) -> str:
+    """state.data on the wire: the pickle, zlib-compressed, base64."""
+    return base64.b64encode(zlib.compress(blob, 1)).decode("ascii")
+
+
+def unpack_state(data: str, limit: int) -> bytes:
+    try:
+        packed = base64.b64decode(data, validate=True)
+        inflater = zlib.decompressobj()
+        blob = inflater.decompress(packed, limit + 1)
+    except (binascii.Error, ValueError, zlib.error):
+        raise BadCell("state.data is not base64 of a zlib-compressed state") from None
+    if len(blob) > limit or inflater.unconsumed_tail:
+        raise BadCell(f"state.data unpacks to more than {limit} bytes (EXECUTE_MAX_STATE_MB)")
+    return blob
 
 
 def _read_meta(raw: bytes | None) -> dict:

@@ -1,40 +1,197 @@
-"""The LLM client: any OpenAI-compatible endpoint, with our own retries and usage accounting."""
+"""The LLM client: any OpenAI-compatible endpoint, with our own retries and usage accounting.
+
+The openai SDK's retries are off (`max_retries=0`); ours retry 408/409/429/5xx answers,
+timeouts and broken connections with exponential backoff and jitter, wait at least as long as
+a Retry-After header asks, and stop at a retry count or at the caller's deadline, whichever
+comes first. Then `LLMError` says what happened, with the last error as its cause.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import email.utils
+import logging
+import math
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import httpx
 import openai
 
 from functions.contract import ModelUsage
 from functions.infer.pricing import PriceTable
 
-_RETRIED = (
-    openai.RateLimitError,
-    openai.InternalServerError,
-    openai.APITimeoutError,
-    openai.APIConnectionError,
-)
+log = logging.getLogger("rlm.llm")
+
+Messages = Sequence[Mapping[str, Any]]
+_RETRIED_STATUS = frozenset({408, 409, 429})
+_MIN_ATTEMPT_S = 0.05  # an attempt with less time than this left is not started
 
 
 class LLMError(Exception):
-    """The model could not be reached or refused, after the retries."""
+    """The model could not be reached, refused, or answered nonsense (after any retries)."""
+
+    def __init__(
+        self, message: str, *, model: str = "", attempts: int = 1, status: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.model = model
+        self.attempts = attempts
+        self.status = status  # the endpoint's last HTTP status, if it answered at all
 
 
-@dataclass
+@dataclass(frozen=True)
 class Completion:
     text: str
-    model: str
+    model: str  # the model asked for: usage and prices are kept under this name
     usage: ModelUsage
+    served_model: str = ""  # the name the endpoint answered with (often a dated variant)
+    finish_reason: str | None = None
 
 
-class LLM:
-    """Thread-safe: one client, shared by every run in the process."""
+@dataclass(frozen=True)
+class Backoff:
+    """When to try again: attempt n (from 0) waits about base_s * 2**n, at most max_s."""
 
+    max_retries: int = 4
+    base_s: float = 0.5
+    max_s: float = 20.0
+    max_retry_after_s: float = 120.0  # a server asking for a longer pause is not waited for
+
+    def wait(self, attempt: int, retry_after: float | None) -> float:
+        cap = min(self.max_s, self.base_s * 2**attempt)
+        jittered = cap / 2 + random.random() * cap / 2
+        return max(jittered, retry_after or 0.0)
+
+
+class _Attempts:
+    """The retry loop's decisions, shared by the sync and async clients."""
+
+    def __init__(self, model: str, backoff: Backoff, deadline: float | None, timeout_s: float):
+        self.model = model
+        self.backoff = backoff
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.count = 0
+
+    def timeout(self) -> float:
+        """The time the next attempt may take; raises when the deadline leaves none."""
+        self.count += 1
+        if self.deadline is None:
+            return self.timeout_s
+        left = self.deadline - time.monotonic()
+        if left < _MIN_ATTEMPT_S:
+            self.count -= 1
+            raise self._error(f"not called: deadline reached after {self.count} tries", None)
+        return min(self.timeout_s, left)
+
+    def _error(self, why: str, status: int | None) -> LLMError:
+        return LLMError(
+            f"model {self.model!r} {why}", model=self.model, attempts=self.count, status=status
+        )
+
+    def wait_after(self, error: Exception) -> float:
+        """Seconds to wait before retrying after `error`; raises `LLMError` when not to retry."""
+        status = getattr(error, "status_code", None)
+        if not _retryable(error):
+            verb = "refused the request" if status else "call failed"
+            raise self._error(f"{verb}: {_describe(error)}", status) from error
+        retry_after = _retry_after(error)
+        if retry_after is not None and retry_after > self.backoff.max_retry_after_s:
+            why = f"unavailable, asks to retry after {retry_after:.0f} s: {_describe(error)}"
+            raise self._error(why, status) from error
+        wait = self.backoff.wait(self.count - 1, retry_after)
+        late = self.deadline is not None and time.monotonic() + wait >= self.deadline
+        if self.count > self.backoff.max_retries or late:
+            limit = "retries" if self.count > self.backoff.max_retries else "time before deadline"
+            why = f"unavailable after {self.count} tries (out of {limit}): {_describe(error)}"
+            raise self._error(why, status) from error
+        log.warning(
+            "LLM call to %r failed (%s); attempt %d of %d in %.2f s",
+            self.model,
+            _describe(error),
+            self.count + 1,
+            self.backoff.max_retries + 1,
+            wait,
+        )
+        return wait
+
+
+def _retryable(error: Exception) -> bool:
+    if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    status = getattr(error, "status_code", None)
+    return isinstance(error, openai.APIStatusError) and (
+        status in _RETRIED_STATUS or (status or 0) >= 500
+    )
+
+
+def _retry_after(error: Exception) -> float | None:
+    """Seconds from Retry-After (or OpenAI's retry-after-ms), if the answer had one."""
+    headers = getattr(getattr(error, "response", None), "headers", None)
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            when = email.utils.parsedate_tz(value) if name == "retry-after" else None
+            if when is None:
+                continue
+            seconds = email.utils.mktime_tz(when) - time.time()
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+        return math.inf if seconds > 0 else None
+    return None
+
+
+def _describe(error: Exception) -> str:
+    status = getattr(error, "status_code", None)
+    if isinstance(error, openai.APITimeoutError):
+        text = "timed out"
+    elif isinstance(error, openai.APIConnectionError):
+        cause = error.__cause__
+        text = f"connection failed ({type(cause).__name__ if cause else 'no answer'})"
+    else:
+        text = str(getattr(error, "message", None) or error) or type(error).__name__
+    return (f"HTTP {status}: {text}" if status else text)[:300]
+
+
+def _estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def _completion(response: Any, model: str, messages: Messages, prices: PriceTable) -> Completion:
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise LLMError(f"model {model!r} returned no choices", model=model)
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    text = getattr(message, "content", None) or ""
+    if not isinstance(text, str):
+        raise LLMError(f"model {model!r} returned content that is not text", model=model)
+    used = getattr(response, "usage", None)
+    if used is not None and used.prompt_tokens is not None:
+        input_tokens, output_tokens = used.prompt_tokens, used.completion_tokens or 0
+    else:  # some servers omit usage; an estimate keeps token and USD budgets working
+        input_tokens = sum(_estimate_tokens(str(m.get("content") or "")) for m in messages)
+        output_tokens = _estimate_tokens(text)
+    usage = ModelUsage(
+        calls=1,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=prices.cost(model, input_tokens, output_tokens),
+    )
+    served = str(getattr(response, "model", "") or "")
+    return Completion(text, model, usage, served, getattr(choice, "finish_reason", None))
+
+
+class _Client:
     def __init__(
         self,
         base_url: str,
@@ -44,60 +201,69 @@ class LLM:
         prices_json: str = "",
         backoff_s: float = 0.5,
         max_backoff_s: float = 20.0,
+        *,
+        prices: PriceTable | None = None,
+        max_retry_after_s: float = 120.0,
     ) -> None:
-        self.client = openai.OpenAI(
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self.backoff = Backoff(max_retries, backoff_s, max_backoff_s, max_retry_after_s)
+        self.prices = prices if prices is not None else PriceTable(prices_json)
+        self.client = self._sdk(
             base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
-        self.max_retries = max_retries
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self.prices = PriceTable(prices_json)
 
-    def complete(
-        self, messages: list[dict[str, str]], model: str, deadline: float | None = None
-    ) -> Completion:
-        """One chat completion. `deadline` (time.monotonic) bounds the retries too."""
-        for attempt in range(self.max_retries + 1):
-            timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
+    _sdk: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Any:
+        """From an `InferSettings`."""
+        s = settings
+        return cls(s.base_url, s.api_key, s.llm_timeout_s, s.llm_max_retries, s.prices_json)
+
+
+class LLM(_Client):
+    """A chat-completions client with retries. Thread-safe: one per process, shared by runs."""
+
+    _sdk = openai.OpenAI
+
+    def complete(self, messages: Messages, model: str, deadline: float | None = None) -> Completion:
+        """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too."""
+        attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
+        while True:
+            timeout = attempts.timeout()
             try:
                 response = self.client.chat.completions.create(
-                    model=model, messages=messages, **({"timeout": timeout} if timeout else {})
+                    model=model, messages=list(messages), timeout=timeout
                 )
-                break
-            except _RETRIED as e:
-                wait = self._wait(attempt, e)
-                late = deadline is not None and time.monotonic() + wait > deadline
-                if attempt == self.max_retries or late:
-                    raise LLMError(f"model {model!r} unavailable after {attempt + 1} tries: "
-                                   f"{_describe(e)}") from None  # fmt: skip
-                time.sleep(wait)
-            except openai.APIStatusError as e:
-                raise LLMError(f"model {model!r} refused the request: {_describe(e)}") from None
             except openai.OpenAIError as e:
-                raise LLMError(f"model {model!r} call failed: {e}") from None
-        if not response.choices:
-            raise LLMError(f"model {model!r} returned no choices")
-        text = response.choices[0].message.content or ""
-        used = response.usage
-        input_tokens = used.prompt_tokens if used else 0
-        output_tokens = used.completion_tokens if used else 0
-        usage = ModelUsage(
-            calls=1,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=self.prices.cost(model, input_tokens, output_tokens),
-        )
-        return Completion(text=text, model=model, usage=usage)
+                time.sleep(attempts.wait_after(e))
+                continue
+            return _completion(response, model, messages, self.prices)
 
-    def _wait(self, attempt: int, error: Exception) -> float:
-        wait = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
-        response = getattr(error, "response", None)
-        if isinstance(response, httpx.Response):
-            with contextlib.suppress(KeyError, ValueError):
-                wait = max(wait, min(self.max_backoff_s, float(response.headers["retry-after"])))
-        return wait
+    def close(self) -> None:
+        self.client.close()
 
 
-def _describe(error: Exception) -> str:
-    status = getattr(error, "status_code", None)
-    text = str(getattr(error, "message", None) or error)
-    return f"{status} {text}"[:300] if status else text[:300]
+class AsyncLLM(_Client):
+    """`LLM` for asyncio code: the same retries, sleeping without blocking the event loop."""
+
+    _sdk = openai.AsyncOpenAI
+
+    async def complete(
+        self, messages: Messages, model: str, deadline: float | None = None
+    ) -> Completion:
+        attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
+        while True:
+            timeout = attempts.timeout()
+            try:
+                response = await self.client.chat.completions.create(
+                    model=model, messages=list(messages), timeout=timeout
+                )
+            except openai.OpenAIError as e:
+                await asyncio.sleep(attempts.wait_after(e))
+                continue
+            return _completion(response, model, messages, self.prices)
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,94 +1,183 @@
 """Reading the root model's reply: its ```repl code blocks and a FINAL(...) / FINAL_VAR(...).
 
 Both functions are total: any text in, a value out, never an exception.
+
+Decisions:
+- Fences follow Markdown: three or more backticks (or tildes) on a line of their own, at any
+  indentation, with an info string; the block ends at a line of at least as many of the same
+  character and nothing else. A longer fence (````repl) may hold ``` lines inside, and
+  backticks within a line (`s = "```"`) never open or close a block.
+- ```repl blocks are the code. Only when a reply has none are ```python (py, python3) blocks
+  taken instead: some models ignore the fence name they were taught, but a reply that has repl
+  blocks uses python blocks for examples.
+- A block still open at the end of the reply runs: models often omit the closing fence when
+  the code ends their reply. Code cut off mid-way fails in the REPL, and the model sees why.
+- FINAL(...) and FINAL_VAR(...) count only outside code blocks, at the start of a line. The
+  first well-formed one wins. A FINAL( never closed is no answer: the reply was likely cut off.
 """
 
 from __future__ import annotations
 
+import keyword
 import re
+import textwrap
 from dataclasses import dataclass
+from typing import Literal
 
-# A fence opens a line (after optional indentation) and names the language; it closes with
-# at least as many backticks on a line of its own. An unclosed block at the end still counts:
-# models cut off by their output limit often omit the closing fence.
-_OPEN = re.compile(r"^[ \t]*(`{3,})[ \t]*(repl|python|py)?[ \t]*$", re.MULTILINE)
-_FINAL = re.compile(r"^[ \t]*FINAL(_VAR)?\(", re.MULTILINE)
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\n`]*?)[ \t]*$", re.MULTILINE)
+_FINAL = re.compile(r"^[ \t]*FINAL(_VAR)?[ \t]*\(", re.MULTILINE)
+_PAREN = re.compile(r"[()]")
+_LINE_END_PAREN = re.compile(r"\)[ \t]*(?=\n|\Z)")
+_REPL = frozenset({"repl"})
+_PYTHON = frozenset({"python", "py", "python3", "py3"})
+_QUOTES = ('"""', "'''", '"', "'")
+_MAX_CANDIDATES = 32  # bounds the work on a pathological reply full of "FINAL("
 
 
 @dataclass(frozen=True)
 class Final:
-    kind: str  # "text" for FINAL(...), "var" for FINAL_VAR(name)
-    value: str
+    kind: Literal["text", "var"]  # FINAL(text) or FINAL_VAR(name)
+    value: str  # the answer text, or the variable's name
 
 
-def _blocks(text: str) -> list[tuple[str, int, int, str]]:
-    """(language, start, end, code) of every fenced block, in order."""
-    text = text.replace("\r\n", "\n")
-    found, pos = [], 0
-    while True:
-        opened = _OPEN.search(text, pos)
-        if opened is None:
+@dataclass(frozen=True)
+class _Block:
+    lang: str
+    start: int  # where the opening fence line starts
+    end: int  # just past the closing fence line (or the end of the text)
+    code: str
+    closed: bool
+
+
+def _normalize(text: object) -> str:
+    if not isinstance(text, str):
+        return ""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _blocks(text: str) -> list[_Block]:
+    """Every fenced block of (normalized) `text`, in order."""
+    found: list[_Block] = []
+    pos = 0
+    while (opened := _FENCE.search(text, pos)) is not None:
+        fence = opened.group(1)
+        info = opened.group(2).split()
+        lang = info[0].lower() if info else ""
+        body_start = min(opened.end() + 1, len(text))
+        closer = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$", re.MULTILINE)
+        closed = closer.search(text, body_start)
+        if closed is None:
+            found.append(_Block(lang, opened.start(), len(text), text[body_start:], False))
             return found
-        fence, lang = opened.group(1), opened.group(2) or ""
-        body_start = opened.end() + 1
-        close = re.compile(rf"^[ \t]*{fence}`*[ \t]*$", re.MULTILINE).search(text, body_start)
-        end = close.start() if close else len(text)
-        found.append((lang, opened.start(), close.end() if close else len(text),
-                      text[body_start:end]))  # fmt: skip
-        pos = close.end() if close else len(text)
+        found.append(
+            _Block(lang, opened.start(), closed.end(), text[body_start : closed.start()], True)
+        )
+        pos = closed.end()
+    return found
 
 
 def find_code_blocks(text: str) -> list[str]:
-    """The code of each ```repl block. With no repl block, ```python blocks are taken instead,
-    since some models ignore the fence name they were taught."""
-    blocks = _blocks(text)
-    chosen = [code for lang, *_, code in blocks if lang == "repl"]
+    """The code of each ```repl block (or, with none, each ```python block), dedented, ending
+    in one newline."""
+    blocks = _blocks(_normalize(text))
+    chosen = [b.code for b in blocks if b.lang in _REPL]
     if not chosen:
-        chosen = [code for lang, *_, code in blocks if lang in ("python", "py")]
-    return [_dedent(code) for code in chosen if code.strip()]
+        chosen = [b.code for b in blocks if b.lang in _PYTHON]
+    return [_tidy(code) for code in chosen if code.strip()]
 
 
-def _dedent(code: str) -> str:
-    lines = code.split("\n")
-    indents = [len(line) - len(line.lstrip()) for line in lines if line.strip()]
-    cut = min(indents, default=0)
-    return "\n".join(line[cut:] for line in lines).strip("\n") + "\n"
+def _tidy(code: str) -> str:
+    return textwrap.dedent(code).strip("\n") + "\n"
+
+
+def _prose(text: str) -> str:
+    """`text` with every code block blanked out (line breaks kept, so lines stay lines)."""
+    parts, pos = [], 0
+    for block in _blocks(text):
+        parts.append(text[pos : block.start])
+        parts.append("\n")
+        pos = block.end
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def find_final(text: str) -> Final | None:
-    """FINAL(answer) or FINAL_VAR(name) written outside code blocks, at the start of a line."""
-    text = text.replace("\r\n", "\n")
-    outside, pos = [], 0
-    for _, start, end, _ in _blocks(text):
-        outside.append(text[pos:start])
-        pos = end
-    outside.append(text[pos:])
-    prose = "\n".join(outside)
-    match = _FINAL.search(prose)
-    if match is None:
+    """The first well-formed FINAL(answer) or FINAL_VAR(name) outside code, at a line's start."""
+    prose = _prose(_normalize(text))
+    pairs: dict[int, int] | None = None
+    for seen, match in enumerate(_FINAL.finditer(prose)):
+        if seen == _MAX_CANDIDATES:
+            break
+        if match.group(1):
+            found = _final_var(prose, match.end())
+        else:
+            pairs = _paren_pairs(prose) if pairs is None else pairs
+            value = _final_text(prose, match.end(), pairs.get(match.end() - 1))
+            found = Final("text", value) if value is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+def _final_var(prose: str, start: int) -> Final | None:
+    close = prose.find(")", start)
+    if close < 0:
         return None
-    inner = _balanced(prose, match.end())
-    if match.group(1):
-        name = inner.strip().strip("'\"` ")
-        return Final("var", name) if name.isidentifier() else None
-    return Final("text", _unquote(inner.strip()))
+    name = prose[start:close].strip().strip("'\"`").strip()
+    if not name.isidentifier() or keyword.iskeyword(name):
+        return None
+    return Final("var", name)
 
 
-def _balanced(text: str, start: int) -> str:
-    """The text up to the parenthesis that closes the one before `start` (or to the end)."""
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "(":
-            depth += 1
-        elif text[i] == ")":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-    return text[start:].rstrip().removesuffix(")")
+def _final_text(prose: str, start: int, close: int | None) -> str | None:
+    """The answer in FINAL(...) whose "(" is just before `start` and matched at `close`.
+
+    Prefer the matching parenthesis when it ends its line; an answer with unbalanced
+    parentheses ("FINAL(so :) yes)") ends at the first ")" closing a line after it instead.
+    """
+    quoted = _quoted(prose, start)
+    if quoted is not None:
+        return quoted
+    if close is not None and _ends_line(prose, close + 1):
+        return _unquote(prose[start:close].strip())
+    line_end = _LINE_END_PAREN.search(prose, close if close is not None else start)
+    if line_end is not None:
+        return _unquote(prose[start : line_end.start()].strip())
+    return _unquote(prose[start:close].strip()) if close is not None else None
+
+
+def _quoted(prose: str, start: int) -> str | None:
+    """FINAL("...") and friends: the text between the quotes, parentheses and all."""
+    head = prose[start : start + 64].lstrip()
+    quote = next((q for q in _QUOTES if head.startswith(q)), None)
+    if quote is None:
+        return None
+    opened = prose.index(quote, start) + len(quote)
+    closing = re.compile(rf"(?<!\\){re.escape(quote)}[ \t]*\)")
+    match = closing.search(prose, opened)
+    if match is None or not _ends_line(prose, match.end()):
+        return None
+    return prose[opened : match.start()]
+
+
+def _paren_pairs(text: str) -> dict[int, int]:
+    """The index of each "(" that is closed, mapped to the index of its ")"."""
+    pairs, stack = {}, []
+    for match in _PAREN.finditer(text):
+        if match.group() == "(":
+            stack.append(match.start())
+        elif stack:
+            pairs[stack.pop()] = match.start()
+    return pairs
+
+
+def _ends_line(text: str, pos: int) -> bool:
+    newline = text.find("\n", pos)
+    return not text[pos : newline if newline >= 0 else len(text)].strip()
 
 
 def _unquote(value: str) -> str:
-    for quote in ('"""', "'''", '"', "'"):
+    for quote in _QUOTES:
         if len(value) >= 2 * len(quote) and value.startswith(quote) and value.endswith(quote):
             return value[len(quote) : -len(quote)]
     return value

@@ -2,96 +2,166 @@
 
 from __future__ import annotations
 
-_SYSTEM = """\
-You answer a question about a context that is far too large to read at once. The context is \
-not in this conversation: it is loaded in a Python REPL as the variable `context`. You work by \
-writing Python that the REPL runs; you see only what the code prints, cut off past \
-{output_chars} characters per cell, so print summaries and samples, not whole texts.
+from collections.abc import Sequence
 
-Write exactly one block per reply, fenced like this:
+CHUNK_CHARS = 100_000  # what a sub-model reads well in one prompt
+
+_SYSTEM = """\
+You are answering a question about a context that is much too large to read at once. The \
+context is not in this conversation. It is loaded in a Python REPL as the variable `context` \
+(a str, a list or a dict). You work by writing Python code that the REPL runs. You never see \
+the context itself, only what your code prints, and printed output longer than \
+{output_chars:,} characters per cell is cut off. Print sizes, counts, samples and short \
+findings, not whole documents.
+
+Each reply holds exactly one code block, fenced like this:
 ```repl
 print(type(context), len(context))
 ```
-The REPL keeps variables, functions and imports from one block to the next. The standard \
+Variables, functions and imports stay defined from one block to the next. The standard \
 library, numpy, pandas and regex are available; there is no network and no file system.
 
-Functions in the REPL:
-- `llm_query(prompt, model=None) -> str`: ask a language model{sub_model_note} one question. \
-It reads about 100,000 characters well; put the piece of context it needs in the prompt.
-- `llm_query_batched(prompts, model=None) -> list[str]`: many questions at once, answered \
-concurrently and returned in order. Much faster than calling llm_query in a loop.
-{rlm_lines}- `SHOW_VARS()`: list the variables you have made.
+What the REPL gives you:
+- `llm_query(prompt, model=None) -> str`: one question to a language model{sub_model_note}. \
+It reads about {chunk_chars:,} characters well, so put the slice of context it needs into \
+the prompt.
+- `llm_query_batched(prompts, model=None) -> list[str]`: many questions at once; they run \
+concurrently and the answers come back in the same order. Use it instead of a loop of \
+llm_query calls.
+{rlm_lines}- `SHOW_VARS()`: prints the variables you have defined so far.
+- `answer`: a dict with keys "content" and "ready"; see below.
 
 How to work:
-1. Look first: the type and length of `context`, its structure, a few samples.
-2. Narrow with code: search, regex, split, filter; keep only the parts that matter.
-3. Split what is left into chunks sized for the sub-model and use `llm_query_batched` over \
-them; then combine the answers in code (or with one more llm_query).
-4. Check the result before you finish.
+1. Look before anything else: the type and length of `context`, how it is structured, and a \
+few short samples.
+2. Narrow it down with code: search, regular expressions, splitting, filtering. Code is \
+cheaper than sub-calls, so discard what cannot matter first.
+3. Cut what is left into chunks of about {chunk_chars:,} characters and ask the sub-model \
+about every chunk with one `llm_query_batched` call. Keep its answers in variables and \
+combine them with code, or with one more query over the collected answers.
+4. Check the result (print it) before you finish.
 
-How to finish: in a repl block set `answer["content"] = <the final answer as a str>` and \
-`answer["ready"] = True`. (Writing FINAL(your answer) or FINAL_VAR(variable_name) on its own \
-line outside a code block also works.) Do not finish before you have looked at the context."""
+How to finish: in a repl block, set `answer["content"]` to the final answer as a str and then \
+`answer["ready"] = True`; the run ends after that block. Writing FINAL(your answer) on its own \
+line outside any code block also ends the run, and so does FINAL_VAR(name), which answers with \
+the value of the REPL variable `name`. Do not answer before your code has looked at the \
+context.{depth_note}"""
 
 _RLM_LINES = """\
-- `rlm_query(prompt) -> str`: hand a sub-problem to a child RLM that gets `prompt` as its \
-own `context` and REPL, and can decompose it in turn. Use it for sub-problems too large or \
-complex for one llm_query.
+- `rlm_query(prompt) -> str`: gives a sub-problem to a child RLM. The child gets `prompt` as \
+its own `context` in its own REPL and can split the work up again. Use it for a part that \
+needs several steps of its own, where a single llm_query would not do.
 - `rlm_query_batched(prompts) -> list[str]`: several child RLMs, run concurrently.
 """
 
-_RLM_LINES_AT_DEPTH = """\
-- `rlm_query(prompt)` and `rlm_query_batched(prompts)` exist, but at this depth they are \
-plain llm_query calls.
+_RLM_LINES_AT_MAX_DEPTH = """\
+- `rlm_query(prompt)` and `rlm_query_batched(prompts)`: at this depth they are plain \
+llm_query calls, with no REPL of their own.
 """
 
 
-def system_prompt(max_depth: int, depth: int, sub_model: str | None, output_chars: int) -> str:
-    note = f" (`{sub_model}` by default)" if sub_model else ""
-    rlm_lines = _RLM_LINES if depth < max_depth else _RLM_LINES_AT_DEPTH
-    return _SYSTEM.format(output_chars=output_chars, sub_model_note=note, rlm_lines=rlm_lines)
-
-
-def first_user_message(
-    query: str, context_type: str, context_length: int, chunk_lengths: list[int]
+def system_prompt(
+    max_depth: int,
+    depth: int,
+    sub_model: str | None,
+    output_chars: int,
+    chunk_chars: int = CHUNK_CHARS,
 ) -> str:
-    shape = f"`context` is a {context_type} of {context_length:,} characters"
-    if len(chunk_lengths) > 1:
-        shown = ", ".join(f"{n:,}" for n in chunk_lengths[:20])
-        more = ", ..." if len(chunk_lengths) > 20 else ""
-        shape += f" in {len(chunk_lengths)} parts of lengths [{shown}{more}]"
-    return (
-        f"{shape}.\n\nQuestion: {query}\n\n"
-        "You have not looked at the context yet. Start by exploring it in the REPL; "
-        "answer only once your code has found the answer."
+    """The root's instructions. Mentions the child RLMs only where they exist (depth < max)."""
+    sub_model_note = f" (`{sub_model}` unless you name another)" if sub_model else ""
+    depth_note = (
+        f"\n\nYou are a child RLM at depth {depth} of at most {max_depth}: your `context` is the "
+        "task your parent gave you."
+        if depth > 0
+        else ""
+    )
+    return _SYSTEM.format(
+        output_chars=output_chars,
+        chunk_chars=chunk_chars,
+        sub_model_note=sub_model_note,
+        rlm_lines=_RLM_LINES if depth < max_depth else _RLM_LINES_AT_MAX_DEPTH,
+        depth_note=depth_note,
     )
 
 
-def iteration_user_message(outputs: list[str], iteration: int) -> str:
+def first_user_message(
+    query: str, context_type: str, context_length: int, context_chunk_lengths: Sequence[int]
+) -> str:
+    """The first turn: what the context is (type, size, parts) and the question."""
+    shape = f"`context` is a {context_type} of {context_length:,} characters in total"
+    if len(context_chunk_lengths) > 1:
+        shown = ", ".join(f"{n:,}" for n in context_chunk_lengths[:20])
+        more = ", ..." if len(context_chunk_lengths) > 20 else ""
+        shape += f", in {len(context_chunk_lengths):,} parts of lengths [{shown}{more}]"
+    return (
+        f"{shape}.\n\nQuestion: {query}\n\n"
+        "You have not looked at the context yet. Start by exploring it in the REPL, and give "
+        "the final answer only once your code has found it."
+    )
+
+
+def iteration_user_message(
+    outputs: Sequence[str], iteration: int, max_iterations: int | None = None
+) -> str:
+    """A continuing turn: what each cell of the last reply printed (already formatted)."""
+    left = ""
+    if max_iterations is not None:
+        remaining = max(0, max_iterations - iteration)
+        left = f" {remaining} turn{'s' if remaining != 1 else ''} left."
     if not outputs:
         return (
-            "Your reply had no ```repl block and no final answer. Write one ```repl block "
-            "that moves toward the answer, or finish with answer['ready'] = True."
+            "Your reply had no ```repl block and no final answer. Write one ```repl block that "
+            f'moves toward the answer, or finish with answer["ready"] = True.{left}'
         )
-    shown = "\n\n".join(f"[cell {i + 1} output]\n{text}" for i, text in enumerate(outputs))
-    return f"{shown}\n\nTurn {iteration} done. Continue with the next ```repl block, or finish."
+    if len(outputs) == 1:
+        shown = f"REPL output:\n{outputs[0]}"
+    else:
+        shown = "\n\n".join(
+            f"REPL output of block {i}:\n{text}" for i, text in enumerate(outputs, 1)
+        )
+    return f"{shown}\n\nContinue with the next ```repl block, or finish.{left}"
 
 
 def final_request_message() -> str:
+    """After the last turn: one more chance to answer."""
     return (
-        "You have used all your turns. Reply now with the final answer on one line as "
-        "FINAL(your answer), using what you have found so far."
+        "You have no turns left. Reply now with the final answer, using what you have found "
+        "so far, as FINAL(your answer) on a line of its own, or FINAL_VAR(name) for a REPL "
+        "variable that holds it. Do not write code."
     )
 
 
 def format_cell_output(stdout: str, stderr: str, error: str | None, limit_chars: int) -> str:
-    parts = [stdout.rstrip("\n")] if stdout.strip() else []
+    """A cell's output as the model sees it, at most about `limit_chars` characters.
+
+    Short sections are kept whole and long ones share what is left: an error stays visible
+    under a flood of prints. Cut text is replaced by a marker saying how much is missing.
+    """
+    sections: list[tuple[str, str, bool]] = []  # (label, text, keep the end rather than both)
+    if stdout.strip():
+        sections.append(("", stdout.rstrip("\n"), False))
     if stderr.strip() and not (error and error.strip() in stderr):
-        parts.append(f"[stderr]\n{stderr.rstrip()}")
-    if error:
-        parts.append(f"[error]\n{error.rstrip()}")
-    text = "\n".join(parts) or "(no output)"
-    if len(text) > limit_chars:
-        cut = len(text) - limit_chars
-        text = text[:limit_chars] + f"\n[... {cut:,} more characters not shown ...]"
-    return text
+        sections.append(("[stderr]\n", stderr.rstrip(), True))
+    if error and error.strip():
+        sections.append(("[error]\n", error.rstrip(), True))
+    if not sections:
+        return "(no output: print what you want to see)"
+    budgets, left = {}, max(0, limit_chars)
+    for rank, i in enumerate(sorted(range(len(sections)), key=lambda i: len(sections[i][1]))):
+        budgets[i] = min(len(sections[i][1]), left // (len(sections) - rank))
+        left -= budgets[i]
+    return "\n".join(
+        label + _clip(text, budgets[i], tail_only)
+        for i, (label, text, tail_only) in enumerate(sections)
+    )
+
+
+def _clip(text: str, budget: int, tail_only: bool) -> str:
+    cut = len(text) - budget
+    if cut <= 0:
+        return text
+    marker = f"\n[... {cut:,} characters cut here; print less or summarize ...]\n"
+    if tail_only:
+        return marker.lstrip("\n") + text[len(text) - budget :]
+    head = budget * 2 // 3
+    return text[:head] + marker + text[len(text) - (budget - head) :]

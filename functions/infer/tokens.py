@@ -1,80 +1,118 @@
 """Sub-call tokens: HMAC-SHA256 signed, scoped to one run and depth, expiring.
 
-Format: base64url(JSON claims) "." base64url(HMAC-SHA256(key, that first part)). Only infer
-holds the key; the execute plane passes the token through untouched.
+Format: base64url(JSON claims) "." base64url(HMAC-SHA256(key, first part)), no padding. There is
+no header and so no algorithm to choose: anything but exactly that shape is refused. Only infer
+holds the key; the execute plane passes the token through untouched, and any infer process with
+the same key can verify it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_TOKEN_CHARS = 8192
+_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}")  # 43 chars: a 32-byte digest
+KINDS = ("llm", "rlm")
 
 
 class TokenClaims(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    run_id: str
-    depth: int
-    max_depth: int
-    exp: int  # unix seconds
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    run_id: str = Field(min_length=1)
+    depth: int = Field(ge=0)  # the depth of the run whose cells carry this token
+    max_depth: int = Field(ge=0)
+    exp: int  # unix seconds; the token is refused from this second on
     models: list[str]  # the models sub-calls may name; empty: any
-    nonce: str
+    nonce: str = Field(min_length=1)  # one per cell (and marks a replayed cell)
 
 
 class TokenError(Exception):
+    """A sub-call token was refused. `status` is the HTTP status to answer with."""
+
     status = 401
 
 
 class InvalidToken(TokenError):
-    pass
+    """Malformed, forged or signed with another key."""
 
 
 class ExpiredToken(TokenError):
-    pass
+    """Well signed, but past its `exp`."""
 
 
 class OutOfScope(TokenError):
+    """Well signed and current, but it does not cover this sub-call."""
+
     status = 403
 
 
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _sign(key: bytes, payload: str) -> str:
-    return _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
+def _signature(key: bytes, payload: str) -> bytes:
+    return hmac.new(key, payload.encode("ascii"), hashlib.sha256).digest()
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes | bytearray) or not key:
+        raise ValueError("the token key must be non-empty bytes")
 
 
 def mint(key: bytes, claims: TokenClaims) -> str:
+    _check_key(key)
     payload = _b64(claims.model_dump_json().encode())
-    return f"{payload}.{_sign(key, payload)}"
+    return f"{payload}.{_b64(_signature(key, payload))}"
 
 
 def verify(key: bytes, token: str, now: float | None = None) -> TokenClaims:
-    payload, dot, signature = token.partition(".")
-    if not dot or not hmac.compare_digest(_sign(key, payload), signature):
+    """The claims of a token signed with `key`; raises `InvalidToken` or `ExpiredToken`."""
+    _check_key(key)
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not _SHAPE.fullmatch(token):
+        raise InvalidToken("invalid sub-call token")
+    payload, _, signature = token.partition(".")
+    try:
+        given = _unb64(signature)
+    except (binascii.Error, ValueError):
+        raise InvalidToken("invalid sub-call token") from None
+    # Comparing the decoded digest and then the encoding refuses a signature with other bits in
+    # its last character's padding, so each token has exactly one valid spelling.
+    if not hmac.compare_digest(_signature(key, payload), given) or _b64(given) != signature:
         raise InvalidToken("invalid sub-call token")
     try:
         claims = TokenClaims.model_validate(json.loads(_unb64(payload)))
-    except (ValueError, ValidationError):
+    except (ValueError, ValidationError, binascii.Error, RecursionError):
         raise InvalidToken("invalid sub-call token") from None
-    if claims.exp < (time.time() if now is None else now):
+    if (time.time() if now is None else now) >= claims.exp:
         raise ExpiredToken("sub-call token has expired")
     return claims
 
 
-def check_scope(claims: TokenClaims, kind: str, model: str | None) -> None:
-    """Refuse a sub-call the token does not cover: a model outside its list."""
+def check_scope(claims: TokenClaims, kind: str, model: str | None, depth: int | None = None) -> str:
+    """Refuse (`OutOfScope`) a sub-call the token does not cover; else the kind that will run.
+
+    `depth`, when the server knows it, is the depth of the run making the call: it must be the
+    token's. An "rlm" call from a run at max_depth is no error: it runs as a plain "llm" call.
+    """
+    if kind not in KINDS:
+        raise OutOfScope(f"sub-call kind {kind!r} is not one of {', '.join(KINDS)}")
+    if claims.depth > claims.max_depth:
+        raise OutOfScope(f"depth {claims.depth} is beyond max_depth {claims.max_depth}")
+    if depth is not None and depth != claims.depth:
+        raise OutOfScope(f"the token is for depth {claims.depth}, not {depth}")
     if model is not None and claims.models and model not in claims.models:
         allowed = ", ".join(claims.models)
         raise OutOfScope(f"model {model!r} is not allowed for this run (allowed: {allowed})")
-    if kind == "rlm" and claims.depth > claims.max_depth:
-        raise OutOfScope("recursion deeper than max_depth")
+    return "rlm" if kind == "rlm" and claims.depth < claims.max_depth else "llm"

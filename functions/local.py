@@ -1,0 +1,79 @@
+"""Starting the functions as real processes on loopback (tests, benchmarks, `rlm serve`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(plane: str, host: str, port: int) -> list[str]:
+    source = PACKAGE / plane / "main.py"
+    return [sys.executable, "-m", "functions_framework", "--source", str(source),
+            "--target", plane, "--host", host, "--port", str(port)]  # fmt: skip
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def serve(
+    plane: str,
+    env: dict[str, str],
+    log_dir: Path,
+    port: int | None = None,
+    ready: str = "/health",
+    timeout_s: float = 60,
+) -> Served:
+    """Start one function under functions-framework on loopback; wait until `ready` answers."""
+    port = port or free_port()
+    log = log_dir / f"{plane}-{port}.log"
+    process = subprocess.Popen(
+        command(plane, "127.0.0.1", port),
+        cwd=PACKAGE.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    served = Served(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{plane} exited: {served.output()[-2000:]}")
+        try:
+            if httpx.get(served.url + ready, timeout=2).status_code == 200:
+                return served
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    served.stop()
+    raise RuntimeError(f"{plane} did not become ready: {served.output()[-2000:]}")

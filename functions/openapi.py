@@ -1,0 +1,62 @@
+"""OpenAPI documents for both functions, built from the contract's pydantic models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from functions.contract import Problem
+
+
+def _schema(models: list[type[BaseModel]]) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    return components
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"description": "a problem the caller can fix, or a busy server",
+                     "content": _json("Problem")} for s in statuses}  # fmt: skip
+
+
+def document(
+    title: str,
+    operations: list[tuple[str, str, type[BaseModel] | None, type[BaseModel], tuple[int, ...]]],
+    extra_models: list[type[BaseModel]] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    """`operations`: (path, summary, request model, response model, problem statuses)."""
+    models = [Problem, *extra_models]
+    paths: dict[str, Any] = {}
+    for path, summary, request, response, statuses in operations:
+        models += [m for m in (request, response) if m is not None]
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "responses": {
+                "200": {"description": "done", "content": _json(response.__name__)},
+                **_problems(*statuses),
+            },
+        }
+        if request is not None:
+            operation["requestBody"] = {"required": True, "content": _json(request.__name__)}
+            paths[path] = {"post": operation}
+        else:
+            paths[path] = {"get": operation}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1"},
+        "paths": paths,
+        "components": {"schemas": _schema(models)},
+    }
+
+
+class Health(BaseModel):
+    status: str
+    ready: bool | None = None

@@ -1,0 +1,270 @@
+"""The LLM client against the scripted server: answers, usage, cost, retries, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from functions.infer.llm import LLM, AsyncLLM, Backoff, LLMError
+from functions.scripted_model import ChatRequest, Fault, ScriptedModel
+
+PRICES = '{"priced": [1.0, 2.0]}'
+FAST = {"backoff_s": 0.005, "max_backoff_s": 0.02}
+
+
+def echo(request: ChatRequest) -> str:
+    """Answers with the number in the prompt, so concurrent callers can check they got theirs."""
+    found = re.search(r"\d+", request.last)
+    return f"answer {found.group() if found else '?'}"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ScriptedModel]:
+    with ScriptedModel(echo) as model:
+        yield model
+
+
+@pytest.fixture
+def model(server: ScriptedModel) -> Iterator[ScriptedModel]:
+    server.reset()
+    server.api_key = None
+    server.send_usage = True
+    yield server
+    server.reset()
+
+
+def client(model: ScriptedModel, **options: object) -> LLM:
+    settings = {"timeout_s": 5.0, "max_retries": 4, "prices_json": PRICES, **FAST, **options}
+    return LLM(model.base_url, "sk-test", **settings)  # type: ignore[arg-type]
+
+
+def ask(llm: LLM, text: str = "question 7", **options: object):
+    return llm.complete([{"role": "user", "content": text}], "priced", **options)  # type: ignore[arg-type]
+
+
+def test_completion_text_usage_and_cost(model: ScriptedModel) -> None:
+    completion = ask(client(model), "question 12345678")
+    assert completion.text == "answer 12345678"
+    assert completion.model == "priced" and completion.served_model == "priced"
+    assert completion.finish_reason == "stop"
+    usage = completion.usage
+    assert usage.calls == 1
+    assert usage.input_tokens == len("question 12345678") // 4 + 1
+    assert usage.output_tokens == len("answer 12345678") // 4 + 1
+    assert usage.cost_usd == pytest.approx((usage.input_tokens + 2 * usage.output_tokens) / 1e6)
+    assert [r.messages for r in model.requests] == [
+        [{"role": "user", "content": "question 12345678"}]
+    ]
+
+
+def test_unknown_model_is_free_and_flagged(model: ScriptedModel) -> None:
+    llm = client(model)
+    completion = llm.complete([{"role": "user", "content": "hi"}], "mystery-model")
+    assert completion.usage.cost_usd == 0.0
+    assert llm.prices.unpriced == {"mystery-model"}
+
+
+def test_missing_usage_is_estimated(model: ScriptedModel) -> None:
+    model.send_usage = False
+    completion = ask(client(model), "x" * 400)
+    assert completion.usage.input_tokens == 101
+    assert completion.usage.output_tokens == len("answer ?") // 4 + 1
+    assert completion.usage.cost_usd > 0
+
+
+def test_a_429_burst_is_waited_out_honouring_retry_after(model: ScriptedModel) -> None:
+    model.inject(Fault(status=429, retry_after=0.15), times=3)
+    started = time.monotonic()
+    completion = ask(client(model))
+    assert completion.text == "answer 7"
+    assert time.monotonic() - started >= 0.45
+    assert model.received == 4 and len(model.requests) == 1
+
+
+def test_a_long_retry_after_is_not_waited_for(model: ScriptedModel) -> None:
+    model.inject(Fault(status=429, retry_after=30))
+    started = time.monotonic()
+    with pytest.raises(LLMError, match="retry after 30 s") as e:
+        ask(client(model, max_retry_after_s=5))
+    assert time.monotonic() - started < 2
+    assert e.value.status == 429 and e.value.attempts == 1
+
+
+def test_server_errors_are_retried(model: ScriptedModel) -> None:
+    model.inject(Fault(status=500), Fault(status=503), Fault(status=502))
+    assert ask(client(model)).text == "answer 7"
+    assert model.received == 4
+
+
+def test_out_of_retries_is_a_clear_error_with_the_cause(model: ScriptedModel) -> None:
+    model.inject(Fault(status=500), times=10)
+    with pytest.raises(LLMError) as e:
+        ask(client(model, max_retries=2))
+    error = e.value
+    assert error.attempts == 3 and error.status == 500 and error.model == "priced"
+    assert "after 3 tries (out of retries)" in str(error) and "HTTP 500" in str(error)
+    assert isinstance(error.__cause__, openai.InternalServerError)
+    assert model.received == 3
+
+
+def test_a_slow_answer_times_out_and_is_retried(model: ScriptedModel) -> None:
+    model.inject(Fault(delay_s=0.6))
+    started = time.monotonic()
+    assert ask(client(model, timeout_s=0.2)).text == "answer 7"
+    assert 0.2 <= time.monotonic() - started < 0.6
+    assert model.received == 2
+
+
+def test_always_slow_ends_in_a_timeout_error(model: ScriptedModel) -> None:
+    model.inject(Fault(delay_s=0.4), times=3)
+    with pytest.raises(LLMError, match="timed out") as e:
+        ask(client(model, timeout_s=0.1, max_retries=1))
+    assert isinstance(e.value.__cause__, openai.APITimeoutError)
+    assert e.value.status is None
+
+
+def test_a_dropped_connection_is_retried(model: ScriptedModel) -> None:
+    model.inject(Fault(drop=True), Fault(drop=True))
+    assert ask(client(model)).text == "answer 7"
+    assert model.received == 3
+
+
+def test_nobody_listening_is_a_connection_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    llm = LLM(f"http://127.0.0.1:{port}/v1", "sk", timeout_s=1, max_retries=1, **FAST)
+    with pytest.raises(LLMError, match="connection failed") as e:
+        ask(llm)
+    assert isinstance(e.value.__cause__, openai.APIConnectionError)
+    assert e.value.attempts == 2
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_client_errors_are_not_retried(model: ScriptedModel, status: int) -> None:
+    model.inject(Fault(status=status))
+    with pytest.raises(LLMError, match="refused") as e:
+        ask(client(model))
+    assert e.value.status == status and e.value.attempts == 1
+    assert model.received == 1
+
+
+def test_a_wrong_key_is_not_retried(model: ScriptedModel) -> None:
+    model.api_key = "sk-right"
+    with pytest.raises(LLMError) as e:
+        ask(client(model))
+    assert e.value.status == 401
+    assert model.received == 1
+    assert "sk-test" not in str(e.value)
+
+
+def test_the_deadline_bounds_the_retries(model: ScriptedModel) -> None:
+    model.inject(Fault(status=503, retry_after=0.2), times=20)
+    started = time.monotonic()
+    with pytest.raises(LLMError, match="deadline"):
+        ask(client(model, max_retries=20), deadline=started + 0.5)
+    assert time.monotonic() - started < 0.55
+    assert 2 <= model.received <= 3
+
+
+def test_the_deadline_bounds_a_slow_attempt(model: ScriptedModel) -> None:
+    model.inject(Fault(delay_s=1.0))
+    started = time.monotonic()
+    with pytest.raises(LLMError):
+        ask(client(model, timeout_s=30), deadline=started + 0.3)
+    assert time.monotonic() - started < 0.8
+
+
+def test_a_passed_deadline_calls_nothing(model: ScriptedModel) -> None:
+    with pytest.raises(LLMError, match="deadline") as e:
+        ask(client(model), deadline=time.monotonic() - 1)
+    assert e.value.attempts == 0 and model.received == 0
+
+
+def test_many_threads_share_one_client(model: ScriptedModel) -> None:
+    model.latency_s = 0.2
+    model.inject(Fault(status=429, retry_after=0.01), times=5)
+    llm = client(model)
+    answers: dict[int, str] = {}
+
+    def work(i: int) -> None:
+        answers[i] = ask(llm, f"question {i}").text
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(32)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.monotonic() - started < 1.0  # concurrent, not 32 x 0.2 s
+    assert answers == {i: f"answer {i}" for i in range(32)}
+    assert model.received == 37
+
+
+def test_backoff_grows_with_jitter_and_a_cap() -> None:
+    backoff = Backoff(max_retries=5, base_s=1.0, max_s=5.0)
+    for attempt, cap in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 5.0), (8, 5.0)]:
+        waits = [backoff.wait(attempt, None) for _ in range(50)]
+        assert all(cap / 2 <= w <= cap for w in waits)
+        assert len(set(waits)) > 1
+    assert backoff.wait(0, 3.0) == 3.0
+
+
+def test_from_settings() -> None:
+    from functions.infer.settings import InferSettings
+
+    settings = InferSettings(
+        api_key="sk",
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        llm_timeout_s=7,
+        llm_max_retries=2,
+        prices_json=PRICES,
+    )
+    llm = LLM.from_settings(settings)
+    assert llm.timeout_s == 7 and llm.backoff.max_retries == 2
+    assert llm.prices.price("priced") == (1.0, 2.0)
+
+
+def test_async_client(model: ScriptedModel) -> None:
+    model.latency_s = 0.1
+    model.inject(Fault(status=500), Fault(drop=True))
+
+    async def main() -> list[str]:
+        llm = AsyncLLM(model.base_url, "sk-test", timeout_s=5, prices_json=PRICES, **FAST)
+        try:
+            replies = await asyncio.gather(
+                *(
+                    llm.complete([{"role": "user", "content": f"q {i}"}], "priced")
+                    for i in range(10)
+                )
+            )
+        finally:
+            await llm.close()
+        return [r.text for r in replies]
+
+    started = time.monotonic()
+    assert asyncio.run(main()) == [f"answer {i}" for i in range(10)]
+    assert time.monotonic() - started < 1.0
+
+
+def test_async_client_gives_up_like_the_sync_one(model: ScriptedModel) -> None:
+    model.inject(Fault(status=500), times=5)
+
+    async def main() -> None:
+        llm = AsyncLLM(model.base_url, "sk-test", max_retries=1, **FAST)
+        try:
+            await llm.complete([{"role": "user", "content": "q"}], "priced")
+        finally:
+            await llm.close()
+
+    with pytest.raises(LLMError) as e:
+        asyncio.run(main())
+    assert e.value.attempts == 2
