@@ -228,6 +228,7 @@ def _chunks(ident: str, request: ChatRequest, text: str, usage: dict | None) -> 
 def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go in separate writes
 
         def log_message(self, *args: Any) -> None:
             pass

@@ -50,7 +50,7 @@ class InferSettings:
     max_iterations: int = 30
     cell_timeout_s: float = 300.0  # EXECUTION_TIMEOUT: one cell's wall deadline
     max_runs: int = 32  # INFER_MAX_RUNS: runs at once in this process; more get 429
-    subcall_concurrency: int = 16  # INFER_SUBCALL_CONCURRENCY: a batch's fan-out bound
+    subcall_concurrency: int = 32  # INFER_SUBCALL_CONCURRENCY: a batch's fan-out bound
     max_context_bytes: int = 256 * MIB  # INFER_MAX_CONTEXT_MB
     output_chars: int = 20_000  # INFER_OUTPUT_CHARS: a cell's output shown to the model
     sink_url: str = ""  # K_SINK: progress events go here when set
@@ -77,7 +77,7 @@ class InferSettings:
             max_iterations=env_int("MAX_ITERATIONS", 30, 1, e),
             cell_timeout_s=env_float("EXECUTION_TIMEOUT", 300.0, 0.001, e),
             max_runs=env_int("INFER_MAX_RUNS", 32, 1, e),
-            subcall_concurrency=env_int("INFER_SUBCALL_CONCURRENCY", 16, 1, e),
+            subcall_concurrency=env_int("INFER_SUBCALL_CONCURRENCY", 32, 1, e),
             max_context_bytes=env_int("INFER_MAX_CONTEXT_MB", 256, 1, e) * MIB,
             output_chars=env_int("INFER_OUTPUT_CHARS", 20_000, 100, e),
             sink_url=env_url("K_SINK", "", e) if e.get("K_SINK") else "",
