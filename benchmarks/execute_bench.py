@@ -159,7 +159,7 @@ def main() -> None:
             restores.append(time.perf_counter() - started)
             server_side.append(result["execution_time"])
         row(f"restore {size_mb:.1f} MB state on another pod", restores,
-            note=f"blob {state['size'] / 2**20:.1f} MB compressed; target <= 300 ms")  # fmt: skip
+            note="target <= 300 ms")  # fmt: skip
         row("  of which in the sandbox", server_side)
 
         # A 50 MB context by reference vs no context: each caller follows its session's ref.
