@@ -1,0 +1,64 @@
+"""The Python API, embedded and against a deployed execute function."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from functions.haystack import haystack
+from functions.sdk import RLM
+
+
+def backend(model) -> dict[str, str]:
+    return {"base_url": model.base_url, "api_key": "k", "model_name": "scripted-root"}
+
+
+def test_embedded_completion_shape(llm, tmp_path):
+    log = tmp_path / "run.jsonl"
+    with RLM(backend(llm), max_depth=1, logger=str(log)) as rlm:
+        result = rlm.completion(haystack(200_000, 321), root_prompt="What is the magic number?")
+    assert result.response == "321" and result.status == "completed"
+    # Two root turns, and two sub-calls (one per 100k chunk) on the same model: no sub_model.
+    assert result.usage_summary["scripted-root"]["calls"] == 4
+    assert result.execution_time > 0
+    kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
+    assert kinds[0] == "llm" and kinds[-1] == "final"
+
+
+def test_acompletion_inside_an_event_loop(llm):
+    async def main():
+        with RLM(backend(llm)) as rlm:
+            ticks = 0
+
+            async def tick():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticker = asyncio.create_task(tick())
+            result = await rlm.acompletion(haystack(50_000, 8), root_prompt="magic?")
+            ticker.cancel()
+            return result, ticks
+
+    result, ticks = asyncio.run(main())
+    assert result.response == "8" and ticks > 0  # the loop kept running during the run
+
+
+def test_remote_environment_uses_a_deployed_execute(llm, execute_server):
+    with RLM(backend(llm), environment="remote",
+             environment_kwargs={"url": execute_server.url}) as rlm:  # fmt: skip
+        result = rlm.completion(haystack(100_000, 4242), root_prompt="magic?")
+    assert result.response == "4242"
+    assert result.usage_summary["scripted-root"]["calls"] >= 3  # root turns + sub-calls
+
+
+def test_no_llm_configured_is_a_clear_error(monkeypatch):
+    for name in ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="no LLM configured"):
+        RLM()
+    with pytest.raises(ValueError, match="environment must be"):
+        RLM({"base_url": "http://127.0.0.1:9/v1", "model_name": "m"}, environment="docker")
