@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,6 +38,17 @@ class HttpProblem(Exception):
         if self.detail is not None:
             body.setdefault("detail", self.detail)
         return json_response(body, self.status, self.headers)
+
+
+def answer(route: Callable[[Request], Response], request: Request, log: logging.Logger) -> Response:
+    """Run a function's router: problems become their 4xx/5xx, a bug a 500 with no traceback."""
+    try:
+        return route(request)
+    except HttpProblem as problem:
+        return problem.response()
+    except Exception:
+        log.exception("internal error")
+        return HttpProblem(500, f"internal error in {log.name}; see its logs").response()
 
 
 def json_response(

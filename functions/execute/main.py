@@ -24,6 +24,7 @@ from functions.execute.settings import ExecuteSettings
 from functions.http import (
     HEALTH_PATHS,
     HttpProblem,
+    answer,
     json_response,
     metrics_response,
     not_found,
@@ -67,13 +68,7 @@ def _warm_up(cells: CellRunner) -> None:
 
 @functions_framework.http
 def execute(request: Request) -> Response:
-    try:
-        return _route(request)
-    except HttpProblem as problem:
-        return problem.response()
-    except Exception:
-        log.exception("internal error")
-        return HttpProblem(500, "internal error in the execute function; see its logs").response()
+    return answer(_route, request, log)
 
 
 def _route(request: Request) -> Response:

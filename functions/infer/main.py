@@ -27,6 +27,7 @@ from functions.contract import InferRequest, InferResult, SubcallRequest
 from functions.http import (
     HEALTH_PATHS,
     HttpProblem,
+    answer,
     json_response,
     metrics_response,
     not_found,
@@ -80,13 +81,7 @@ def service() -> InferService:
 
 @functions_framework.http
 def infer(request: Request) -> Response:
-    try:
-        return _route(request)
-    except HttpProblem as problem:
-        return problem.response()
-    except Exception:
-        log.exception("internal error")
-        return HttpProblem(500, "internal error in the infer function; see its logs").response()
+    return answer(_route, request, log)
 
 
 def _route(request: Request) -> Response:
