@@ -150,6 +150,7 @@ def main() -> None:
             # ...then the session is gone from pod B's memory but its blob is cached: restore.
             client.post(pod_b.url + "/execute", json={"code": "1", "session_id": sid + "-x",
                         "state": {"ref": state["ref"]}})  # fmt: skip
+            time.sleep(SETTLE_S)  # a pod at rest: its spare interpreter refilled
             started = time.perf_counter()
             result = post(
                 client,

@@ -13,6 +13,7 @@ def _install():
     import ast
     import base64
     import json
+    import reprlib
     import sys
     import traceback
     import types
@@ -73,9 +74,13 @@ def _install():
             if not name.startswith("_") and name not in RESERVED and name != "context"
         ]
 
+    # Bounded repr: a preview of a 10 MB list must not build a 10 MB string every cell.
+    short = reprlib.Repr(maxlevel=2, maxdict=4, maxlist=6, maxtuple=6, maxset=6,
+                         maxstring=120, maxlong=40, maxother=120)  # fmt: skip
+
     def _preview(value, limit=120):
         try:
-            text = repr(value)
+            text = short.repr(value)
         except Exception as e:
             text = f"<unrepresentable: {type(e).__name__}>"
         if len(text) > limit:
@@ -266,6 +271,7 @@ def _install():
     driver.report_to_file = report_to_file
     driver.cell = cell
     main.update(api)
+    main["answer"] = {"content": None, "ready": False}
 
 
 _install()
