@@ -281,3 +281,25 @@ def test_corrupt_state_blob_is_refused(runner):
     for state, words in bad:
         with pytest.raises(BadCell, match=words):
             runner.run(ExecuteRequest(code="1", session_id="corrupt", state=state))
+
+
+def test_eviction_under_memory_pressure_falls_back_to_restore():
+    from functions.execute.cells import CellRunner
+    from functions.execute.settings import MIB, ExecuteSettings
+
+    # Room for one live interpreter: the other session is evicted and restored from its blob.
+    small = CellRunner(ExecuteSettings(cache_bytes=160 * MIB, queue_wait_s=30))
+    try:
+        refs: dict[str, str | None] = {"a": None, "b": None}
+        for step in range(3):
+            for sid in ("a", "b"):
+                state = {"ref": refs[sid]} if refs[sid] else None
+                code = f"n = {sid!r} * {step + 1}" if step == 0 else "n += n[0]\nprint(n)"
+                r = small.run(ExecuteRequest(code=code, session_id=sid, state=state))
+                assert r.error is None, r.error
+                refs[sid] = r.state.ref
+                if step:
+                    assert r.stdout == sid * (step + 1) + "\n"
+                assert len(small.sessions) == 1
+    finally:
+        small.close()

@@ -175,10 +175,10 @@ class CellRunner:
         if request.rlm_context:
             live.context_ref = request.rlm_context.ref
         live.state_ref = response.state.ref if response.state else None
-        live.size = _SESSION_OVERHEAD + int(meta.get("raw_state_size") or 0) * 2
-        live.size += len(plan.inputs.get("context.in", b"")) * 2 if plan.context_kind else 0
+        # What the interpreter holds, roughly: its base, the unpickled state, the decoded context.
         held = self.contexts.get(live.context_ref) if live.context_ref else None
-        live.size += len(held[0]) if held else 0
+        context_size = len(held[0]) if held else 0
+        live.size = _SESSION_OVERHEAD + 2 * (int(meta.get("raw_state_size") or 0) + context_size)
         self.sessions.put(sid, live, live.size)
         return response
 
