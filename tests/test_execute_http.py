@@ -143,3 +143,12 @@ def test_subcall_cap_from_env(execute_server):
     callback = {"url": "http://127.0.0.1:9/subcalls", "token": "t"}
     r = post(execute_server, {"code": "llm_query_batched(['a'] * 6)", "callback": callback})
     assert "at most 5 per cell" in r.json()["error"]["message"]
+
+
+def test_openapi_document(execute_server):
+    doc = httpx.get(execute_server.url + "/openapi.json", timeout=10).json()
+    assert doc["openapi"].startswith("3.1")
+    assert "post" in doc["paths"]["/execute"]
+    assert {"ExecuteRequest", "ExecuteResponse", "Missing", "Problem"} <= doc["components"][
+        "schemas"
+    ].keys()

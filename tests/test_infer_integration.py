@@ -247,3 +247,9 @@ def test_metrics_and_trajectory(stack, llm):
     for name in ("rlm_inference_requests_total", "rlm_inference_duration_seconds",
                  "rlm_code_generated_total", "rlm_code_execution_requests_total"):  # fmt: skip
         assert name in text
+
+
+def test_openapi_document(stack):
+    doc = httpx.get(stack.infer.url + "/openapi.json", timeout=10).json()
+    assert {"/infer", "/subcalls"} <= doc["paths"].keys()
+    assert "InferRequest" in doc["components"]["schemas"]
