@@ -20,6 +20,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.table import print_table
 from functions.contract import context_ref
 from functions.local import free_port, serve
 
@@ -192,10 +193,7 @@ def main() -> None:
     finally:
         pod_a.stop()
         pod_b.stop()
-    width = max(len(r[0]) for r in ROWS)
-    print(f"{'measure':<{width}}  {'median':>12}  {'min-max':>15}  note")
-    for name, med, spread, note in ROWS:
-        print(f"{name:<{width}}  {med:>12}  {spread:>15}  {note}")
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

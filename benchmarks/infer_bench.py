@@ -18,6 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.table import print_table
 from functions.haystack import haystack
 from functions.local import free_port, serve
 from functions.scripted_model import ScriptedModel, needle_policy, repl, scripted_replies
@@ -97,10 +98,7 @@ def main() -> None:
         infer.stop()
         execute.stop()
         model.stop()
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'median':>10}  {'min-max':>14}  note")
-    for name, med, spread, note in rows:
-        print(f"{name:<{width}}  {med:>10}  {spread:>14}  {note}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

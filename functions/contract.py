@@ -61,6 +61,13 @@ class ModelUsage(Open):
 UsageByModel = dict[str, ModelUsage]
 
 
+def total_usage(usage: UsageByModel) -> ModelUsage:
+    total = ModelUsage()
+    for one in usage.values():
+        total.add(one)
+    return total
+
+
 def merge_usage(into: UsageByModel, other: UsageByModel) -> UsageByModel:
     for model, usage in other.items():
         into.setdefault(model, ModelUsage()).add(usage)

@@ -38,10 +38,6 @@ class LRU(Generic[V]):
             self._items.move_to_end(key)
             return item[0]
 
-    def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._items
-
     def put(self, key: str, value: V, size: int) -> None:
         """Keep `value`; entries larger than the whole bound are not kept."""
         evicted: list[tuple[str, V]] = []
@@ -83,10 +79,6 @@ class LRU(Generic[V]):
         if self._on_evict:
             for key, value in evicted:
                 self._on_evict(key, value)
-
-    @property
-    def size(self) -> int:
-        return self._bytes
 
     def __len__(self) -> int:
         return len(self._items)

@@ -102,7 +102,6 @@ class TurnResult:
     report: bytes | None  # the driver's JSON report, or None when the cell never finished
     trapped: str | None
     truncated: tuple[str, ...]
-    ended: bool  # the interpreter is gone (a trap, os._exit, exit()); its live state is lost
     outputs: dict[str, bytes] = field(default_factory=dict)
 
 
@@ -183,7 +182,7 @@ class Interpreter:
                 source, deadline_s=deadline_s, fuel=fuel, output_bytes=output_bytes
             )
         except SessionEnded as e:
-            return TurnResult(b"", b"", None, f"session ended: {e}", (), True)
+            return TurnResult(b"", b"", None, f"session ended: {e}", ())
         stderr, marker, report = done.stderr.rpartition(self._marker.encode())
         if not marker:
             stderr, report = done.stderr, self._report_from_file(done)
@@ -195,7 +194,6 @@ class Interpreter:
             report or None,
             done.trapped,
             tuple(done.truncated),
-            ended=not self.alive,
             outputs=outputs,
         )
 

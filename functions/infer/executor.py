@@ -127,7 +127,6 @@ class ReplSession:
     state_ref: str | None = None
     state_data: str | None = None
     cells: list[str] = field(default_factory=list)  # the code of every cell, for replay
-    replays: int = 0
 
     def __post_init__(self) -> None:
         self.context_ref = context_ref(self.context)
@@ -166,7 +165,6 @@ class ReplSession:
 
     def _replay(self, traceparent: str | None) -> None:
         """Rebuild the session from its first cell: sub-calls are answered from the memo."""
-        self.replays += 1
         self.state_ref, self.state_data = None, None
         callback = self.mint_callback(True)
         for code in self.cells:

@@ -17,9 +17,9 @@ from functions.contract import (
     ExecuteResponse,
     InferResult,
     Limits,
-    ModelUsage,
     UsageByModel,
     merge_usage,
+    total_usage,
 )
 from functions.infer import parsing, prompts
 from functions.infer.executor import ExecuteError, Executor, ReplSession
@@ -218,9 +218,7 @@ class Run:
         reason: str | None = None,
         error: str | None = None,
     ) -> InferResult:
-        total = ModelUsage()
-        for usage in self.usage.values():
-            total.add(usage)
+        total = total_usage(self.usage)
         result = InferResult(
             run_id=self.run_id,
             status=status,  # type: ignore[arg-type]
@@ -255,9 +253,7 @@ class Run:
         remaining = self._remaining()
         if remaining is not None and remaining <= 0:
             raise BudgetStop(f"max_timeout_s: {c.max_timeout_s} s passed")
-        total = ModelUsage()
-        for usage in self.usage.values():
-            total.add(usage)
+        total = total_usage(self.usage)
         if c.max_budget_usd is not None and total.cost_usd >= c.max_budget_usd:
             raise BudgetStop(f"max_budget_usd: spent ${total.cost_usd:.4f} of ${c.max_budget_usd}")
         if c.max_tokens is not None and total.input_tokens + total.output_tokens >= c.max_tokens:

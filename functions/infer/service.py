@@ -19,7 +19,6 @@ from functions.contract import (
     Callback,
     InferRequest,
     InferResult,
-    ModelUsage,
     SubcallRequest,
     SubcallResponse,
     UsageByModel,
@@ -241,10 +240,3 @@ CHILD_QUERY = "Carry out the request written in `context` and give its answer."
 
 class Busy(Exception):
     pass
-
-
-def total_usage(usage: UsageByModel) -> ModelUsage:
-    total = ModelUsage()
-    for u in usage.values():
-        total.add(u)
-    return total
