@@ -91,6 +91,7 @@ class CellRunner:
         self._slots = threading.BoundedSemaphore(settings.slots)
         self._session_locks = KeyedLocks()
         self._spares: queue.SimpleQueue[Live] = queue.SimpleQueue()
+        self._refilling = threading.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------ public
@@ -105,6 +106,7 @@ class CellRunner:
                 return self._run_in_session(request, traceparent)
         finally:
             self._slots.release()
+            self._top_up()
 
     def prewarm(self) -> None:
         """Open one interpreter ahead of need (the first request then skips the ~1 s start)."""
@@ -334,21 +336,27 @@ class CellRunner:
             live = self._spares.get_nowait()
         except queue.Empty:
             live = self._open()
-        if self._spares.empty() and not self._closed:
-            threading.Thread(target=self._refill, daemon=True).start()
         return live
 
+    def _top_up(self) -> None:
+        """Open the next spare after the cell, not while it runs: both would share the cores."""
+        if self._spares.empty() and not self._closed and not self._refilling.locked():
+            threading.Thread(target=self._refill, daemon=True).start()
+
     def _refill(self) -> None:
+        if not self._refilling.acquire(blocking=False):
+            return
         try:
             live = self._open()
+            if self._closed:
+                live.close()
+            else:
+                self._spares.put(live)
         except Exception:
             if not self._closed:
                 log.exception("could not open a spare interpreter")
-            return
-        if self._closed:
-            live.close()
-        else:
-            self._spares.put(live)
+        finally:
+            self._refilling.release()
 
     @staticmethod
     def _evicted(_sid: str, live: Live) -> None:
