@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from functions.infer.compaction import SUMMARY_REQUEST
 from functions.local import Served
 from functions.scripted_model import ChatRequest, repl
+from functions.sdk import RLM
 from tests.conftest import free_port, infer_env, serve
+from tests.test_sdk import backend
 
 REMEMBER = repl(
     "secret = 'swordfish'\nanswer['content'] = f'stored {len(context)}'\nanswer['ready'] = True"
@@ -120,3 +123,68 @@ def test_a_run_without_persistent_returns_no_conversation(planes, llm):
     llm.switch.current = conversation_policy
     body = ask(planes.infer, {"query": "Remember.", "context": "c"}).json()
     assert body["answer"] == "stored 1" and body["conversation_id"] is None
+
+
+STEP = repl(
+    """
+step = globals().get('step', 0) + 1
+print('step', step, 'x' * 3000)
+if step >= 7:
+    full = globals().get('history', [])
+    first = 'Question: Count' in full[1]['content'] if len(full) > 1 else False
+    answer['content'] = f"{step} steps, first question in history: {first}"
+    answer['ready'] = True
+"""
+)
+
+
+def long_run_policy(request: ChatRequest) -> str:
+    """Seven cells of 3,000 printed characters each; the REPL counts, so a summary loses nothing."""
+    if not request.is_root:
+        return "sub"
+    if request.last == SUMMARY_REQUEST:
+        return "Summary: the REPL variable `step` counts the cells run so far."
+    return STEP
+
+
+def test_compaction_keeps_the_run_going_and_history_in_the_repl(planes, llm):
+    llm.switch.current = long_run_policy
+    # 3% of the scripted model's default 128k-token window: about 15k characters.
+    body = {"query": "Count to seven.", "context": "c", "compaction": True,
+            "compaction_threshold": 0.03, "max_iterations": 10, "trajectory": True}  # fmt: skip
+    r = ask(planes.infer, body)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["answer"] == "7 steps, first question in history: True", result
+    compactions = [e for e in result["trajectory"] if e["kind"] == "compaction"]
+    assert compactions and compactions[0]["tokens_after"] < compactions[0]["limit_tokens"]
+    assert compactions[0]["tokens_before"] >= compactions[0]["limit_tokens"]
+    # Each request to the root after the summary starts from it, not from the earlier turns.
+    after = [q for q in llm.root_requests() if q.last != SUMMARY_REQUEST and q.turn >= 1]
+    assert any(q.messages[2]["content"].startswith("Summary:") for q in after)
+    assert max(sum(len(m["content"]) for m in q.messages) for q in after) < 20_000
+
+
+@pytest.mark.parametrize("environment", ["wasm", "remote"])
+def test_sdk_persistent_conversation(llm, request, environment):
+    llm.switch.current = conversation_policy
+    options = {}
+    if environment == "remote":
+        options = {"url": request.getfixturevalue("execute_server").url}
+    with RLM(backend(llm), persistent=True, environment=environment,
+             environment_kwargs=options) as rlm:  # fmt: skip
+        one = rlm.completion("first-ctx", root_prompt="Remember.")
+        two = rlm.completion("second-ctx", root_prompt="Recall.")
+    assert one.response == "stored 9"
+    assert two.response == "swordfish first-ctx second-ctx 3 True"
+    assert one.metadata["conversation_id"] == two.metadata["conversation_id"]
+
+
+def test_sdk_compaction_embedded(llm):
+    llm.switch.current = long_run_policy
+    with RLM(
+        backend(llm), max_iterations=10, compaction=True, compaction_threshold_pct=0.03
+    ) as rlm:
+        result = rlm.completion("c", root_prompt="Count to seven.")
+    assert result.response == "7 steps, first question in history: True"
+    assert any(e["kind"] == "compaction" for e in result.metadata["trajectory"])
