@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from functions.infer.compaction import SUMMARY_REQUEST
+from functions.infer.conversations import ConversationError, ConversationStore
 from functions.local import Served
 from functions.scripted_model import ChatRequest, repl
 from functions.sdk import RLM
@@ -92,15 +93,18 @@ def test_next_question_on_a_fresh_execute_process(planes, llm):
     assert two.json()["answer"] == "swordfish first-ctx second-ctx 3 True"
 
 
+def second_question(served: Served, context: str) -> httpx.Response:
+    """A first question that keeps a variable, then a second one in the same conversation."""
+    one = ask(served, {"query": "Remember.", "context": context, "persistent": True})
+    assert one.status_code == 200 and one.json()["answer"] == f"stored {len(context)}"
+    return ask(served, {"query": "Recall.", "conversation_id": one.json()["conversation_id"]})
+
+
 def test_unknown_and_expired_conversations_are_404(planes, llm):
     llm.switch.current = conversation_policy
     unknown = ask(planes.infer, {"query": "q", "conversation_id": "nosuchconversation"})
     assert unknown.status_code == 404 and "expired or unknown" in unknown.json()["error"]
-    one = ask(planes.strict, {"query": "Remember.", "context": "c", "persistent": True})
-    assert one.status_code == 200 and one.json()["conversation_id"]
-    again = ask(
-        planes.strict, {"query": "Recall.", "conversation_id": one.json()["conversation_id"]}
-    )
+    again = second_question(planes.strict, "c")
     assert again.status_code == 404, again.text
     assert "INFER_CONVERSATION_TTL" in again.json()["error"]
 
@@ -110,11 +114,7 @@ def test_conversation_over_its_size_cap_is_413(planes, llm):
     too_big = ask(planes.strict, {"query": "q", "context": "x" * 20_000, "persistent": True})
     assert too_big.status_code == 413 and "exceeds" in too_big.json()["error"]
     # Under the cap to start with, over it once the turn's state is added: the next turn is 413.
-    one = ask(planes.strict, {"query": "Remember.", "context": "y" * 9_000, "persistent": True})
-    assert one.status_code == 200 and one.json()["answer"] == "stored 9000"
-    again = ask(
-        planes.strict, {"query": "Recall.", "conversation_id": one.json()["conversation_id"]}
-    )
+    again = second_question(planes.strict, "y" * 9_000)
     assert again.status_code == 413, again.text
     assert "INFER_CONVERSATION_MAX_MB" in again.json()["error"]
 
@@ -188,3 +188,30 @@ def test_sdk_compaction_embedded(llm):
         result = rlm.completion("c", root_prompt="Count to seven.")
     assert result.response == "7 steps, first question in history: True"
     assert any(e["kind"] == "compaction" for e in result.metadata["trajectory"])
+
+
+def test_store_bounds_count_and_refuses_a_second_turn_at_once():
+    store = ConversationStore(ttl_s=60, max_bytes=1000, max_conversations=2)
+    first = store.begin(None, "a")
+    with pytest.raises(ConversationError) as running:
+        store.begin(first.conversation_id, "b")
+    assert running.value.status == 409
+    store.end(first)
+    second = store.begin(None, "b")
+    store.end(second)
+    store.end(store.begin(None, "c"))  # a third: the least recently used one goes
+    assert len(store) == 2
+    with pytest.raises(ConversationError) as gone:
+        store.begin(first.conversation_id, "d")
+    assert gone.value.status == 404
+    with pytest.raises(ConversationError) as big:
+        store.begin(second.conversation_id, "x" * 1001)
+    assert big.value.status == 413
+
+
+def test_openapi_names_the_new_fields(planes):
+    doc = httpx.get(planes.infer.url + "/openapi.json", timeout=10).json()
+    fields = doc["components"]["schemas"]["InferRequest"]["properties"]
+    assert {"persistent", "conversation_id", "compaction", "compaction_threshold"} <= set(fields)
+    assert "conversation_id" in doc["components"]["schemas"]["InferResult"]["properties"]
+    assert "409" in doc["paths"]["/infer"]["post"]["responses"]
