@@ -13,6 +13,7 @@ from functions.infer.conversations import ConversationError, ConversationStore
 from functions.local import Served
 from functions.scripted_model import ChatRequest, repl
 from functions.sdk import RLM
+from functions.viewer import render
 from tests.conftest import free_port, infer_env, serve
 from tests.test_sdk import backend
 
@@ -188,6 +189,7 @@ def test_sdk_compaction_embedded(llm):
         result = rlm.completion("c", root_prompt="Count to seven.")
     assert result.response == "7 steps, first question in history: True"
     assert any(e["kind"] == "compaction" for e in result.metadata["trajectory"])
+    assert "<h2>Compaction 1</h2>" in render(result.metadata["trajectory"])
 
 
 def test_store_bounds_count_and_refuses_a_second_turn_at_once():
