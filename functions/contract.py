@@ -121,6 +121,11 @@ class ExecuteRequest(Strict):
     limits: Limits = Field(default_factory=Limits)
     callback: Callback | None = None
     return_state: bool = Field(default=False, description="Always include state.data.")
+    rlm_contexts: list[ContextRef] | None = Field(
+        default=None,
+        description="A conversation's contexts, oldest first, bound to context_0, context_1, ...; "
+        "one whose ref equals rlm_context's is that same value, sent once.",
+    )
 
 
 class ErrorInfo(Open):
@@ -168,7 +173,7 @@ class ExecuteResponse(Open):
 class Missing(Open):
     """409 body: refs this pod does not hold; the caller re-sends them with data."""
 
-    missing: list[Literal["state", "rlm_context"]]
+    missing: list[Literal["state", "rlm_context", "rlm_contexts"]]
     error: str = ""
 
 
@@ -210,6 +215,24 @@ class InferRequest(Strict):
     max_errors: int | None = Field(default=None, ge=1)
     trajectory: bool = False
     root_prompt: str | None = Field(default=None, description="A short hint shown to the root.")
+    persistent: bool = Field(
+        default=False,
+        description="Start a conversation: later requests with the returned conversation_id "
+        "continue it (same REPL state; context_0, context_1, ... and history_0, ...).",
+    )
+    conversation_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{8,64}$",
+        description="Continue this conversation (from an earlier result on this infer process).",
+    )
+    compaction: bool = Field(
+        default=False,
+        description="Summarize the root conversation when it nears the model's context window; "
+        "the full history stays in the REPL as `history`.",
+    )
+    compaction_threshold: float | None = Field(
+        default=None, gt=0, lt=1, description="Fraction of the context window; default setting."
+    )
 
 
 RunStatus = Literal["completed", "stopped", "failed"]
@@ -227,3 +250,6 @@ class InferResult(Open):
     iterations: int = 0
     execution_time: float = 0.0
     trajectory: list[dict[str, Any]] | None = None
+    conversation_id: str | None = Field(
+        default=None, description="Send it back as conversation_id to continue the conversation."
+    )

@@ -6,6 +6,10 @@
     result = rlm.completion(huge_text, root_prompt="Which city is named most often?")
     result.response, result.usage_summary, result.execution_time, result.metadata
 
+`persistent=True` makes successive `completion` calls one conversation: the same REPL, with
+`context_0`, `context_1`, ... and `history_0`, ... from earlier calls. `compaction=True`
+summarizes the root conversation near the model's context window (`history` keeps it whole).
+
 `environment="wasm"` (the default) runs cells in the WebAssembly sandbox in this process;
 `environment="remote"` sends them to a deployed execute function
 (`environment_kwargs={"url": ..., "callback_url": ...}`), which calls back into this process
@@ -19,7 +23,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,9 @@ class RLM:
         environment: str = "wasm",
         environment_kwargs: dict[str, Any] | None = None,
         on_event: Emit | None = None,
+        persistent: bool = False,
+        compaction: bool = False,
+        compaction_threshold_pct: float | None = None,
     ) -> None:
         kwargs = dict(backend_kwargs or {})
         env = os.environ
@@ -75,6 +82,8 @@ class RLM:
             {**env, "LLM_BASE_URL": base_url, "LLM_API_KEY": api_key or "none",
              "LLM_MODEL": model}, served=False,
         )  # fmt: skip
+        if "INFER_CONVERSATION_TTL" not in env:  # in a process of its own, a conversation stays
+            self.settings = replace(self.settings, conversation_ttl_s=float("inf"))
         self.request_defaults = {
             "max_depth": max_depth,
             "max_iterations": max_iterations,
@@ -83,7 +92,11 @@ class RLM:
             "max_tokens": max_tokens,
             "max_errors": max_errors,
             "sub_model": sub_model,
+            "compaction": compaction,
+            "compaction_threshold": compaction_threshold_pct,
         }
+        self.persistent = persistent
+        self.conversation_id: str | None = None  # the conversation `persistent` continues
         self.logger = logger
         self.on_event = on_event
         self._callback_server: ThreadingHTTPServer | None = None
@@ -126,8 +139,12 @@ class RLM:
     ) -> RLMChatCompletion:
         """Answer `root_prompt` (or the task written in `prompt`) about the context `prompt`."""
         fields = {**self.request_defaults, **overrides}
+        if self.persistent:
+            fields.update(persistent=True, conversation_id=self.conversation_id)
         request = InferRequest(query=root_prompt or DEFAULT_QUERY, trajectory=True, **fields)
         result = self.service.run(request, prompt, self.on_event)
+        if self.persistent:
+            self.conversation_id = result.conversation_id
         trajectory = result.trajectory or []
         self._log(trajectory)
         return RLMChatCompletion(
@@ -142,6 +159,7 @@ class RLM:
                 "iterations": result.iterations,
                 "total_cost_usd": result.total_cost_usd,
                 "trajectory": trajectory,
+                "conversation_id": result.conversation_id,
             },
         )
 

@@ -101,6 +101,14 @@ def _entries(entries: list[dict[str, Any]]) -> str:
                 + _subcalls(entry.get("subcall_log") or [])
                 + "</section>"
             )
+        elif kind == "compaction":
+            out.append(
+                f"<section class='turn model'><h2>Compaction {entry.get('count', '')}</h2>"
+                f"<div class='tag'>{_e(where)} · {entry.get('tokens_before', 0):,} → "
+                f"{entry.get('tokens_after', 0):,} tokens (limit "
+                f"{entry.get('limit_tokens', 0):,})</div>"
+                f"<pre class='out'>{_e(entry.get('summary', ''))}</pre></section>"
+            )
         elif kind == "final":
             status = entry.get("status", "")
             css = "final" if status == "completed" else status

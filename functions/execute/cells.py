@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from functions.contract import (
     Answer,
+    ContextRef,
     ErrorInfo,
     ExecuteRequest,
     ExecuteResponse,
@@ -67,6 +68,7 @@ class Live:
     state_ref: str | None = None
     context_ref: str | None = None
     size: int = _SESSION_OVERHEAD
+    contexts: tuple[str, ...] = ()  # refs bound to context_0, context_1, ...
 
     def close(self) -> None:
         self.interpreter.close()
@@ -77,6 +79,8 @@ class _Plan:
     inputs: dict[str, bytes] = field(default_factory=dict)
     restore: bool = False
     context_kind: str | None = None
+    contexts: list[tuple[int, str]] | None = None  # (index, kind) bound as context_<index>
+    context_count: int = 0
 
 
 class CellRunner:
@@ -123,6 +127,7 @@ class CellRunner:
     def _run_once(self, request: ExecuteRequest, traceparent: str | None) -> ExecuteResponse:
         plan = _Plan()
         self._add_context(request, None, plan)
+        self._add_contexts(request, None, plan)
         live = self._take_spare()
         try:
             response, _ = self._turn(live, request, plan, traceparent, snapshot=False)
@@ -148,6 +153,8 @@ class CellRunner:
                 plan.inputs["state.in"], plan.restore = blob, True
         if not self._add_context(request, live, plan):
             missing.append("rlm_context")
+        if not self._add_contexts(request, live, plan):
+            missing.append("rlm_contexts")
         if missing:
             if live is not None:
                 self.sessions.put(sid, live, live.size)
@@ -176,10 +183,15 @@ class CellRunner:
             return response
         if request.rlm_context:
             live.context_ref = request.rlm_context.ref
+        if request.rlm_contexts is not None:
+            live.contexts = tuple(c.ref for c in request.rlm_contexts)
         live.state_ref = response.state.ref if response.state else None
         # What the interpreter holds, roughly: its base, the unpickled state, the decoded context.
         held = self.contexts.get(live.context_ref) if live.context_ref else None
         context_size = len(held[0]) if held else 0
+        for ref in set(live.contexts) - {live.context_ref}:
+            other = self.contexts.get(ref)
+            context_size += len(other[0]) if other else 0
         live.size = _SESSION_OVERHEAD + 2 * (int(meta.get("raw_state_size") or 0) + context_size)
         self.sessions.put(sid, live, live.size)
         return response
@@ -202,22 +214,49 @@ class CellRunner:
         rc = request.rlm_context
         if rc is None or (live is not None and live.context_ref == rc.ref):
             return True
-        if rc.data is not None:
-            data = context_bytes(rc.data)
-            if hashlib.sha256(data).hexdigest() != rc.ref:
-                raise BadCell(
-                    "rlm_context.data does not match rlm_context.ref: the ref is the sha256 of "
-                    "the text's UTF-8, or of compact sorted-key JSON for other values"
-                )
-            kind = "text" if isinstance(rc.data, str) else "json"
-            self.contexts.put(rc.ref, (data, kind), len(data))
-        else:
-            held = self.contexts.get(rc.ref)
+        held = self._context_data(rc, "rlm_context")
+        if held is None:
+            return False
+        plan.inputs["context.in"], plan.context_kind = held
+        return True
+
+    def _add_contexts(self, request: ExecuteRequest, live: Live | None, plan: _Plan) -> bool:
+        """A conversation's contexts as context_0, context_1, ...; False if the pod lacks one."""
+        wanted = request.rlm_contexts
+        if wanted is None:
+            return True
+        refs = tuple(c.ref for c in wanted)
+        have = live.contexts if live is not None else ()
+        if have == refs:
+            return True
+        start = len(have) if refs[: len(have)] == have else 0
+        current = request.rlm_context.ref if request.rlm_context else None
+        plan.contexts = []
+        for index in range(start, len(wanted)):
+            if wanted[index].ref == current:  # the same value as `context`: bound, not sent twice
+                plan.contexts.append((index, "alias"))
+                continue
+            held = self._context_data(wanted[index], "rlm_contexts")
             if held is None:
                 return False
-            data, kind = held
-        plan.inputs["context.in"], plan.context_kind = data, kind
+            plan.inputs[f"context_{index}.in"] = held[0]
+            plan.contexts.append((index, held[1]))
+        plan.context_count = len(wanted)
         return True
+
+    def _context_data(self, rc: ContextRef, field_name: str) -> tuple[bytes, str] | None:
+        """A context's canonical bytes and kind ("text" or "json"), from the request or cache."""
+        if rc.data is None:
+            return self.contexts.get(rc.ref)
+        data = context_bytes(rc.data)
+        if hashlib.sha256(data).hexdigest() != rc.ref:
+            raise BadCell(
+                f"{field_name}.data does not match its ref: the ref is the sha256 of "
+                "the text's UTF-8, or of compact sorted-key JSON for other values"
+            )
+        kind = "text" if isinstance(rc.data, str) else "json"
+        self.contexts.put(rc.ref, (data, kind), len(data))
+        return data, kind
 
     def _turn(
         self,
@@ -236,6 +275,8 @@ class CellRunner:
             s.max_subcalls if limits.max_subcalls is None else limits.max_subcalls, s.max_subcalls
         )
         cell = {"restore": plan.restore, "context": plan.context_kind, "snapshot": snapshot}
+        if plan.contexts is not None:
+            cell["contexts"], cell["context_count"] = plan.contexts, plan.context_count
         if request.context:
             cell["vars"] = request.context
         if request.return_state:

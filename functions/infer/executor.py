@@ -127,27 +127,50 @@ class ReplSession:
     state_ref: str | None = None
     state_data: str | None = None
     cells: list[str] = field(default_factory=list)  # the code of every cell, for replay
+    contexts: list[Any] | None = None  # a conversation's contexts: context_0, context_1, ...
+    base: StateRef | None = None  # the state the first cell starts from (a conversation's)
+    cell_vars: dict[int, dict[str, Any]] = field(default_factory=dict)  # bound before cell i
 
     def __post_init__(self) -> None:
         self.context_ref = context_ref(self.context)
+        self.context_refs = [context_ref(c) for c in self.contexts or ()]
+        self._start_over()
 
-    def run(self, code: str, traceparent: str | None = None) -> ExecuteResponse:
-        response = self._send(code, self.mint_callback(False), traceparent)
+    def run(
+        self,
+        code: str,
+        traceparent: str | None = None,
+        variables: dict[str, Any] | None = None,
+        return_state: bool = False,
+    ) -> ExecuteResponse:
+        """One cell; `variables` are bound first; `return_state` asks for state.data back."""
+        if variables:
+            self.cell_vars[len(self.cells)] = variables
+        callback = self.mint_callback(False)
+        response = self._send(code, callback, traceparent, variables, return_state)
         self.cells.append(code)
         if not response.trapped:
             self._take_state(response)
         return response
 
     def _send(
-        self, code: str, callback: Callback | None, traceparent: str | None
+        self,
+        code: str,
+        callback: Callback | None,
+        traceparent: str | None,
+        variables: dict[str, Any] | None = None,
+        return_state: bool = False,
     ) -> ExecuteResponse:
         request = ExecuteRequest(
             code=code,
+            context=variables or {},
             session_id=self.session_id,
             state=StateRef(ref=self.state_ref) if self.state_ref else None,
             rlm_context=ContextRef(ref=self.context_ref),
             limits=self.limits,
             callback=callback,
+            return_state=return_state,
+            rlm_contexts=[ContextRef(ref=r) for r in self.context_refs] if self.contexts else None,
         )
         for _ in range(3):
             try:
@@ -155,6 +178,11 @@ class ReplSession:
             except ExecuteMissing as e:
                 if "rlm_context" in e.missing:
                     request.rlm_context = ContextRef(ref=self.context_ref, data=self.context)
+                if "rlm_contexts" in e.missing and self.contexts:
+                    request.rlm_contexts = [
+                        ContextRef(ref=r, data=c)
+                        for r, c in zip(self.context_refs, self.contexts, strict=True)
+                    ]
                 if "state" in e.missing:
                     if self.state_data is not None:
                         request.state = StateRef(ref=self.state_ref or "", data=self.state_data)
@@ -165,12 +193,18 @@ class ReplSession:
 
     def _replay(self, traceparent: str | None) -> None:
         """Rebuild the session from its first cell: sub-calls are answered from the memo."""
-        self.state_ref, self.state_data = None, None
+        if self.base is not None and self.base.data is None:
+            raise ExecuteError("the execute plane lost this conversation's state")
+        self._start_over()
         callback = self.mint_callback(True)
-        for code in self.cells:
-            response = self._send(code, callback, traceparent)
+        for i, code in enumerate(self.cells):
+            response = self._send(code, callback, traceparent, self.cell_vars.get(i))
             if not response.trapped:
                 self._take_state(response)
+
+    def _start_over(self) -> None:
+        self.state_ref = self.base.ref if self.base else None
+        self.state_data = self.base.data if self.base else None
 
     def _take_state(self, response: ExecuteResponse) -> None:
         if response.state is not None:

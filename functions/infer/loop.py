@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from functions.contract import (
     Callback,
@@ -21,9 +21,13 @@ from functions.contract import (
     merge_usage,
     total_usage,
 )
-from functions.infer import parsing, prompts
+from functions.infer import compaction, parsing, prompts
+from functions.infer.compaction import DEFAULT_WINDOW
 from functions.infer.executor import ExecuteError, Executor, ReplSession
 from functions.infer.llm import LLMError
+
+if TYPE_CHECKING:
+    from functions.infer.conversations import Turn
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -41,6 +45,9 @@ class RunConfig:
     output_chars: int = 20_000
     cell_timeout_s: float = 300.0
     root_prompt: str | None = None
+    compaction: bool = False
+    compaction_threshold: float = 0.85
+    context_window: int = DEFAULT_WINDOW  # the root model's, in tokens
 
     @property
     def models(self) -> list[str]:
@@ -70,25 +77,34 @@ class Run:
     # (run_id, cell nonce) -> the sub-calls that cell made, when this process served them
     subcall_log: Callable[[str, str], list[dict[str, Any]]] = lambda _run, _cell: []
     cell_nonce: str = ""
+    turn: Turn | None = None  # a question of a persistent conversation
 
     # ----------------------------------------------------------------- public
 
     def completion(self, query: str, context: Any) -> InferResult:
+        turn = self.turn
         session = ReplSession(
             executor=self.executor,
-            session_id=f"{self.run_id}-d{self.depth}",
+            session_id=turn.session_id if turn else f"{self.run_id}-d{self.depth}",
             context=context,
             limits=Limits(deadline_s=self.config.cell_timeout_s),
             mint_callback=lambda replay: self.mint_callback(self, replay),
+            contexts=turn.contexts if turn else None,
+            base=turn.base if turn else None,
         )
         messages = [
             {"role": "system", "content": self._system_prompt()},
             {"role": "user", "content": prompts.first_user_message(query, *_describe(context))},
         ]
+        if turn is not None:
+            messages[1]["content"] += turn.note()
+        compactor = self._compactor()
         iterations, errors, partial = 0, 0, None
         try:
             for iterations in range(1, self.config.max_iterations + 1):
                 self._check_budgets()
+                if compactor is not None and compactor.due(messages):
+                    self._compact(compactor, messages, session, iterations)
                 self._event("turn", {"iteration": iterations})
                 reply = self._ask(messages, iterations)
                 messages.append({"role": "assistant", "content": reply})
@@ -134,6 +150,10 @@ class Run:
             return self._finish("stopped", iterations, partial, reason=str(stop))
         except (LLMError, ExecuteError) as e:
             return self._finish("failed", iterations, partial, error=str(e))
+        finally:
+            if turn is not None:
+                history = compactor.full_history(messages) if compactor else messages
+                turn.close(session, history, self.traceparent)
 
     # ----------------------------------------------------------------- steps
 
@@ -146,7 +166,34 @@ class Run:
         )
         if self.config.root_prompt:
             text += "\n\n" + self.config.root_prompt
+        if self.config.compaction:
+            text += compaction.SYSTEM_NOTE
         return text
+
+    def _compactor(self) -> compaction.Compactor | None:
+        c = self.config
+        if not c.compaction:
+            return None
+        return compaction.Compactor(c.context_window, c.compaction_threshold)
+
+    def _compact(
+        self,
+        compactor: compaction.Compactor,
+        messages: list[dict[str, str]],
+        session: ReplSession,
+        iteration: int,
+    ) -> None:
+        """Ask the root for a summary, replace the conversation with it, bind `history`."""
+        before = compaction.estimate_tokens(messages)
+        summary = self._ask(compactor.summary_request(messages), iteration)
+        compactor.compact(messages, summary)
+        history = compactor.full_history(messages)
+        session.run("pass", self.traceparent, {"history": history})
+        entry = {"iteration": iteration, "count": compactor.count, "tokens_before": before,
+                 "tokens_after": compaction.estimate_tokens(messages),
+                 "limit_tokens": compactor.limit_tokens}  # fmt: skip
+        self._record(kind="compaction", summary=summary, **entry)
+        self._event("compaction", entry)
 
     def _ask(self, messages: list[dict[str, str]], iteration: int) -> str:
         started = time.monotonic()

@@ -36,6 +36,7 @@ from functions.http import (
     validate,
 )
 from functions.infer import chat, metrics, tokens
+from functions.infer.conversations import ConversationError
 from functions.infer.idempotency import OncePerKey
 from functions.infer.inputs import ContextError, load_context
 from functions.infer.service import Busy, InferService
@@ -143,6 +144,8 @@ def _run(
         result = svc.run(request, context, fan_out, traceparent, cancelled)
     except Busy as e:
         raise HttpProblem(429, f"{e}; retry shortly", headers={"Retry-After": "2"}) from None
+    except ConversationError as e:
+        raise HttpProblem(e.status, str(e)) from None
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
     for usage in result.usage.values():

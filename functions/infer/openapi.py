@@ -10,7 +10,7 @@ from functions.openapi import document as build
 
 
 def document() -> dict[str, Any]:
-    statuses = (400, 404, 413, 422, 429)
+    statuses = (400, 404, 409, 413, 422, 429)
     return build(
         "rlm infer",
         [

@@ -25,6 +25,8 @@ from functions.contract import (
     merge_usage,
 )
 from functions.infer import tokens
+from functions.infer.compaction import context_window
+from functions.infer.conversations import ConversationStore
 from functions.infer.executor import Executor
 from functions.infer.loop import Emit, Run, RunConfig
 from functions.infer.settings import InferSettings
@@ -77,6 +79,9 @@ class InferService:
         self._memo_lock = threading.Lock()
         self._runs = threading.BoundedSemaphore(settings.max_runs)
         self.sink: Any = None  # a ProgressSink when K_SINK is set
+        self.conversations = ConversationStore(
+            settings.conversation_ttl_s, settings.conversation_max_bytes, settings.max_conversations
+        )
 
     # ----------------------------------------------------------------- runs
 
@@ -94,6 +99,9 @@ class InferService:
             output_chars=s.output_chars,
             cell_timeout_s=s.cell_timeout_s,
             root_prompt=request.root_prompt,
+            compaction=request.compaction,
+            compaction_threshold=request.compaction_threshold or s.compaction_threshold,
+            context_window=context_window(request.model or s.model, s.context_windows),
         )
 
     def run(
@@ -105,10 +113,14 @@ class InferService:
         cancelled: Callable[[], bool] | None = None,
         run_id: str | None = None,
     ) -> InferResult:
-        """One root run. Raises `Busy` when this process already runs its maximum."""
+        """One root run. Raises `Busy` when this process already runs its maximum, and
+        `ConversationError` when the request's conversation cannot take another turn."""
         if not self._runs.acquire(timeout=0.5):
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
+        turn = None
         try:
+            if request.persistent or request.conversation_id:
+                turn = self.conversations.begin(request.conversation_id, context)
             run = Run(
                 config=self.config_for(request),
                 llm=self.llm,
@@ -117,6 +129,7 @@ class InferService:
                 emit=emit,
                 traceparent=traceparent,
                 subcall_log=self._take_log,
+                turn=turn,
             )
             if run_id:
                 run.run_id = run_id
@@ -125,8 +138,12 @@ class InferService:
             result = run.completion(request.query, context)
             if request.trajectory:
                 result.trajectory = run.trajectory
+            if turn is not None:
+                result.conversation_id = turn.conversation_id
             return result
         finally:
+            if turn is not None:
+                self.conversations.end(turn)
             self._runs.release()
 
     def _mint(self, run: Run, replay: bool) -> Callback:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from functions.config import ConfigError, env_float, env_int, env_str, env_url
+from functions.infer.compaction import parse_windows
 
 MIB = 1 << 20
 
@@ -30,6 +31,11 @@ ENV_NAMES = (
     "INFER_MAX_CONTEXT_MB",
     "INFER_OUTPUT_CHARS",
     "K_SINK",
+    "INFER_CONVERSATION_TTL",
+    "INFER_CONVERSATION_MAX_MB",
+    "INFER_MAX_CONVERSATIONS",
+    "RLM_COMPACTION_THRESHOLD",
+    "LLM_CONTEXT_WINDOWS",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -54,12 +60,19 @@ class InferSettings:
     max_context_bytes: int = 256 * MIB  # INFER_MAX_CONTEXT_MB
     output_chars: int = 20_000  # INFER_OUTPUT_CHARS: a cell's output shown to the model
     sink_url: str = ""  # K_SINK: progress events go here when set
+    conversation_ttl_s: float = 3600.0  # INFER_CONVERSATION_TTL: kept after a conversation's turn
+    conversation_max_bytes: int = 512 * MIB  # INFER_CONVERSATION_MAX_MB: state + contexts, each
+    max_conversations: int = 256  # INFER_MAX_CONVERSATIONS: kept by this process
+    compaction_threshold: float = 0.85  # RLM_COMPACTION_THRESHOLD: of the root's context window
+    context_windows_json: str = ""  # LLM_CONTEXT_WINDOWS: {"model": tokens} over the defaults
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, served: bool = True) -> InferSettings:
         """`served`: running as the infer function, so the execute URL and token key are needed."""
         e = env if env is not None else os.environ
         key = env_str("RLM_TOKEN_KEY", "" if not served else None, e)
+        windows = env_str("LLM_CONTEXT_WINDOWS", "", e)
+        parse_windows(windows)  # a malformed table fails at start
         if served and len(key) < 32:
             raise ConfigError("RLM_TOKEN_KEY must be at least 32 characters of secret")
         return cls(
@@ -81,4 +94,22 @@ class InferSettings:
             max_context_bytes=env_int("INFER_MAX_CONTEXT_MB", 256, 1, e) * MIB,
             output_chars=env_int("INFER_OUTPUT_CHARS", 20_000, 100, e),
             sink_url=env_url("K_SINK", "", e) if e.get("K_SINK") else "",
+            conversation_ttl_s=env_float("INFER_CONVERSATION_TTL", 3600.0, 0.001, e),
+            conversation_max_bytes=int(
+                env_float("INFER_CONVERSATION_MAX_MB", 512, 0.000001, e) * MIB
+            ),
+            max_conversations=env_int("INFER_MAX_CONVERSATIONS", 256, 1, e),
+            compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
+            context_windows_json=windows,
         )
+
+    @property
+    def context_windows(self) -> dict[str, int]:
+        return parse_windows(self.context_windows_json)
+
+
+def _fraction(name: str, default: float, env: Mapping[str, str]) -> float:
+    value = env_float(name, default, 0.01, env)
+    if value >= 1:
+        raise ConfigError(f"{name}={value} must be below 1 (a fraction of the context window)")
+    return value

@@ -71,7 +71,10 @@ def _install():
         return [
             name
             for name in main
-            if not name.startswith("_") and name not in RESERVED and name != "context"
+            if not name.startswith("_")
+            and name not in RESERVED
+            and name != "context"
+            and name not in bound
         ]
 
     # Bounded repr: a preview of a 10 MB list must not build a 10 MB string every cell.
@@ -186,6 +189,7 @@ def _install():
     def _snapshot():
         """Pickle the user namespace; values that cannot be pickled are dropped and named."""
         names = [n for n in main if n not in api and n != "context" and not n.startswith("__")]
+        names = [n for n in names if n not in bound]
         names = [n for n in names if n != "__builtins__"]
         space = {n: main[n] for n in names}
         try:
@@ -208,6 +212,24 @@ def _install():
             )
         return blob, [d[0] for d in dropped]
 
+    bound = set()  # context_0, context_1, ...: bound by the host each cell, never pickled
+
+    def _bind_contexts(plan):
+        """A conversation's contexts; "alias" is the value just bound to `context`."""
+        if "context_count" not in plan:
+            return
+        for name in [n for n in bound if int(n[8:]) >= plan["context_count"]]:
+            bound.discard(name)
+            main.pop(name, None)
+        for index, kind in plan["contexts"]:
+            name = f"context_{index}"
+            if kind == "alias":
+                main[name] = main.get("context")
+            else:
+                data = _read(f"{name}.in")
+                main[name] = data.decode("utf-8") if kind == "text" else json.loads(data)
+            bound.add(name)
+
     # The last small state the host holds, to skip re-sending it unchanged. A larger one is
     # always handed over: comparing bytes here is a byte loop (35 ms per 10 MB), while the host
     # hashes it natively anyway and knows an unchanged one by its ref.
@@ -225,6 +247,7 @@ def _install():
                 main["context"] = _read("context.in").decode("utf-8")
             elif plan.get("context") == "json":
                 main["context"] = json.loads(_read("context.in"))
+            _bind_contexts(plan)
             if plan.get("vars"):
                 main.update(plan["vars"])
         except BaseException as e:
