@@ -17,6 +17,7 @@ from functions.contract import (
     ExecuteResponse,
     InferResult,
     Limits,
+    ToolCatalog,
     UsageByModel,
     merge_usage,
     total_usage,
@@ -24,6 +25,8 @@ from functions.contract import (
 from functions.infer import parsing, prompts
 from functions.infer.executor import ExecuteError, Executor, ReplSession
 from functions.infer.llm import LLMError
+from functions.infer.routing import allowed_models
+from functions.infer.tools import prompt_section
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -41,10 +44,14 @@ class RunConfig:
     output_chars: int = 20_000
     cell_timeout_s: float = 300.0
     root_prompt: str | None = None
+    allowed_models: list[str] = field(default_factory=list)  # more models the guest may name
+    models_by_depth: dict[int, str] = field(default_factory=dict)
+    tools: ToolCatalog = field(default_factory=dict)  # what this run's cells may call
+    sub_tools: ToolCatalog = field(default_factory=dict)  # what its child RLMs may call
 
     @property
     def models(self) -> list[str]:
-        return [m for m in (self.model, self.sub_model) if m]
+        return allowed_models(self.model, self.sub_model, self.models_by_depth, self.allowed_models)
 
 
 class BudgetStop(Exception):
@@ -146,6 +153,8 @@ class Run:
         )
         if self.config.root_prompt:
             text += "\n\n" + self.config.root_prompt
+        if self.config.tools:
+            text += "\n\n" + prompt_section(self.config.tools)
         return text
 
     def _ask(self, messages: list[dict[str, str]], iteration: int) -> str:
@@ -165,6 +174,8 @@ class Run:
         return completion.text
 
     def _cell(self, session: ReplSession, code: str, iteration: int) -> ExecuteResponse:
+        if self.cancelled():
+            raise BudgetStop("cancelled")
         self._event("code", {"iteration": iteration, "code": code})
         started = time.monotonic()
         remaining = self._remaining()

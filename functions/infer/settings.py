@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from functions.config import ConfigError, env_float, env_int, env_str, env_url
+from functions.infer.routing import Endpoint, parse_endpoints
 
 MIB = 1 << 20
 
@@ -30,6 +31,7 @@ ENV_NAMES = (
     "INFER_MAX_CONTEXT_MB",
     "INFER_OUTPUT_CHARS",
     "K_SINK",
+    "RLM_ENDPOINTS",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -54,6 +56,7 @@ class InferSettings:
     max_context_bytes: int = 256 * MIB  # INFER_MAX_CONTEXT_MB
     output_chars: int = 20_000  # INFER_OUTPUT_CHARS: a cell's output shown to the model
     sink_url: str = ""  # K_SINK: progress events go here when set
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, served: bool = True) -> InferSettings:
@@ -81,4 +84,5 @@ class InferSettings:
             max_context_bytes=env_int("INFER_MAX_CONTEXT_MB", 256, 1, e) * MIB,
             output_chars=env_int("INFER_OUTPUT_CHARS", 20_000, 100, e),
             sink_url=env_url("K_SINK", "", e) if e.get("K_SINK") else "",
+            endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
         )
