@@ -68,10 +68,13 @@ def function_spec(name: str, entry: Any) -> tuple[ToolSpec, Callable[..., Any]]:
         fn, description = entry["tool"], entry.get("description")
     if not callable(fn):
         raise TypeError(f"custom tool {name!r} must be callable (put data in the context)")
-    try:
-        signature = str(inspect.signature(fn))
-    except (TypeError, ValueError):
-        signature = "(*args, **kwargs)"
+    signature = "(*args, **kwargs)"
+    for resolve in (True, False):  # resolved annotations read better than their strings
+        try:
+            signature = str(inspect.signature(fn, eval_str=resolve))
+            break
+        except Exception:
+            continue
     doc = description or inspect.getdoc(fn) or ""
     spec = ToolSpec(description=doc[:4000], signature=signature[:1000],
                     ref=f"{name}-{uuid.uuid4().hex[:12]}")  # fmt: skip
