@@ -277,3 +277,10 @@ class InferResult(Open):
     iterations: int = 0
     execution_time: float = 0.0
     trajectory: list[dict[str, Any]] | None = None
+
+
+class CancelReply(Open):
+    """202 body of POST /infer/{run_id}/cancel: the run stops; its result says "cancelled"."""
+
+    run_id: str
+    cancelled: bool = True

@@ -112,3 +112,9 @@ def test_sdk_acompletion_task_cancellation_cancels_the_run(slow_subcalls):
 
     with RLM(base) as rlm:
         assert asyncio.run(main(rlm))
+
+
+def test_cancel_is_in_the_openapi_document(stack):
+    doc = httpx.get(stack.infer.url + "/openapi.json", timeout=10).json()
+    assert "post" in doc["paths"]["/infer/{run_id}/cancel"]
+    assert {"CancelReply", "ToolSpec"} <= doc["components"]["schemas"].keys()

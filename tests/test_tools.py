@@ -184,3 +184,10 @@ def test_http_tool_without_url_is_refused(stack):
     body = {"query": "q", "context": "c", "custom_tools": {"t": {"description": "x"}}}
     r = httpx.post(stack.infer.url + "/infer", json=body, timeout=60)
     assert r.status_code == 422 and "needs a url" in r.json()["error"]
+
+
+def test_tool_urls_can_be_limited_to_prefixes():
+    spec = ToolSpec(url="http://169.254.169.254/latest")
+    with pytest.raises(ValueError, match="RLM_TOOL_URL_PREFIXES"):
+        tools.check_catalog({"t": spec}, {}, ("https://tools.example.com/",))
+    tools.check_catalog({"t": spec}, {}, ())

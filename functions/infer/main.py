@@ -24,7 +24,7 @@ from flask import Request, Response
 
 from functions import events, logs
 from functions.config import ConfigError
-from functions.contract import InferRequest, InferResult, SubcallRequest
+from functions.contract import CancelReply, InferRequest, InferResult, SubcallRequest
 from functions.http import (
     HEALTH_PATHS,
     HttpProblem,
@@ -107,7 +107,7 @@ def _route(request: Request) -> Response:
         run_id = path[len("/infer/") : -len("/cancel")]
         if not service().cancel(run_id):
             raise HttpProblem(404, f"no run {run_id!r} is in progress on this instance")
-        return json_response({"run_id": run_id, "cancelled": True}, 202)
+        return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
         body = validate(chat.ChatRequest, parse_json(_body(request)))
         return chat.respond(body, lambda r: _run(r, request.headers.get("traceparent")))

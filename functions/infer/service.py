@@ -114,8 +114,8 @@ class InferService:
         """One root run. Raises `Busy` when this process already runs its maximum, `ValueError`
         for tools it cannot serve or a run id already running."""
         config = self.config_for(request)
-        tools.check_catalog(config.tools, self.tools.functions)
-        tools.check_catalog(config.sub_tools, self.tools.functions)
+        for catalog in (config.tools, config.sub_tools):
+            tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
         run_id = run_id or request.run_id or uuid.uuid4().hex[:16]
         stop = threading.Event()
         with self._memo_lock:

@@ -32,6 +32,7 @@ ENV_NAMES = (
     "INFER_OUTPUT_CHARS",
     "K_SINK",
     "RLM_ENDPOINTS",
+    "RLM_TOOL_URL_PREFIXES",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -57,6 +58,7 @@ class InferSettings:
     output_chars: int = 20_000  # INFER_OUTPUT_CHARS: a cell's output shown to the model
     sink_url: str = ""  # K_SINK: progress events go here when set
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
+    tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=any
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, served: bool = True) -> InferSettings:
@@ -85,4 +87,7 @@ class InferSettings:
             output_chars=env_int("INFER_OUTPUT_CHARS", 20_000, 100, e),
             sink_url=env_url("K_SINK", "", e) if e.get("K_SINK") else "",
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
+            tool_url_prefixes=tuple(
+                p.strip() for p in e.get("RLM_TOOL_URL_PREFIXES", "").split(",") if p.strip()
+            ),
         )

@@ -41,13 +41,19 @@ def catalog_digest(catalog: ToolCatalog) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_catalog(catalog: ToolCatalog, functions: Mapping[str, Callable[..., Any]]) -> None:
-    """Raise `ValueError` for a reserved name or a spec this process cannot call."""
+def check_catalog(
+    catalog: ToolCatalog,
+    functions: Mapping[str, Callable[..., Any]],
+    url_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Raise `ValueError` for a reserved name or a spec this process cannot or may not call."""
     for name, spec in catalog.items():
         if name in RESERVED:
             raise ValueError(f"tool name {name!r} is reserved ({', '.join(sorted(RESERVED))})")
         if spec.url is None and spec.ref not in functions:
             raise ValueError(f"tool {name!r} needs a url")
+        if spec.url and url_prefixes and not spec.url.startswith(url_prefixes):
+            raise ValueError(f"tool {name!r}: its url is not under RLM_TOOL_URL_PREFIXES")
 
 
 def authorize(claims: TokenClaims, name: str, catalog: ToolCatalog) -> ToolSpec:
