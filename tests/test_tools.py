@@ -191,3 +191,13 @@ def test_tool_urls_can_be_limited_to_prefixes():
     with pytest.raises(ValueError, match="RLM_TOOL_URL_PREFIXES"):
         tools.check_catalog({"t": spec}, {}, ("https://tools.example.com/",))
     tools.check_catalog({"t": spec}, {}, ())
+
+
+def test_tool_calls_are_in_the_trajectory(llm):
+    llm.switch.current = scripted_replies([repl("FINAL(str(add(2, 3)))")])
+    with RLM(backend(llm), custom_tools={"add": lambda a, b: a + b}) as rlm:
+        result = rlm.completion("ctx", root_prompt="q")
+    assert result.response == "5"
+    cell = next(e for e in result.metadata["trajectory"] if e["kind"] == "cell")
+    assert cell["subcall_log"][0]["kind"] == "tool"
+    assert cell["subcall_log"][0]["calls"][0]["response"] == "5"

@@ -6,6 +6,7 @@ never written twice.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -262,10 +263,16 @@ class InferService:
         try:
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise tools.ToolCallError(f"{name}: malformed arguments")
-            result = self.tools.call(name, spec, args, kwargs)
+            reply = SubcallResponse(responses=[], result=self.tools.call(name, spec, args, kwargs))
         except tools.ToolCallError as e:
-            return SubcallResponse(responses=[], error=str(e))
-        return SubcallResponse(responses=[], result=result)
+            reply = SubcallResponse(responses=[], error=str(e))
+        shown = json.dumps(reply.result) if reply.error is None else f"ToolError: {reply.error}"
+        self._memo(claims.run_id).log(claims.nonce, {  # in the trajectory, as sub-calls are
+            "kind": "tool", "model": name, "depth": claims.depth, "usage": {},
+            "calls": [{"prompt": json.dumps(arguments)[:LOGGED_CHARS],
+                       "response": shown[:LOGGED_CHARS], "trajectory": None}],
+        })  # fmt: skip
+        return reply
 
     def _child(
         self, claims: Any, prompt: str, model: str, sub_tools: Any = None
