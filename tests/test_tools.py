@@ -201,3 +201,27 @@ def test_tool_calls_are_in_the_trajectory(llm):
     cell = next(e for e in result.metadata["trajectory"] if e["kind"] == "cell")
     assert cell["subcall_log"][0]["kind"] == "tool"
     assert cell["subcall_log"][0]["calls"][0]["response"] == "5"
+
+
+def test_a_replayed_cell_does_not_call_a_tool_twice(llm):
+    """The pod loses the session: infer replays the cells, tool results come from the memo."""
+    calls = []
+    holder = {}
+
+    def stamp() -> int:
+        calls.append(1)
+        return len(calls)
+
+    def policy(request):
+        if request.turn == 1:  # lose the live session and the (over 1 MiB, not inline) state
+            runner = holder["rlm"].service.executor.runner
+            runner.sessions.clear()
+            runner.blobs.clear()
+        steps = [repl("big = 'x' * 2_000_000\nfirst = stamp()"), repl("FINAL(str(first))")]
+        return steps[min(request.turn, 1)]
+
+    llm.switch.current = policy
+    with RLM(backend(llm), custom_tools={"stamp": stamp}) as rlm:
+        holder["rlm"] = rlm
+        result = rlm.completion("ctx", root_prompt="q")
+    assert result.response == "1" and calls == [1]

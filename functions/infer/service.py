@@ -260,14 +260,21 @@ class InferService:
         spec = tools.authorize(claims, name, request.tools)
         arguments = request.arguments or {}
         args, kwargs = arguments.get("args") or [], arguments.get("kwargs") or {}
+        memo = self._memo(claims.run_id)
+        key = (claims.depth, "tool", name, json.dumps(arguments, sort_keys=True))
+        if claims.nonce.startswith("replay-"):  # a rebuilt session does not call a tool twice
+            remembered = memo.replay(key)
+            if remembered is not None:
+                return SubcallResponse.model_validate_json(remembered[0])
         try:
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise tools.ToolCallError(f"{name}: malformed arguments")
             reply = SubcallResponse(responses=[], result=self.tools.call(name, spec, args, kwargs))
         except tools.ToolCallError as e:
             reply = SubcallResponse(responses=[], error=str(e))
+        memo.record(key, [reply.model_dump_json()])
         shown = json.dumps(reply.result) if reply.error is None else f"ToolError: {reply.error}"
-        self._memo(claims.run_id).log(claims.nonce, {  # in the trajectory, as sub-calls are
+        memo.log(claims.nonce, {  # in the trajectory, as sub-calls are
             "kind": "tool", "model": name, "depth": claims.depth, "usage": {},
             "calls": [{"prompt": json.dumps(arguments)[:LOGGED_CHARS],
                        "response": shown[:LOGGED_CHARS], "trajectory": None}],
