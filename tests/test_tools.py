@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -122,7 +123,7 @@ def test_bind_and_check_arguments():
 
 @pytest.fixture(scope="module")
 def tool_server() -> Iterator[tuple[str, list]]:
-    """Tools on loopback: /weather answers, /fail fails; and what they were sent."""
+    """Tools on loopback: /weather answers, /fail fails, /slow is slow; and what they got."""
     seen: list = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -135,6 +136,8 @@ def tool_server() -> Iterator[tuple[str, list]]:
             status, reply = 200, {"city": body.get("city"), "temp_c": 21}
             if self.path == "/fail":
                 status, reply = 500, {"error": "database down"}
+            if self.path == "/slow":
+                time.sleep(2)
             data = json.dumps(reply).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
@@ -158,24 +161,28 @@ def test_http_tools_through_infer_and_execute(stack, llm, tool_server):
         "url": url + "/weather",
     }  # fmt: skip
     broken = {"description": "Always fails.", "url": url + "/fail", "timeout_s": 5}
+    slow = {"description": "Too slow.", "url": url + "/slow", "timeout_s": 0.3}
     code = CATCH + (
         "import json\n"
         "out = [weather('Oslo'), attempt(lambda: weather(city=5)), attempt(broken),\n"
-        "       attempt(lambda: weather('a', 'b')), attempt(lambda: weather(city='x', town='y'))]\n"
+        "       attempt(lambda: weather('a', 'b')), attempt(lambda: weather(city='x', town='y')),\n"
+        "       attempt(slow)]\n"
         "answer.update(content=json.dumps(out), ready=True)"
     )
     llm.switch.current = scripted_replies([repl(code)])
-    body = {"query": "q", "context": "c", "custom_tools": {"weather": weather, "broken": broken}}
+    catalog = {"weather": weather, "broken": broken, "slow": slow}
+    body = {"query": "q", "context": "c", "custom_tools": catalog}
     r = httpx.post(stack.infer.url + "/infer", json=body, timeout=60)
     assert r.status_code == 200, r.text
     result = r.json()
     assert result["status"] == "completed", result
-    ok, bad_type, failing, too_many, unknown_arg = json.loads(result["answer"])
+    ok, bad_type, failing, too_many, unknown_arg, late = json.loads(result["answer"])
     assert ok == {"city": "Oslo", "temp_c": 21}
     assert bad_type[0] == "ToolError" and "5 is not of type 'string'" in bad_type[1]
     assert failing[0] == "ToolError" and "HTTP 500" in failing[1]
     assert too_many[0] == "ToolError" and "positional" in too_many[1]
     assert unknown_arg[0] == "ToolError" and "town" in unknown_arg[1]
+    assert late == ["ToolError", "slow: timed out after 0.3 s"]
     # Only the valid call reached the tool server.
     assert [body for path, body in seen if path == "/weather"] == [{"city": "Oslo"}]
 
