@@ -3,7 +3,8 @@
     python benchmarks/infer_bench.py [--quick]
 
 Prints one table: the loop's own cost per turn (model time excluded), a batch of 100
-sub-calls against a model that takes 200 ms per reply, and a needle search at 1, 10, 50 MB.
+sub-calls against a model that takes 200 ms per reply, the time from a cancel to the run's
+result while its cell waits on a slow sub-call, and a needle search at 1, 10, 50 MB.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -81,7 +84,13 @@ def main() -> None:
                      "default concurrency 32; target <= 1.5 s"))  # fmt: skip
         model.latency_s = 0.0
 
-        # 3. The needle run at 1, 10 and 50 MB of context.
+        # 3. Cancel: the cell waits on a sub-call the model takes 10 s to answer.
+        med, spread = stats(cancel_latencies(client, infer.url, model, switch, 3 if args.quick
+                                             else 5))  # fmt: skip
+        rows.append(("cancel -> result, cell waiting on a sub-call", f"{med} ms", spread,
+                     "POST /infer/{id}/cancel; target <= 1 s"))  # fmt: skip
+
+        # 4. The needle run at 1, 10 and 50 MB of context.
         switch["policy"] = needle_policy
         for size_mb in (1, 10) if args.quick else (1, 10, 50):
             text = haystack(size_mb << 20, 90210)
@@ -99,6 +108,38 @@ def main() -> None:
         execute.stop()
         model.stop()
     print_table(rows)
+
+
+def cancel_latencies(
+    client: httpx.Client, url: str, model: ScriptedModel, switch: dict, repeats: int
+) -> list[float]:
+    """Seconds from POST /infer/{id}/cancel to the /infer response, `repeats` times."""
+    samples = []
+    for i in range(repeats):
+        release, done = threading.Event(), threading.Event()
+
+        def slow(_request: object, gate: threading.Event = release) -> str:
+            gate.wait(10)
+            return "late"
+
+        switch["policy"] = scripted_replies([repl("r = llm_query('slow')")], slow)
+        model.reset()
+        run_id = f"bench-cancel-{i}"
+
+        def post(run_id: str = run_id, done: threading.Event = done) -> None:
+            client.post(url + "/infer", json={"query": "q", "context": "c", "run_id": run_id})
+            done.set()
+
+        threading.Thread(target=post).start()
+        while model.received < 2:  # the root turn, then the cell's sub-call
+            time.sleep(0.01)
+        time.sleep(0.2)
+        asked = time.monotonic()
+        client.post(f"{url}/infer/{run_id}/cancel")
+        done.wait()
+        samples.append(time.monotonic() - asked)
+        release.set()
+    return samples
 
 
 if __name__ == "__main__":

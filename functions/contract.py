@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
@@ -102,11 +102,32 @@ class Limits(Strict):
     max_subcalls: int | None = Field(default=None, ge=0)
 
 
+class ToolSpec(Strict):
+    """A caller's tool: an HTTP endpoint infer POSTs the arguments to (`url`), or a function of
+    the embedding process (`ref`, set by the SDK). The guest calls it by its name."""
+
+    description: str = Field(default="", max_length=4000)
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"},
+        description="JSON Schema of the arguments (an object); infer checks calls against it.",
+    )
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    signature: str | None = Field(default=None, max_length=1000)
+    ref: str | None = Field(default=None, max_length=200)
+
+
+ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")]
+ToolCatalog = dict[ToolName, ToolSpec]
+
+
 class Callback(Strict):
     """Where the guest's sub-calls go: an infer endpoint and the bearer token for this cell."""
 
     url: str = Field(pattern=r"^https?://")
     token: str = Field(min_length=1)
+    tools: ToolCatalog = Field(default_factory=dict, description="Tools this cell may call.")
+    sub_tools: ToolCatalog = Field(default_factory=dict, description="Tools of child RLMs.")
 
 
 class ExecuteRequest(Strict):
@@ -188,14 +209,30 @@ class Problem(Open):
 
 
 class SubcallRequest(Strict):
-    kind: Literal["llm", "rlm"]
-    prompts: list[str] = Field(min_length=1)
+    kind: Literal["llm", "rlm", "tool"]
+    prompts: list[str] = Field(default_factory=list)
     model: str | None = None
+    tool: str | None = Field(default=None, description="kind tool: the tool's name.")
+    arguments: dict[str, Any] | None = Field(default=None, description='{"args", "kwargs"}')
+    tools: ToolCatalog = Field(
+        default_factory=dict, description="kind tool: its spec; kind rlm: the children's tools."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> SubcallRequest:
+        if self.kind == "tool" and not self.tool:
+            raise ValueError("a tool call names its tool")
+        if self.kind != "tool" and not self.prompts:
+            raise ValueError("prompts must not be empty")
+        return self
 
 
 class SubcallResponse(Open):
     responses: list[str]
     usage: UsageByModel = Field(default_factory=dict)
+    result: Any = None  # a tool call's JSON result
+    error: str | None = None  # a tool call that failed: the message the guest's exception has
+    cancelled: bool = False  # the run was cancelled: the cell stops
 
 
 # ----------------------------------------------------------------------------- infer
@@ -233,6 +270,19 @@ class InferRequest(Strict):
     compaction_threshold: float | None = Field(
         default=None, gt=0, lt=1, description="Fraction of the context window; default setting."
     )
+    models: list[str] | None = Field(
+        default=None, description="More models the guest may name in model=, besides these."
+    )
+    models_by_depth: dict[int, str] | None = Field(
+        default=None, description="Default model of what runs at depth d >= 1 (sub-calls too)."
+    )
+    custom_tools: ToolCatalog | None = None
+    custom_sub_tools: ToolCatalog | None = Field(
+        default=None, description="Tools of child RLMs; null: the same as custom_tools."
+    )
+    run_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Chosen by the caller."
+    )
 
 
 RunStatus = Literal["completed", "stopped", "failed"]
@@ -253,3 +303,10 @@ class InferResult(Open):
     conversation_id: str | None = Field(
         default=None, description="Send it back as conversation_id to continue the conversation."
     )
+
+
+class CancelReply(Open):
+    """202 body of POST /infer/{run_id}/cancel: the run stops; its result says "cancelled"."""
+
+    run_id: str
+    cancelled: bool = True

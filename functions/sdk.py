@@ -22,12 +22,14 @@ import asyncio
 import json
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from functions import sdk_options
 from functions.contract import Callback, InferRequest, SubcallRequest, SubcallResponse
 from functions.infer.loop import Emit
 from functions.infer.settings import InferSettings
@@ -66,6 +68,13 @@ class RLM:
         persistent: bool = False,
         compaction: bool = False,
         compaction_threshold_pct: float | None = None,
+        custom_tools: dict[str, Any] | None = None,
+        custom_sub_tools: dict[str, Any] | None = None,
+        other_backends: list[str] | None = None,
+        other_backend_kwargs: list[dict[str, Any]] | None = None,
+        models: list[str] | None = None,
+        models_by_depth: dict[int, str] | None = None,
+        endpoints: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         kwargs = dict(backend_kwargs or {})
         env = os.environ
@@ -94,20 +103,32 @@ class RLM:
             "sub_model": sub_model,
             "compaction": compaction,
             "compaction_threshold": compaction_threshold_pct,
+            "models": models,
+            "models_by_depth": models_by_depth,
         }
         self.persistent = persistent
         self.conversation_id: str | None = None  # the conversation `persistent` continues
         self.logger = logger
         self.on_event = on_event
         self._callback_server: ThreadingHTTPServer | None = None
+        self._running: set[str] = set()
+        self._endpoints = sdk_options.endpoints(endpoints, other_backend_kwargs, other_backends)
+        if other_backend_kwargs and not sub_model:
+            self.request_defaults["sub_model"] = other_backend_kwargs[0].get("model_name")
         self.service = self._build(environment, environment_kwargs or {})
+        self.request_defaults.update(
+            sdk_options.register_tools(self.service.tools, custom_tools, custom_sub_tools)
+        )
 
     def _build(self, environment: str, options: dict[str, Any]) -> Any:
         from functions.infer.llm import LLM
+        from functions.infer.routing import routed
         from functions.infer.service import InferService
 
         s = self.settings
         llm = LLM(s.base_url, s.api_key, s.llm_timeout_s, s.llm_max_retries, s.prices_json)
+        prices = llm.prices
+        llm = routed(llm, self._endpoints, lambda url, key: LLM(url, key, prices=prices))
         if environment == "wasm":
             from functions.execute.cells import CellRunner
             from functions.execute.settings import ExecuteSettings
@@ -138,11 +159,15 @@ class RLM:
         self, prompt: Any, root_prompt: str | None = None, **overrides: Any
     ) -> RLMChatCompletion:
         """Answer `root_prompt` (or the task written in `prompt`) about the context `prompt`."""
-        fields = {**self.request_defaults, **overrides}
+        fields = {"run_id": uuid.uuid4().hex[:16], **self.request_defaults, **overrides}
         if self.persistent:
             fields.update(persistent=True, conversation_id=self.conversation_id)
         request = InferRequest(query=root_prompt or DEFAULT_QUERY, trajectory=True, **fields)
-        result = self.service.run(request, prompt, self.on_event)
+        self._running.add(request.run_id or "")
+        try:
+            result = self.service.run(request, prompt, self.on_event)
+        finally:
+            self._running.discard(request.run_id or "")
         if self.persistent:
             self.conversation_id = result.conversation_id
         trajectory = result.trajectory or []
@@ -166,8 +191,25 @@ class RLM:
     async def acompletion(
         self, prompt: Any, root_prompt: str | None = None, **overrides: Any
     ) -> RLMChatCompletion:
-        """`completion` on a worker thread, so the caller's event loop keeps running."""
-        return await asyncio.to_thread(self.completion, prompt, root_prompt, **overrides)
+        """`completion` on a worker thread, so the caller's event loop keeps running.
+
+        Cancelling the awaiting task cancels the run (its cells stop at their next sub-call).
+        """
+        run_id = overrides.pop("run_id", None) or uuid.uuid4().hex[:16]
+        work = asyncio.to_thread(self.completion, prompt, root_prompt, run_id=run_id, **overrides)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            self.service.cancel(run_id)
+            raise
+
+    def cancel(self, run_id: str | None = None) -> int:
+        """Cancel the run `run_id` (`metadata["run_id"]`), or every run in progress; how many.
+
+        A cancelled run ends with status "stopped", stop_reason "cancelled", and its usage.
+        """
+        ids = [run_id] if run_id else list(self._running)
+        return sum(self.service.cancel(one) for one in ids)
 
     def _log(self, trajectory: list[dict[str, Any]]) -> None:
         if self.logger is None:
@@ -182,6 +224,7 @@ class RLM:
 
     def close(self) -> None:
         self.service.executor.close()
+        self.service.tools.close()
         if self._callback_server:
             self._callback_server.shutdown()
             self._callback_server.server_close()

@@ -30,12 +30,13 @@ from functions.contract import (
     LocalInfo,
     StateOut,
     SubcallSummary,
+    ToolSpec,
     context_bytes,
     sha256_hex,
 )
 from functions.execute import metrics
 from functions.execute.cache import LRU
-from functions.execute.sandbox import TRAP_DEADLINE, TRAP_FUEL, Interpreter
+from functions.execute.sandbox import TRAP_CANCELLED, TRAP_DEADLINE, TRAP_FUEL, Interpreter
 from functions.execute.settings import ExecuteSettings
 from functions.execute.subcalls import CellScope, HttpTransport, SubcallGate, Transport
 
@@ -281,7 +282,9 @@ class CellRunner:
             cell["vars"] = request.context
         if request.return_state:
             cell["force_state"] = True
-        live.gate.scope = CellScope(
+        if request.callback and request.callback.tools:
+            cell["tools"] = {n: _tool_doc(t) for n, t in request.callback.tools.items()}
+        scope = live.gate.scope = CellScope(
             callback=request.callback,
             max_subcalls=max_subcalls,
             headers={"traceparent": traceparent} if traceparent else {},
@@ -290,8 +293,9 @@ class CellRunner:
         )
         started = time.perf_counter()
         result = live.interpreter.turn(
-            cell, request.code, plan.inputs, deadline_s=deadline, fuel=fuel, output_bytes=output
-        )
+            cell, request.code, plan.inputs, deadline_s=deadline, fuel=fuel, output_bytes=output,
+            cancel=scope.cancel,
+        )  # fmt: skip
         elapsed = time.perf_counter() - started
         metrics.observe_cell(elapsed, result.trapped)
 
@@ -472,7 +476,14 @@ def _trap_name(trapped: str | None) -> str | None:
     return trapped
 
 
+def _tool_doc(spec: ToolSpec) -> str:
+    """A guest tool function's docstring: its signature and description."""
+    return f"{spec.signature or '(...)'}\n\n{spec.description}".strip()
+
+
 def _trap_message(trapped: str, deadline: float, fuel: int) -> str:
+    if trapped == TRAP_CANCELLED:
+        return "the run was cancelled"
     if trapped == TRAP_DEADLINE:
         return f"the cell ran past its deadline of {deadline:g} s"
     if trapped == TRAP_FUEL:

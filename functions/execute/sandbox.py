@@ -25,6 +25,7 @@ _META_CAP = 8 << 20
 # Any engine that answers the contract may run the guest; this one's ending names.
 TRAP_DEADLINE = "deadline"
 TRAP_FUEL = "out of fuel"
+TRAP_CANCELLED = "cancelled"
 
 
 def driver_source() -> str:
@@ -114,6 +115,8 @@ class SubcallTool(Protocol):
 
     def staged_prompts(self) -> list[str]: ...
 
+    def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any: ...
+
 
 # A tool request frame is capped at 1 MiB, so a large batch is staged in parts of this many
 # characters (JSON-escaped, a part stays under the cap) and then sent as one request.
@@ -172,6 +175,7 @@ class Interpreter:
         deadline_s: float,
         fuel: int,
         output_bytes: int,
+        cancel: threading.Event | None = None,
     ) -> TurnResult:
         """Run one cell: `plan` tells the driver what to load; `files` are put in the mount."""
         self.files.load(files)
@@ -179,7 +183,7 @@ class Interpreter:
         source = f"__import__('_rlm_driver').cell({plan_json!r}, {code!r})"
         try:
             done = self._session.run(
-                source, deadline_s=deadline_s, fuel=fuel, output_bytes=output_bytes
+                source, deadline_s=deadline_s, fuel=fuel, output_bytes=output_bytes, cancel=cancel
             )
         except SessionEnded as e:
             return TurnResult(b"", b"", None, f"session ended: {e}", ())
@@ -226,7 +230,11 @@ def _subcall_tools(handler: SubcallTool, timeout_s: float) -> list[Tool]:
         handler.stage(part)
         return True
 
-    return [tool(subcall, timeout_s=timeout_s), tool(subcall_part, timeout_s=timeout_s)]
+    def call_tool(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Call one of the caller's tools with JSON arguments; returns its JSON result."""
+        return handler.tool(name, args, kwargs)
+
+    return [tool(f, timeout_s=timeout_s) for f in (subcall, subcall_part, call_tool)]
 
 
 def warm(cache_dir: str | None = None) -> dict[str, Any]:

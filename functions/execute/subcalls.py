@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -40,6 +41,7 @@ class CellScope:
     resume: Callable[[], None] = lambda: None
     staged_chars: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: the run was cancelled
 
 
 class SubcallGate:
@@ -69,32 +71,56 @@ class SubcallGate:
         return prompts
 
     def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
-        scope = self.scope
-        if scope.callback is None:
+        tools = self._callback().sub_tools if kind == "rlm" else {}
+        reply = self._send(len(prompts), kind=kind, prompts=prompts, model=model, tools=tools)
+        if len(reply.responses) != len(prompts):
+            raise SubcallRefused("the sub-call answer did not match the prompts")
+        return reply.responses
+
+    def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """One call of a caller's tool; counted as one sub-call."""
+        spec = self._callback().tools.get(name)
+        if spec is None:
+            raise SubcallRefused(f"no tool named {name!r} in this cell")
+        arguments = {"args": args, "kwargs": kwargs}
+        reply = self._send(1, kind="tool", tool=name, arguments=arguments, tools={name: spec})
+        return reply.result
+
+    def _callback(self) -> Callback:
+        if self.scope.callback is None:
             raise SubcallRefused(
                 "sub-calls are not available in this cell: the request had no callback"
             )
+        return self.scope.callback
+
+    def _send(self, count: int, **fields: Any) -> SubcallResponse:
+        scope = self.scope
+        callback = self._callback()
+        if scope.cancel.is_set():
+            raise SubcallRefused("the run was cancelled")
         with scope.lock:
-            if scope.summary.count + len(prompts) > scope.max_subcalls:
+            if scope.summary.count + count > scope.max_subcalls:
                 raise SubcallRefused(
                     f"sub-call limit reached: at most {scope.max_subcalls} per cell "
-                    f"({scope.summary.count} made, {len(prompts)} more asked)"
+                    f"({scope.summary.count} made, {count} more asked)"
                 )
-            scope.summary.count += len(prompts)
+            scope.summary.count += count
         try:
-            request = SubcallRequest(kind=kind, prompts=prompts, model=model)  # type: ignore[arg-type]
+            request = SubcallRequest(**fields)
         except ValidationError as e:
             raise SubcallRefused(f"bad sub-call: {e.errors()[0]['msg']}") from None
         scope.pause()
         try:
-            reply = self.transport(scope.callback, request, scope.headers)
+            reply = self.transport(callback, request, scope.headers)
         finally:
             scope.resume()
         with scope.lock:
             merge_usage(scope.summary.usage, reply.usage)
-        if len(reply.responses) != len(prompts):
-            raise SubcallRefused("the sub-call answer did not match the prompts")
-        return reply.responses
+        if reply.cancelled:
+            scope.cancel.set()  # the turn stops as soon as the guest runs again
+        if reply.error is not None:
+            raise SubcallRefused(reply.error)
+        return reply
 
 
 class HttpTransport:

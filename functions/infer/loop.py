@@ -17,6 +17,7 @@ from functions.contract import (
     ExecuteResponse,
     InferResult,
     Limits,
+    ToolCatalog,
     UsageByModel,
     merge_usage,
     total_usage,
@@ -25,6 +26,8 @@ from functions.infer import compaction, parsing, prompts
 from functions.infer.compaction import DEFAULT_WINDOW
 from functions.infer.executor import ExecuteError, Executor, ReplSession
 from functions.infer.llm import LLMError
+from functions.infer.routing import allowed_models
+from functions.infer.tools import prompt_section
 
 if TYPE_CHECKING:
     from functions.infer.conversations import Turn
@@ -48,10 +51,14 @@ class RunConfig:
     compaction: bool = False
     compaction_threshold: float = 0.85
     context_window: int = DEFAULT_WINDOW  # the root model's, in tokens
+    allowed_models: list[str] = field(default_factory=list)  # more models the guest may name
+    models_by_depth: dict[int, str] = field(default_factory=dict)
+    tools: ToolCatalog = field(default_factory=dict)  # what this run's cells may call
+    sub_tools: ToolCatalog = field(default_factory=dict)  # what its child RLMs may call
 
     @property
     def models(self) -> list[str]:
-        return [m for m in (self.model, self.sub_model) if m]
+        return allowed_models(self.model, self.sub_model, self.models_by_depth, self.allowed_models)
 
 
 class BudgetStop(Exception):
@@ -168,6 +175,8 @@ class Run:
             text += "\n\n" + self.config.root_prompt
         if self.config.compaction:
             text += compaction.SYSTEM_NOTE
+        if self.config.tools:
+            text += "\n\n" + prompt_section(self.config.tools)
         return text
 
     def _compactor(self) -> compaction.Compactor | None:
@@ -212,6 +221,8 @@ class Run:
         return completion.text
 
     def _cell(self, session: ReplSession, code: str, iteration: int) -> ExecuteResponse:
+        if self.cancelled():
+            raise BudgetStop("cancelled")
         self._event("code", {"iteration": iteration, "code": code})
         started = time.monotonic()
         remaining = self._remaining()

@@ -15,6 +15,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from flask import Request, Response
 
 from functions import events, logs
 from functions.config import ConfigError
-from functions.contract import InferRequest, InferResult, SubcallRequest
+from functions.contract import CancelReply, InferRequest, InferResult, SubcallRequest
 from functions.http import (
     HEALTH_PATHS,
     HttpProblem,
@@ -54,6 +55,7 @@ _service: InferService | None = None
 _service_lock = threading.Lock()
 _events: OncePerKey[tuple[str, dict[str, Any]]] = OncePerKey()
 _BODY_SLACK = 1 << 20
+_HEARTBEAT_S = 0.5
 
 
 def service() -> InferService:
@@ -63,6 +65,7 @@ def service() -> InferService:
         if _service is None:
             from functions.infer.executor import RemoteExecutor
             from functions.infer.llm import LLM
+            from functions.infer.routing import routed
 
             llm = LLM(
                 base_url=SETTINGS.base_url,
@@ -71,6 +74,9 @@ def service() -> InferService:
                 max_retries=SETTINGS.llm_max_retries,
                 prices_json=SETTINGS.prices_json,
             )
+            s, prices = SETTINGS, llm.prices
+            llm = routed(llm, s.endpoints, lambda url, key: LLM(
+                url, key, s.llm_timeout_s, s.llm_max_retries, prices=prices))  # fmt: skip
             executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
             _service = InferService(SETTINGS, llm, executor)
             if SETTINGS.sink_url:
@@ -98,6 +104,11 @@ def _route(request: Request) -> Response:
         return json_response(document())
     if method == "POST" and path == "/subcalls":
         return _subcalls(request)
+    if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
+        run_id = path[len("/infer/") : -len("/cancel")]
+        if not service().cancel(run_id):
+            raise HttpProblem(404, f"no run {run_id!r} is in progress on this instance")
+        return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
         body = validate(chat.ChatRequest, parse_json(_body(request)))
         return chat.respond(body, lambda r: _run(r, request.headers.get("traceparent")))
@@ -110,7 +121,9 @@ def _route(request: Request) -> Response:
             return _stream(infer_request, traceparent)
         result = _run(infer_request, traceparent)
         return json_response(result, 502 if result.status == "failed" else 200)
-    raise not_found(request, "POST /infer, POST /v1/chat/completions, GET /health, GET /metrics")
+    raise not_found(
+        request, "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
+    )
 
 
 def _body(request: Request) -> bytes:
@@ -146,6 +159,8 @@ def _run(
         raise HttpProblem(429, f"{e}; retry shortly", headers={"Retry-After": "2"}) from None
     except ConversationError as e:
         raise HttpProblem(e.status, str(e)) from None
+    except ValueError as e:  # tools it cannot serve, a run id already running
+        raise HttpProblem(422, str(e)) from None
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
     for usage in result.usage.values():
@@ -161,8 +176,14 @@ def _run(
 
 
 def _stream(request: InferRequest, traceparent: str | None) -> Response:
-    """Server-sent events: progress as the run goes, then the result."""
+    """Server-sent events: the run id first, progress as the run goes, then the result.
+
+    A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
+    """
+    run_id = request.run_id or uuid.uuid4().hex[:16]
+    request = request.model_copy(update={"run_id": run_id})
     updates: queue.Queue[tuple[str, Any]] = queue.Queue()
+    updates.put(("run", {"run_id": run_id}))
     gone = threading.Event()
 
     def work() -> None:
@@ -177,12 +198,17 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
     def frames() -> Iterator[str]:
         try:
             while True:
-                kind, data = updates.get()
+                try:
+                    kind, data = updates.get(timeout=_HEARTBEAT_S)
+                except queue.Empty:
+                    yield ": keep-alive\n\n"
+                    continue
                 yield f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
                 if kind in ("result", "error"):
                     return
         finally:
-            gone.set()  # the client went away, or the run ended: stop at the next turn
+            gone.set()  # the client went away, or the run ended
+            service().cancel(run_id)
 
     return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from functions.contract import InferRequest, InferResult, SubcallRequest, SubcallResponse
+from functions.contract import (
+    CancelReply,
+    InferRequest,
+    InferResult,
+    SubcallRequest,
+    SubcallResponse,
+)
 from functions.openapi import Health
 from functions.openapi import document as build
 
 
 def document() -> dict[str, Any]:
     statuses = (400, 404, 409, 413, 422, 429)
-    return build(
+    doc = build(
         "rlm infer",
         [
             ("/infer", "Run a Recursive Language Model", InferRequest, InferResult, statuses),
@@ -20,4 +26,18 @@ def document() -> dict[str, Any]:
              SubcallResponse, (400, 401, 403, 422)),
             ("/health", "Liveness", None, Health, ()),
         ],
+        extra_models=[CancelReply],
     )  # fmt: skip
+    doc["paths"]["/infer/{run_id}/cancel"] = {"post": {
+        "summary": "Cancel a run of this instance: it ends with stop_reason cancelled and usage",
+        "parameters": [{"name": "run_id", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {
+            "202": {"description": "cancelling", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/CancelReply"}}}},
+            "404": {"description": "no such run in progress on this instance",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/Problem"}}}},
+        },
+    }}  # fmt: skip
+    return doc

@@ -6,13 +6,14 @@ never written twice.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from functions.contract import (
@@ -24,7 +25,7 @@ from functions.contract import (
     UsageByModel,
     merge_usage,
 )
-from functions.infer import tokens
+from functions.infer import routing, tokens, tools
 from functions.infer.compaction import context_window
 from functions.infer.conversations import ConversationStore
 from functions.infer.executor import Executor
@@ -82,6 +83,8 @@ class InferService:
         self.conversations = ConversationStore(
             settings.conversation_ttl_s, settings.conversation_max_bytes, settings.max_conversations
         )
+        self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
+        self._active: dict[str, threading.Event] = {}  # run id -> set when cancelled
 
     # ----------------------------------------------------------------- runs
 
@@ -102,6 +105,10 @@ class InferService:
             compaction=request.compaction,
             compaction_threshold=request.compaction_threshold or s.compaction_threshold,
             context_window=context_window(request.model or s.model, s.context_windows),
+            allowed_models=request.models or [],
+            models_by_depth=request.models_by_depth or {},
+            tools=request.custom_tools or {},
+            sub_tools=_inherit(request.custom_sub_tools, request.custom_tools),
         )
 
     def run(
@@ -113,16 +120,27 @@ class InferService:
         cancelled: Callable[[], bool] | None = None,
         run_id: str | None = None,
     ) -> InferResult:
-        """One root run. Raises `Busy` when this process already runs its maximum, and
-        `ConversationError` when the request's conversation cannot take another turn."""
+        """One root run. Raises `Busy` when this process already runs its maximum, `ValueError`
+        for tools it cannot serve or a run id already running, and `ConversationError` when the
+        request's conversation cannot take another turn."""
+        config = self.config_for(request)
+        for catalog in (config.tools, config.sub_tools):
+            tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
+        run_id = run_id or request.run_id or uuid.uuid4().hex[:16]
+        stop = threading.Event()
+        with self._memo_lock:
+            if run_id in self._active:
+                raise ValueError(f"run {run_id!r} is already running")
+            self._active[run_id] = stop
         if not self._runs.acquire(timeout=0.5):
+            self._active.pop(run_id, None)
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
         turn = None
         try:
             if request.persistent or request.conversation_id:
                 turn = self.conversations.begin(request.conversation_id, context)
             run = Run(
-                config=self.config_for(request),
+                config=config,
                 llm=self.llm,
                 executor=self.executor,
                 mint_callback=self._mint,
@@ -130,11 +148,9 @@ class InferService:
                 traceparent=traceparent,
                 subcall_log=self._take_log,
                 turn=turn,
+                run_id=run_id,
             )
-            if run_id:
-                run.run_id = run_id
-            if cancelled:
-                run.cancelled = cancelled
+            run.cancelled = (lambda: stop.is_set() or cancelled()) if cancelled else stop.is_set
             result = run.completion(request.query, context)
             if request.trajectory:
                 result.trajectory = run.trajectory
@@ -145,6 +161,19 @@ class InferService:
             if turn is not None:
                 self.conversations.end(turn)
             self._runs.release()
+            with self._memo_lock:
+                self._active.pop(run_id, None)
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a run of this process: its cells end at their next sub-call; False if unknown."""
+        stop = self._active.get(run_id)
+        if stop is not None:
+            stop.set()
+        return stop is not None
+
+    def _stopped(self, run_id: str) -> threading.Event:
+        """The cancel flag of a run (or of the root run of a child); a fresh one if unknown."""
+        return self._active.get(run_id.split(".")[0]) or threading.Event()
 
     def _mint(self, run: Run, replay: bool) -> Callback:
         remaining = run.config.max_timeout_s
@@ -156,9 +185,18 @@ class InferService:
             exp=int(time.time() + ttl),
             models=run.config.models,
             nonce=("replay-" if replay else "") + uuid.uuid4().hex[:12],
+            sub_model=run.config.sub_model,
+            by_depth={str(d): m for d, m in run.config.models_by_depth.items()},
+            tools={name: tools.digest(spec) for name, spec in run.config.tools.items()},
+            sub_tools=tools.catalog_digest(run.config.sub_tools),
         )
         run.cell_nonce = claims.nonce
-        return Callback(url=self.callback_url, token=tokens.mint(self.token_key, claims))
+        return Callback(
+            url=self.callback_url,
+            token=tokens.mint(self.token_key, claims),
+            tools=run.config.tools,
+            sub_tools=run.config.sub_tools,
+        )
 
     def _take_log(self, run_id: str, nonce: str) -> list[dict[str, Any]]:
         return self._memo(run_id).take_log(nonce)
@@ -168,9 +206,19 @@ class InferService:
     def subcall(self, token: str, request: SubcallRequest) -> SubcallResponse:
         """Serve the guest's sub-call. Raises `tokens.TokenError` (401/403) before any cost."""
         claims = tokens.verify(self.token_key, token)
-        model = request.model or (claims.models[1] if len(claims.models) > 1 else None)
-        model = model or (claims.models[0] if claims.models else self.settings.model)
-        tokens.check_scope(claims, request.kind, model)
+        by_depth = {int(d): m for d, m in claims.by_depth.items()}
+        run_model = claims.models[0] if claims.models else self.settings.model
+        model = request.model or routing.default_model(
+            claims.depth, run_model, claims.sub_model, by_depth
+        )
+        tokens.check_scope(claims, request.kind, None if request.kind == "tool" else model)
+        stop = self._stopped(claims.run_id)
+        if stop.is_set():
+            return SubcallResponse(responses=[], cancelled=True, error="the run was cancelled")
+        if request.kind == "tool":
+            return self._tool(claims, request)
+        if request.kind == "rlm" and tools.catalog_digest(request.tools) != claims.sub_tools:
+            raise tokens.OutOfScope("the child RLMs' tools do not match the ones this run declared")
         memo = self._memo(claims.run_id)
         key = (claims.depth, request.kind, model, tuple(request.prompts))
         if claims.nonce.startswith("replay-"):
@@ -182,8 +230,10 @@ class InferService:
         recursive = request.kind == "rlm" and claims.depth < claims.max_depth
 
         def one(prompt: str) -> tuple[str, list[dict[str, Any]] | None]:
+            if stop.is_set():
+                raise _Cancelled
             if recursive:
-                text, used, trajectory = self._child(claims, prompt, model)
+                text, used, trajectory = self._child(claims, prompt, model, request.tools)
             else:
                 completion = self.llm.complete([{"role": "user", "content": prompt}], model)
                 text, used, trajectory = completion.text, {completion.model: completion.usage}, None
@@ -192,8 +242,18 @@ class InferService:
             return text, trajectory
 
         workers = max(1, min(len(request.prompts), self.settings.subcall_concurrency))
-        with ThreadPoolExecutor(workers, thread_name_prefix="subcall") as pool:
-            results = list(pool.map(one, request.prompts))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="subcall")
+        try:
+            futures = [pool.submit(one, prompt) for prompt in request.prompts]
+            pending = set(futures)
+            while pending and not stop.is_set():
+                pending = wait(pending, 0.05).not_done
+            if stop.is_set():  # calls in flight are not waited for: their answers are lost
+                return SubcallResponse(responses=[], usage=usage, cancelled=True,
+                                       error="the run was cancelled")  # fmt: skip
+            results = [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         responses = [text for text, _ in results]
         memo.record(key, responses)
         memo.log(
@@ -211,19 +271,50 @@ class InferService:
         )
         return SubcallResponse(responses=responses, usage=usage)
 
+    def _tool(self, claims: tokens.TokenClaims, request: SubcallRequest) -> SubcallResponse:
+        """A caller's tool; its failures are answers the guest raises, not HTTP errors."""
+        name = request.tool or ""
+        spec = tools.authorize(claims, name, request.tools)
+        arguments = request.arguments or {}
+        args, kwargs = arguments.get("args") or [], arguments.get("kwargs") or {}
+        memo = self._memo(claims.run_id)
+        key = (claims.depth, "tool", name, json.dumps(arguments, sort_keys=True))
+        if claims.nonce.startswith("replay-"):  # a rebuilt session does not call a tool twice
+            remembered = memo.replay(key)
+            if remembered is not None:
+                return SubcallResponse.model_validate_json(remembered[0])
+        try:
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise tools.ToolCallError(f"{name}: malformed arguments")
+            reply = SubcallResponse(responses=[], result=self.tools.call(name, spec, args, kwargs))
+        except tools.ToolCallError as e:
+            reply = SubcallResponse(responses=[], error=str(e))
+        memo.record(key, [reply.model_dump_json()])
+        shown = json.dumps(reply.result) if reply.error is None else f"ToolError: {reply.error}"
+        memo.log(claims.nonce, {  # in the trajectory, as sub-calls are
+            "kind": "tool", "model": name, "depth": claims.depth, "usage": {},
+            "calls": [{"prompt": json.dumps(arguments)[:LOGGED_CHARS],
+                       "response": shown[:LOGGED_CHARS], "trajectory": None}],
+        })  # fmt: skip
+        return reply
+
     def _child(
-        self, claims: Any, prompt: str, model: str
+        self, claims: Any, prompt: str, model: str, sub_tools: Any = None
     ) -> tuple[str, UsageByModel, list[dict[str, Any]]]:
         """A child RLM at depth + 1 whose context is the prompt."""
         remaining = max(1.0, claims.exp - time.time() - _TOKEN_SLACK_S)
         config = RunConfig(
             model=model,
-            sub_model=claims.models[1] if len(claims.models) > 1 else None,
+            sub_model=claims.sub_model,
             max_depth=claims.max_depth,
             max_iterations=self.settings.max_iterations,
             max_timeout_s=remaining,
             output_chars=self.settings.output_chars,
             cell_timeout_s=self.settings.cell_timeout_s,
+            allowed_models=claims.models,
+            models_by_depth={int(d): m for d, m in claims.by_depth.items()},
+            tools=sub_tools or {},
+            sub_tools=sub_tools or {},
         )
         child = Run(
             config=config,
@@ -234,6 +325,7 @@ class InferService:
             run_id=f"{claims.run_id}.{uuid.uuid4().hex[:6]}",
             subcall_log=self._take_log,
         )
+        child.cancelled = self._stopped(claims.run_id).is_set
         result = child.completion(CHILD_QUERY, prompt)
         answer = result.answer if result.answer is not None else f"[child RLM {result.status}: "
         if result.answer is None:
@@ -257,3 +349,12 @@ CHILD_QUERY = "Carry out the request written in `context` and give its answer."
 
 class Busy(Exception):
     pass
+
+
+def _inherit(sub_tools: Any, tools: Any) -> Any:
+    """`custom_sub_tools` as the official library reads it: None inherits, {} means none."""
+    return (tools if sub_tools is None else sub_tools) or {}
+
+
+class _Cancelled(Exception):
+    """A batch's call not started because the run was cancelled."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from functions.config import ConfigError, env_float, env_int, env_str, env_url
 from functions.infer.compaction import parse_windows
+from functions.infer.routing import Endpoint, parse_endpoints
 
 MIB = 1 << 20
 
@@ -36,6 +37,8 @@ ENV_NAMES = (
     "INFER_MAX_CONVERSATIONS",
     "RLM_COMPACTION_THRESHOLD",
     "LLM_CONTEXT_WINDOWS",
+    "RLM_ENDPOINTS",
+    "RLM_TOOL_URL_PREFIXES",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -65,6 +68,8 @@ class InferSettings:
     max_conversations: int = 256  # INFER_MAX_CONVERSATIONS: kept by this process
     compaction_threshold: float = 0.85  # RLM_COMPACTION_THRESHOLD: of the root's context window
     context_windows_json: str = ""  # LLM_CONTEXT_WINDOWS: {"model": tokens} over the defaults
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
+    tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=any
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, served: bool = True) -> InferSettings:
@@ -101,6 +106,10 @@ class InferSettings:
             max_conversations=env_int("INFER_MAX_CONVERSATIONS", 256, 1, e),
             compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
             context_windows_json=windows,
+            endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
+            tool_url_prefixes=tuple(
+                p.strip() for p in e.get("RLM_TOOL_URL_PREFIXES", "").split(",") if p.strip()
+            ),
         )
 
     @property

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_TOKEN_CHARS = 8192
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}")  # 43 chars: a 32-byte digest
-KINDS = ("llm", "rlm")
+KINDS = ("llm", "rlm", "tool")
 
 
 class TokenClaims(BaseModel):
@@ -32,6 +32,10 @@ class TokenClaims(BaseModel):
     exp: int  # unix seconds; the token is refused from this second on
     models: list[str]  # the models sub-calls may name; empty: any
     nonce: str = Field(min_length=1)  # one per cell (and marks a replayed cell)
+    sub_model: str | None = None  # the default model of sub-calls
+    by_depth: dict[str, str] = Field(default_factory=dict)  # depth -> default model there
+    tools: dict[str, str] = Field(default_factory=dict)  # tool name -> sha256 of its spec
+    sub_tools: str = ""  # sha256 of the children's tool catalog
 
 
 class TokenError(Exception):
@@ -115,4 +119,6 @@ def check_scope(claims: TokenClaims, kind: str, model: str | None, depth: int | 
     if model is not None and claims.models and model not in claims.models:
         allowed = ", ".join(claims.models)
         raise OutOfScope(f"model {model!r} is not allowed for this run (allowed: {allowed})")
+    if kind == "tool":
+        return kind
     return "rlm" if kind == "rlm" and claims.depth < claims.max_depth else "llm"

@@ -35,6 +35,28 @@ def _install():
     SubcallError.__qualname__ = SubcallError.__name__
     SubcallError.__module__ = "builtins"
 
+    class ToolError(RuntimeError):
+        """A custom tool call failed: no such tool, bad arguments, or the tool's own error."""
+
+    ToolError.__qualname__ = ToolError.__name__
+    ToolError.__module__ = "builtins"
+    tool_names = set()  # the caller's tools, defined anew each cell; never pickled
+
+    def _make_tool(name, doc):
+        def call(*args, **kwargs):
+            try:
+                args, kwargs = json.loads(json.dumps([list(args), kwargs]))
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"{name}: arguments must be JSON values ({e})") from None
+            try:
+                return tools.call_tool(name=name, args=args, kwargs=kwargs)
+            except Exception as e:
+                raise ToolError(str(e)) from None
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = doc
+        return call
+
     def _subcall(kind, prompts, model):
         prompts = [p if isinstance(p, str) else str(p) for p in prompts]
         if not prompts:
@@ -75,6 +97,8 @@ def _install():
             and name not in RESERVED
             and name != "context"
             and name not in bound
+            and name not in tool_names
+            and name != "context"
         ]
 
     # Bounded repr: a preview of a 10 MB list must not build a 10 MB string every cell.
@@ -138,6 +162,7 @@ def _install():
         "FINAL_VAR": FINAL_VAR,
         "FINAL": FINAL,
         "SubcallError": SubcallError,
+        "ToolError": ToolError,
     }
     RESERVED = {*api, "answer"}
 
@@ -190,6 +215,8 @@ def _install():
         """Pickle the user namespace; values that cannot be pickled are dropped and named."""
         names = [n for n in main if n not in api and n != "context" and not n.startswith("__")]
         names = [n for n in names if n not in bound]
+        names = [n for n in main if n not in api and n not in tool_names and n != "context"]
+        names = [n for n in names if not n.startswith("__")]
         names = [n for n in names if n != "__builtins__"]
         space = {n: main[n] for n in names}
         try:
@@ -250,6 +277,9 @@ def _install():
             _bind_contexts(plan)
             if plan.get("vars"):
                 main.update(plan["vars"])
+            for name, doc in (plan.get("tools") or {}).items():
+                main[name] = _make_tool(name, doc)
+                tool_names.add(name)
         except BaseException as e:
             info = _error_info(e)
             info["message"] = f"could not load the inputs: {info['message']}"
