@@ -89,7 +89,7 @@ def validate(model: type[M], value: Any) -> M:
     if not isinstance(value, dict):
         raise HttpProblem(422, f"expected a JSON object, got {type(value).__name__}")
     try:
-        return model.model_validate(value)
+        return model.model_validate(value, strict=True)  # JSON types as documented: no coercion
     except ValidationError as e:
         problems = [_describe(err) for err in e.errors()]
         raise HttpProblem(422, "; ".join(problems[:5]), detail=problems) from None

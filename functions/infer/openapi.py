@@ -10,7 +10,8 @@ from functions.openapi import document as build
 
 
 def document() -> dict[str, Any]:
-    statuses = (400, 404, 413, 422, 429)
+    # A run that failed (the model unreachable, the sandbox down) is a 502 with its result.
+    statuses = (400, 404, 413, 422, 429, (502, InferResult))
     return build(
         "rlm infer",
         [
