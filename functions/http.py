@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
+from functions.contract import has_lone_surrogate
+
 M = TypeVar("M", bound=BaseModel)
 
 HEALTH_PATHS = ("/health", "/health/liveness", "/health/readiness")
@@ -73,7 +75,8 @@ def parse_json(data: bytes) -> Any:
     if not data:
         raise HttpProblem(400, "request body is empty: send a JSON object")
     try:
-        return json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
+        lone_surrogate = has_lone_surrogate(data, value)
     except UnicodeDecodeError as e:
         raise HttpProblem(400, f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -82,6 +85,12 @@ def parse_json(data: bytes) -> Any:
         ) from None
     except RecursionError:
         raise HttpProblem(400, "request body is nested too deeply") from None
+    if lone_surrogate:
+        raise HttpProblem(400, f"request body {LONE_SURROGATE}")
+    return value
+
+
+LONE_SURROGATE = "has a \\ud800-\\udfff escape without its pair: send valid Unicode text"
 
 
 def validate(model: type[M], value: Any) -> M:
