@@ -45,12 +45,28 @@ class HttpProblem(Exception):
 def answer(route: Callable[[Request], Response], request: Request, log: logging.Logger) -> Response:
     """Run a function's router: problems become their 4xx/5xx, a bug a 500 with no traceback."""
     try:
-        return route(request)
+        response = route(request)
     except HttpProblem as problem:
-        return problem.response()
+        response = problem.response()
     except Exception:
         log.exception("internal error")
-        return HttpProblem(500, f"internal error in {log.name}; see its logs").response()
+        response = HttpProblem(500, f"internal error in {log.name}; see its logs").response()
+    if response.status_code >= 400 or request.method != "POST":
+        _unbuffered(response)
+    return response
+
+
+def _unbuffered(response: Response) -> None:
+    """Answer without reading the rest of the request body first.
+
+    functions-framework reads every request body into memory before it sends a response that is
+    not streamed (an after-request hook). A refused body (413, or a 401/404 before any reading)
+    may be gigabytes, or only announced: sent as a stream, the answer goes out at once and the
+    server drops the unread body as it arrives, a chunk at a time.
+    """
+    if not response.is_streamed:
+        response.response = iter([response.get_data()])
+        response.headers.pop("Content-Length", None)
 
 
 def json_response(
