@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -35,6 +36,21 @@ def context_bytes(value: Any) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def has_lone_surrogate(raw: bytes, value: Any) -> bool:
+    """Whether `value`, decoded from the JSON text `raw`, holds a lone UTF-16 surrogate (a
+    `\\udXXX` escape without its pair): valid JSON, but no UTF-8 text, so no context or code."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return False  # the common case, without a second pass over the value
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def context_ref(value: Any) -> str:

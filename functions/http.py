@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
+from functions.contract import has_lone_surrogate
+
 M = TypeVar("M", bound=BaseModel)
 
 HEALTH_PATHS = ("/health", "/health/liveness", "/health/readiness")
@@ -43,12 +45,28 @@ class HttpProblem(Exception):
 def answer(route: Callable[[Request], Response], request: Request, log: logging.Logger) -> Response:
     """Run a function's router: problems become their 4xx/5xx, a bug a 500 with no traceback."""
     try:
-        return route(request)
+        response = route(request)
     except HttpProblem as problem:
-        return problem.response()
+        response = problem.response()
     except Exception:
         log.exception("internal error")
-        return HttpProblem(500, f"internal error in {log.name}; see its logs").response()
+        response = HttpProblem(500, f"internal error in {log.name}; see its logs").response()
+    if response.status_code >= 400 or request.method != "POST":
+        _unbuffered(response)
+    return response
+
+
+def _unbuffered(response: Response) -> None:
+    """Answer without reading the rest of the request body first.
+
+    functions-framework reads every request body into memory before it sends a response that is
+    not streamed (an after-request hook). A refused body (413, or a 401/404 before any reading)
+    may be gigabytes, or only announced: sent as a stream, the answer goes out at once and the
+    server drops the unread body as it arrives, a chunk at a time.
+    """
+    if not response.is_streamed:
+        response.response = iter([response.get_data()])
+        response.headers.pop("Content-Length", None)
 
 
 def json_response(
@@ -73,7 +91,8 @@ def parse_json(data: bytes) -> Any:
     if not data:
         raise HttpProblem(400, "request body is empty: send a JSON object")
     try:
-        return json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
+        lone_surrogate = has_lone_surrogate(data, value)
     except UnicodeDecodeError as e:
         raise HttpProblem(400, f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -82,6 +101,12 @@ def parse_json(data: bytes) -> Any:
         ) from None
     except RecursionError:
         raise HttpProblem(400, "request body is nested too deeply") from None
+    if lone_surrogate:
+        raise HttpProblem(400, f"request body {LONE_SURROGATE}")
+    return value
+
+
+LONE_SURROGATE = "has a \\ud800-\\udfff escape without its pair: send valid Unicode text"
 
 
 def validate(model: type[M], value: Any) -> M:
@@ -89,7 +114,7 @@ def validate(model: type[M], value: Any) -> M:
     if not isinstance(value, dict):
         raise HttpProblem(422, f"expected a JSON object, got {type(value).__name__}")
     try:
-        return model.model_validate(value)
+        return model.model_validate(value, strict=True)  # JSON types as documented: no coercion
     except ValidationError as e:
         problems = [_describe(err) for err in e.errors()]
         raise HttpProblem(422, "; ".join(problems[:5]), detail=problems) from None

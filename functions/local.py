@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,18 +54,21 @@ def serve(
     port: int | None = None,
     ready: str = "/health",
     timeout_s: float = 60,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
 ) -> Served:
-    """Start one function under functions-framework on loopback; wait until `ready` answers."""
+    """Start one function under functions-framework on `host` (loopback by default), its
+    command run through `prefix` if given (`ip netns exec NAME`); wait until `ready` answers."""
     port = port or free_port()
     log = log_dir / f"{plane}-{port}.log"
     process = subprocess.Popen(
-        command(plane, "127.0.0.1", port),
+        [*prefix, *command(plane, host, port)],
         cwd=PACKAGE.parent,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    served = Served(f"http://127.0.0.1:{port}", process, log)
+    served = Served(f"http://{host}:{port}", process, log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -22,21 +23,30 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
 
 
-def _problems(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"description": "a problem the caller can fix, or a busy server",
-                     "content": _json("Problem")} for s in statuses}  # fmt: skip
+Status = int | tuple[int, type[BaseModel]]  # a status answered with a Problem, or another body
+
+
+def _problems(*statuses: Status) -> dict[str, Any]:
+    answers = {}
+    for status in statuses:
+        code, model = status if isinstance(status, tuple) else (status, Problem)
+        answers[str(code)] = {"description": "not done: the body says why and what to do",
+                              "content": _json(model.__name__)}  # fmt: skip
+    return answers
 
 
 def document(
     title: str,
-    operations: list[tuple[str, str, type[BaseModel] | None, type[BaseModel], tuple[int, ...]]],
-    extra_models: list[type[BaseModel]] = (),  # type: ignore[assignment]
+    operations: list[tuple[str, str, type[BaseModel] | None, type[BaseModel], tuple[Status, ...]]],
+    extra_models: Sequence[type[BaseModel]] = (),
 ) -> dict[str, Any]:
-    """`operations`: (path, summary, request model, response model, problem statuses)."""
-    models = [Problem, *extra_models]
+    """`operations`: (path, summary, request model, response model, statuses other than 200);
+    `extra_models`: schemas of paths the caller adds to the document itself."""
+    models: list[type[BaseModel]] = [Problem, *extra_models]
     paths: dict[str, Any] = {}
     for path, summary, request, response, statuses in operations:
         models += [m for m in (request, response) if m is not None]
+        models += [s[1] for s in statuses if isinstance(s, tuple)]
         operation: dict[str, Any] = {
             "summary": summary,
             "responses": {

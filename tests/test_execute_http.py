@@ -47,6 +47,8 @@ def test_bad_input_gets_a_clear_4xx(execute_server):
         (post(execute_server, {"code": "1", "tiemout": 3}), 422, "unknown field"),
         (post(execute_server, ["code"]), 422, "JSON object"),
         (post(execute_server, {"code": "1", "limits": {"deadline_s": -1}}), 422, "deadline_s"),
+        (post(execute_server, {"code": "1", "limits": {"max_subcalls": True}}), 422, "integer"),
+        (post(execute_server, {"code": "1", "timeout": "3"}), 422, "timeout"),
         (
             post(execute_server, {"code": "1", "session_id": "s", "state": {"ref": "xyz"}}),
             422,

@@ -182,6 +182,16 @@ def test_stderr_overflow_keeps_the_report(runner):
     assert r.locals["val"].preview == "5"
 
 
+def test_the_report_survives_a_cap_that_cuts_it(runner):
+    """The cap falls inside the driver's report (or its marker): the error is still the user's."""
+    code = "raise ValueError('v' * 300)"
+    size = len(cell(runner, code).stderr.encode())
+    for cap in (size + 5, size + 60, size + 200):
+        r = cell(runner, code, limits={"output_bytes": cap})
+        assert r.error.type == "ValueError", (cap, r.error)
+        assert "\x1e" not in r.stderr and "rlm-report" not in r.stderr
+
+
 def test_deep_recursion_is_an_error_not_a_crash(runner):
     r = cell(runner, "def f(n): return f(n + 1)\nf(0)")
     assert r.error is not None

@@ -105,6 +105,15 @@ def test_budgets_stop_with_a_partial_answer(stack, llm, budget, reason):
         assert body["answer"] == "partial so far"
 
 
+def test_time_budget_spent_inside_a_model_call_is_a_stop(stack, llm):
+    """The deadline runs out while the model is answering: a budget stop, not a failed run."""
+    llm.latency_s = 2.0
+    r = ask(stack, {"query": "q", "context": "c", "max_timeout_s": 0.3})
+    body = r.json()
+    assert r.status_code == 200, body
+    assert body["status"] == "stopped" and body["stop_reason"].startswith("max_timeout_s"), body
+
+
 def test_forged_expired_and_out_of_scope_tokens(stack, llm):
     from functions.infer import tokens
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from functions.infer.llm import LLM, AsyncLLM, Backoff, LLMError
+from functions.infer.llm import LLM, AsyncLLM, Backoff, DeadlineReached, LLMError
 from functions.scripted_model import ChatRequest, Fault, ScriptedModel
 
 PRICES = '{"priced": [1.0, 2.0]}'
@@ -168,7 +168,7 @@ def test_a_wrong_key_is_not_retried(model: ScriptedModel) -> None:
 def test_the_deadline_bounds_the_retries(model: ScriptedModel) -> None:
     model.inject(Fault(status=503, retry_after=0.2), times=20)
     started = time.monotonic()
-    with pytest.raises(LLMError, match="deadline"):
+    with pytest.raises(DeadlineReached, match="deadline"):
         ask(client(model, max_retries=20), deadline=started + 0.5)
     assert time.monotonic() - started < 0.55
     assert 2 <= model.received <= 3
@@ -177,13 +177,13 @@ def test_the_deadline_bounds_the_retries(model: ScriptedModel) -> None:
 def test_the_deadline_bounds_a_slow_attempt(model: ScriptedModel) -> None:
     model.inject(Fault(delay_s=1.0))
     started = time.monotonic()
-    with pytest.raises(LLMError):
+    with pytest.raises(DeadlineReached):
         ask(client(model, timeout_s=30), deadline=started + 0.3)
     assert time.monotonic() - started < 0.8
 
 
 def test_a_passed_deadline_calls_nothing(model: ScriptedModel) -> None:
-    with pytest.raises(LLMError, match="deadline") as e:
+    with pytest.raises(DeadlineReached, match="deadline") as e:
         ask(client(model), deadline=time.monotonic() - 1)
     assert e.value.attempts == 0 and model.received == 0
 

@@ -10,7 +10,7 @@ from functions.openapi import document as build
 
 
 def document() -> dict[str, Any]:
-    statuses = (400, 404, 409, 413, 422, 503)
+    statuses = (400, 404, (409, Missing), 413, 422, 503)
     return build(
         "rlm execute",
         [
@@ -20,5 +20,4 @@ def document() -> dict[str, Any]:
             ("/health", "Liveness", None, Health, ()),
             ("/health/readiness", "Ready once the sandbox is loaded", None, Health, (503,)),
         ],
-        [Missing],
     )  # fmt: skip

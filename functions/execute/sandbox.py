@@ -187,9 +187,12 @@ class Interpreter:
             )
         except SessionEnded as e:
             return TurnResult(b"", b"", None, f"session ended: {e}", ())
-        stderr, marker, report = done.stderr.rpartition(self._marker.encode())
-        if not marker:
-            stderr, report = done.stderr, self._report_from_file(done)
+        marker = self._marker.encode()
+        stderr, found, report = done.stderr.rpartition(marker)
+        if not found:
+            stderr = _cut_marker(done.stderr, marker) if done.truncated else done.stderr
+        if not found or "stderr" in done.truncated:  # the cap cut the marker or the report
+            report = self._report_from_file(done)
         outputs = {name: data for name in _WRITABLE if (data := self.files.take(name))}
         self.files.clear()
         return TurnResult(
@@ -210,6 +213,14 @@ class Interpreter:
 
     def close(self) -> None:
         self._session.close()
+
+
+def _cut_marker(data: bytes, marker: bytes) -> bytes:
+    """`data` without the start of `marker` that the output cap left at its end."""
+    for n in range(min(len(marker), len(data)), 0, -1):
+        if data.endswith(marker[:n]):
+            return data[:-n]
+    return data
 
 
 class SubcallRefused(ToolError):

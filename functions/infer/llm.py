@@ -42,6 +42,10 @@ class LLMError(Exception):
         self.status = status  # the endpoint's last HTTP status, if it answered at all
 
 
+class DeadlineReached(LLMError):
+    """The caller's deadline left no time for a(nother) attempt: a time budget ran out."""
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -84,11 +88,12 @@ class _Attempts:
         left = self.deadline - time.monotonic()
         if left < _MIN_ATTEMPT_S:
             self.count -= 1
-            raise self._error(f"not called: deadline reached after {self.count} tries", None)
+            why = f"not called: deadline reached after {self.count} tries"
+            raise self._error(why, None, DeadlineReached)
         return min(self.timeout_s, left)
 
-    def _error(self, why: str, status: int | None) -> LLMError:
-        return LLMError(
+    def _error(self, why: str, status: int | None, kind: type[LLMError] = LLMError) -> LLMError:
+        return kind(
             f"model {self.model!r} {why}", model=self.model, attempts=self.count, status=status
         )
 
@@ -107,7 +112,8 @@ class _Attempts:
         if self.count > self.backoff.max_retries or late:
             limit = "retries" if self.count > self.backoff.max_retries else "time before deadline"
             why = f"unavailable after {self.count} tries (out of {limit}): {_describe(error)}"
-            raise self._error(why, status) from error
+            kind = LLMError if self.count > self.backoff.max_retries else DeadlineReached
+            raise self._error(why, status, kind) from error
         log.warning(
             "LLM call to %r failed (%s); attempt %d of %d in %.2f s",
             self.model,

@@ -25,7 +25,7 @@ from functions.contract import (
 from functions.infer import compaction, parsing, prompts
 from functions.infer.compaction import DEFAULT_WINDOW
 from functions.infer.executor import ExecuteError, Executor, ReplSession
-from functions.infer.llm import LLMError
+from functions.infer.llm import DeadlineReached, LLMError
 from functions.infer.routing import allowed_models
 from functions.infer.tools import prompt_section
 
@@ -155,6 +155,9 @@ class Run:
             )  # fmt: skip
         except BudgetStop as stop:
             return self._finish("stopped", iterations, partial, reason=str(stop))
+        except DeadlineReached:  # the run's own time budget, not a model failure
+            reason = f"max_timeout_s: {self.config.max_timeout_s} s passed"
+            return self._finish("stopped", iterations, partial, reason=reason)
         except (LLMError, ExecuteError) as e:
             return self._finish("failed", iterations, partial, error=str(e))
         finally:

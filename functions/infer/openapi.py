@@ -16,7 +16,8 @@ from functions.openapi import document as build
 
 
 def document() -> dict[str, Any]:
-    statuses = (400, 404, 409, 413, 422, 429)
+    # A run that failed (the model unreachable, the sandbox down) is a 502 with its result.
+    statuses = (400, 404, 409, 413, 422, 429, (502, InferResult))
     doc = build(
         "rlm infer",
         [
