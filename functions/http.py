@@ -141,3 +141,17 @@ def not_found(request: Request, routes: str) -> HttpProblem:
     return HttpProblem(
         404, f"no route {request.method} {request.path}; this function serves {routes}"
     )
+
+
+def json_errors(routes: str) -> None:
+    """Flask answers a URL no rule takes (one with a newline, say) before the function runs;
+    make that answer a JSON problem too. Call it at import, inside functions-framework."""
+    import functions_framework
+
+    def unrouted(error: Exception) -> Response:
+        problem = HttpProblem(404, f"no such route; this function serves {routes}")
+        response = problem.response()
+        _unbuffered(response)
+        return response
+
+    functions_framework.errorhandler(404)(unrouted)

@@ -149,3 +149,11 @@ def test_structured_events_missing_an_attribute_are_400(plane, missing):
     del envelope[missing]
     problem(post(plane.served, json.dumps(envelope).encode(), dict(headers)), 400, missing)
     still_serving(plane.served)
+
+
+@pytest.mark.parametrize("path", ["/infer/%0Abad/cancel", "/execute/%0A", "/%0A"])
+def test_a_url_no_route_takes_is_a_json_404(plane, path):
+    response = httpx.post(plane.served.url + path, timeout=10)
+    assert response.headers["content-type"].startswith("application/json")
+    problem(response, 404, "this function serves")
+    still_serving(plane.served)

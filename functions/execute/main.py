@@ -25,6 +25,7 @@ from functions.http import (
     HEALTH_PATHS,
     HttpProblem,
     answer,
+    json_errors,
     json_response,
     metrics_response,
     not_found,
@@ -66,6 +67,10 @@ def _warm_up(cells: CellRunner) -> None:
     _ready.set()
 
 
+ROUTES = "POST /execute, POST /, GET /health, GET /metrics"
+json_errors(ROUTES)
+
+
 @functions_framework.http
 def execute(request: Request) -> Response:
     return answer(_route, request, log)
@@ -91,7 +96,7 @@ def _route(request: Request) -> Response:
         body = read_body(request, SETTINGS.max_request_bytes)
         cell = validate(ExecuteRequest, parse_json(body))
         return json_response(run_cell(cell, request.headers.get("traceparent")))
-    raise not_found(request, "POST /execute, POST /, GET /health, GET /metrics")
+    raise not_found(request, ROUTES)
 
 
 def run_cell(cell: ExecuteRequest, traceparent: str | None = None):

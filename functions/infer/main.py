@@ -29,6 +29,7 @@ from functions.http import (
     HEALTH_PATHS,
     HttpProblem,
     answer,
+    json_errors,
     json_response,
     metrics_response,
     not_found,
@@ -86,6 +87,10 @@ def service() -> InferService:
         return _service
 
 
+ROUTES = "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
+json_errors(ROUTES)
+
+
 @functions_framework.http
 def infer(request: Request) -> Response:
     return answer(_route, request, log)
@@ -121,9 +126,7 @@ def _route(request: Request) -> Response:
             return _stream(infer_request, traceparent)
         result = _run(infer_request, traceparent)
         return json_response(result, 502 if result.status == "failed" else 200)
-    raise not_found(
-        request, "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
-    )
+    raise not_found(request, ROUTES)
 
 
 def _body(request: Request) -> bytes:
