@@ -9,8 +9,10 @@ POST /v1/chat/completions (OpenAI-compatible), GET /health*, GET /metrics, GET /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -71,12 +73,31 @@ def service() -> InferService:
                 prices_json=SETTINGS.prices_json,
             )
             executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
-            _service = InferService(SETTINGS, llm, executor)
+            settings = dataclasses.replace(SETTINGS, max_runs=run_bound(SETTINGS))
+            _service = InferService(settings, llm, executor)
             if SETTINGS.sink_url:
                 from functions.infer.sink import ProgressSink
 
                 _service.sink = ProgressSink(SETTINGS.sink_url)
         return _service
+
+
+def run_bound(settings: InferSettings, threads: int | None = None) -> int:
+    """Runs to take at once: INFER_MAX_RUNS, but never so many that no request thread is left.
+
+    A run holds a request thread (gunicorn's THREADS) while its cells' sub-calls come back to
+    this process as callbacks that need threads of their own, one per depth: with every
+    thread held by a run, callbacks would queue behind runs that wait on them. Above the bound
+    a run is refused with 429 and Retry-After instead.
+    """
+    threads = threads or int(os.environ.get("THREADS") or 4 * (os.cpu_count() or 1))
+    bound = max(1, (threads - 2) // (settings.max_depth + 1))
+    if bound < settings.max_runs:
+        log.warning(
+            "INFER_MAX_RUNS=%d lowered to %d: THREADS=%d leaves room for that many runs "
+            "and their sub-call callbacks", settings.max_runs, bound, threads,
+        )  # fmt: skip
+    return min(settings.max_runs, bound)
 
 
 @functions_framework.http
