@@ -73,31 +73,20 @@ def service() -> InferService:
                 prices_json=SETTINGS.prices_json,
             )
             executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
-            settings = dataclasses.replace(SETTINGS, max_runs=run_bound(SETTINGS))
+            threads = int(os.environ.get("THREADS") or 4 * (os.cpu_count() or 1))
+            bound = SETTINGS.run_bound(threads)
+            if bound < SETTINGS.max_runs:
+                log.warning(
+                    "INFER_MAX_RUNS=%d lowered to %d: THREADS=%d leaves room for that many runs "
+                    "and their sub-call callbacks", SETTINGS.max_runs, bound, threads,
+                )  # fmt: skip
+            settings = dataclasses.replace(SETTINGS, max_runs=bound)
             _service = InferService(settings, llm, executor)
             if SETTINGS.sink_url:
                 from functions.infer.sink import ProgressSink
 
                 _service.sink = ProgressSink(SETTINGS.sink_url)
         return _service
-
-
-def run_bound(settings: InferSettings, threads: int | None = None) -> int:
-    """Runs to take at once: INFER_MAX_RUNS, but never so many that no request thread is left.
-
-    A run holds a request thread (gunicorn's THREADS) while its cells' sub-calls come back to
-    this process as callbacks that need threads of their own, one per depth: with every
-    thread held by a run, callbacks would queue behind runs that wait on them. Above the bound
-    a run is refused with 429 and Retry-After instead.
-    """
-    threads = threads or int(os.environ.get("THREADS") or 4 * (os.cpu_count() or 1))
-    bound = max(1, (threads - 2) // (settings.max_depth + 1))
-    if bound < settings.max_runs:
-        log.warning(
-            "INFER_MAX_RUNS=%d lowered to %d: THREADS=%d leaves room for that many runs "
-            "and their sub-call callbacks", settings.max_runs, bound, threads,
-        )  # fmt: skip
-    return min(settings.max_runs, bound)
 
 
 @functions_framework.http
@@ -206,6 +195,8 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
 
 
 def _subcalls(request: Request) -> Response:
+    from functions.infer.llm import LLMError
+
     auth = request.headers.get("authorization", "")
     if not auth.lower().startswith("bearer "):
         raise HttpProblem(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -214,6 +205,8 @@ def _subcalls(request: Request) -> Response:
         reply = service().subcall(auth[7:].strip(), body)
     except tokens.TokenError as e:
         raise HttpProblem(getattr(e, "status", 401), str(e)) from None
+    except LLMError as e:  # the guest reads this message in the exception it gets
+        raise HttpProblem(502, f"the sub-model failed: {e}") from None
     metrics.subcalls_total.labels(kind=body.kind).inc(len(body.prompts))
     return json_response(reply)
 

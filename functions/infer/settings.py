@@ -55,6 +55,16 @@ class InferSettings:
     output_chars: int = 20_000  # INFER_OUTPUT_CHARS: a cell's output shown to the model
     sink_url: str = ""  # K_SINK: progress events go here when set
 
+    def run_bound(self, threads: int) -> int:
+        """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
+
+        A run holds one of the server's `threads` (gunicorn's THREADS) while its cells'
+        sub-calls come back to this process as callbacks that need threads too, one per depth:
+        with every thread held by a run, callbacks would queue behind runs that wait on them.
+        Above the bound a run is refused with 429 and Retry-After instead.
+        """
+        return max(1, min(self.max_runs, (threads - 2) // (self.max_depth + 1)))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, served: bool = True) -> InferSettings:
         """`served`: running as the infer function, so the execute URL and token key are needed."""
