@@ -34,12 +34,19 @@ class LLMError(Exception):
     """The model could not be reached, refused, or answered nonsense (after any retries)."""
 
     def __init__(
-        self, message: str, *, model: str = "", attempts: int = 1, status: int | None = None
+        self,
+        message: str,
+        *,
+        model: str = "",
+        attempts: int = 1,
+        status: int | None = None,
+        out_of_time: bool = False,
     ) -> None:
         super().__init__(message)
         self.model = model
         self.attempts = attempts
         self.status = status  # the endpoint's last HTTP status, if it answered at all
+        self.out_of_time = out_of_time  # the caller's deadline left no time to (try again)
 
 
 @dataclass(frozen=True)
@@ -84,12 +91,16 @@ class _Attempts:
         left = self.deadline - time.monotonic()
         if left < _MIN_ATTEMPT_S:
             self.count -= 1
-            raise self._error(f"not called: deadline reached after {self.count} tries", None)
+            raise self._error(f"not called: deadline reached after {self.count} tries", None, True)
         return min(self.timeout_s, left)
 
-    def _error(self, why: str, status: int | None) -> LLMError:
+    def _error(self, why: str, status: int | None, out_of_time: bool = False) -> LLMError:
         return LLMError(
-            f"model {self.model!r} {why}", model=self.model, attempts=self.count, status=status
+            f"model {self.model!r} {why}",
+            model=self.model,
+            attempts=self.count,
+            status=status,
+            out_of_time=out_of_time,
         )
 
     def wait_after(self, error: Exception) -> float:
@@ -107,7 +118,7 @@ class _Attempts:
         if self.count > self.backoff.max_retries or late:
             limit = "retries" if self.count > self.backoff.max_retries else "time before deadline"
             why = f"unavailable after {self.count} tries (out of {limit}): {_describe(error)}"
-            raise self._error(why, status) from error
+            raise self._error(why, status, out_of_time=late) from error
         log.warning(
             "LLM call to %r failed (%s); attempt %d of %d in %.2f s",
             self.model,

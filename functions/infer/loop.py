@@ -133,6 +133,12 @@ class Run:
         except BudgetStop as stop:
             return self._finish("stopped", iterations, partial, reason=str(stop))
         except (LLMError, ExecuteError) as e:
+            remaining = self._remaining()
+            if (isinstance(e, LLMError) and e.out_of_time) or (
+                remaining is not None and remaining <= 0
+            ):
+                reason = f"max_timeout_s: {self.config.max_timeout_s} s passed ({e})"
+                return self._finish("stopped", iterations, partial, reason=reason)
             return self._finish("failed", iterations, partial, error=str(e))
 
     # ----------------------------------------------------------------- steps
