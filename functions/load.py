@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from functions.haystack import haystack
-from functions.local import Served, free_port, serve
-from functions.scripted_model import ChatRequest, ScriptedModel, answer_from_prompt, repl
+from functions.local import Served, free_port, process_tree, serve
+from functions.scripted_model import (
+    ChatRequest,
+    Policy,
+    ScriptedModel,
+    answer_from_prompt,
+    repl,
+)
 
 TOKEN_KEY = "load-test-signing-key-0123456789abcdef0123"
 
@@ -55,24 +60,24 @@ def load_policy(request: ChatRequest) -> str:
 
 @dataclass
 class Stack:
-    """Infer, execute and the scripted model; execute can be killed and restarted in place."""
+    """Infer, execute and the scripted model; either function can be killed and restarted."""
 
     model: ScriptedModel
     infer: Served
     execute: Served
     logs: Path
-    execute_env: dict[str, str]
+    envs: dict[str, dict[str, str]]
     replaced: list[Served] = field(default_factory=list)
 
-    def restart_execute(self) -> float:
-        """SIGKILL execute and start a fresh process on the same port; seconds until ready."""
+    def restart(self, plane: str) -> float:
+        """SIGKILL `plane` and start a fresh process on the same port; seconds until ready."""
         started = time.monotonic()
-        self.execute.process.kill()
-        self.execute.process.wait()
-        self.replaced.append(self.execute)
-        port = int(self.execute.url.rsplit(":", 1)[1])
-        self.execute = serve("execute", self.execute_env, self.logs, port=port,
-                             ready="/health/readiness")  # fmt: skip
+        old: Served = getattr(self, plane)
+        old.kill()
+        self.replaced.append(old)
+        port = int(old.url.rsplit(":", 1)[1])
+        ready = "/health/readiness" if plane == "execute" else "/health"
+        setattr(self, plane, serve(plane, self.envs[plane], self.logs, port=port, ready=ready))
         return time.monotonic() - started
 
     def stop(self) -> None:
@@ -82,7 +87,7 @@ class Stack:
 
 
 def start_stack(
-    policy: Callable[[ChatRequest], str],
+    policy: Policy,
     logs: Path,
     max_runs: int = 32,
     execute_slots: int = 2,
@@ -105,7 +110,7 @@ def start_stack(
         "THREADS": str(2 * max_runs + 8), **(infer_env or {}),
     }  # fmt: skip
     infer = serve("infer", env, logs, port=port)
-    return Stack(model, infer, execute, logs, exec_env)
+    return Stack(model, infer, execute, logs, {"infer": env, "execute": exec_env})
 
 
 # ----------------------------------------------------------------------------- one client run
@@ -255,7 +260,7 @@ def saturated_count(execute_url: str) -> int:
 def tree_peak_rss_kb(pid: int) -> int:
     """VmHWM (peak resident set) of `pid` and its descendants, summed, in KiB."""
     total = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
@@ -266,14 +271,22 @@ def tree_peak_rss_kb(pid: int) -> int:
     return total
 
 
-def _tree(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            try:
-                todo += [int(c) for c in task.read_text().split()]
-            except OSError:
-                continue
-    return found
+# ----------------------------------------------------------------------------- no warm cache
+
+
+def restarting(stack: Stack, policy: Policy) -> tuple[Policy, list[float]]:
+    """`policy`, with execute replaced by a fresh process before every root turn, so every cell
+    lands on a process that holds no session, state or context; also the restart times."""
+    starts: list[float] = []
+
+    def wrapped(request: ChatRequest) -> str:
+        if request.is_root:
+            starts.append(stack.restart("execute"))
+        return policy(request)
+
+    return wrapped, starts
+
+
+def cell_seconds(result: dict) -> list[float]:
+    """Wall time of each cell as infer saw it (409s, re-sends and retries included)."""
+    return [e["seconds"] for e in result.get("trajectory") or [] if e["kind"] == "cell"]
