@@ -25,6 +25,7 @@ from functions.load import (
     load_policy,
     one_run,
     restarting,
+    run_context,
     secret,
     start_stack,
 )
@@ -209,7 +210,7 @@ def test_infer_killed_mid_event_then_redelivered(stack):
 
     stack.switch["policy"] = policy
     event = CloudEvent({"type": events.INFER_REQUESTED, "source": "/tests"},
-                       {"query": "magic?", "context": load_context(7)})  # fmt: skip
+                       {"query": "magic?", "context": run_context(7, 20_000)})  # fmt: skip
     headers, body = to_binary(event)
     thread = threading.Thread(target=killer)
     thread.start()
@@ -223,12 +224,6 @@ def test_infer_killed_mid_event_then_redelivered(stack):
     assert [x["type"] for x in replies] == [events.INFER_COMPLETED] * 2
     assert replies[0].data["answer"] == secret(7)
     assert replies[0].data["run_id"] == replies[1].data["run_id"]  # one run for the redeliveries
-
-
-def load_context(index):
-    from functions.load import run_context
-
-    return run_context(index, 20_000)
 
 
 CATCH = "try:\n    llm_query('q')\nexcept Exception as e:\n    print('caught', type(e).__name__, e)"
