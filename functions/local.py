@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +30,18 @@ def command(plane: str, host: str, port: int) -> list[str]:
             "--target", plane, "--host", host, "--port", str(port)]  # fmt: skip
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, parents before children (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in task.read_text().split()]
+    return found
+
+
 @dataclass
 class Served:
     url: str
@@ -42,6 +56,13 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the process and its children (gunicorn's worker would finish its requests)."""
+        for pid in reversed(process_tree(self.process.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -155,8 +155,7 @@ def test_execute_restarted_mid_run(tmp_path, llm):
         if not request.is_root:
             return "sub"
         if request.turn == 1 and not restarted:
-            execute.process.kill()
-            execute.process.wait()
+            execute.kill()
             restarted.append(serve("execute", {}, tmp_path, port=int(execute.url.rsplit(":", 1)[1]),
                                    ready="/health/readiness"))  # fmt: skip
         steps = [repl("big = 'x' * 2_000_000\nn = 41"), repl("n += 1\nprint(n)"),

@@ -104,13 +104,14 @@ class CellRunner:
     def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
         if not self._slots.acquire(timeout=self.settings.queue_wait_s):
             raise Saturated("all sandbox slots are busy")
+        lease = SlotLease(self._slots)
         try:
             if request.session_id is None:
-                return self._run_once(request, traceparent)
+                return self._run_once(request, traceparent, lease)
             with self._session_locks.hold(request.session_id):
-                return self._run_in_session(request, traceparent)
+                return self._run_in_session(request, traceparent, lease)
         finally:
-            self._slots.release()
+            lease.end()
             self._top_up()
 
     def prewarm(self) -> None:
@@ -125,18 +126,22 @@ class CellRunner:
 
     # ------------------------------------------------------------------ paths
 
-    def _run_once(self, request: ExecuteRequest, traceparent: str | None) -> ExecuteResponse:
+    def _run_once(
+        self, request: ExecuteRequest, traceparent: str | None, lease: SlotLease
+    ) -> ExecuteResponse:
         plan = _Plan()
         self._add_context(request, None, plan)
         self._add_contexts(request, None, plan)
         live = self._take_spare()
         try:
-            response, _ = self._turn(live, request, plan, traceparent, snapshot=False)
+            response, _ = self._turn(live, request, plan, traceparent, lease, snapshot=False)
         finally:
             live.close()
         return response
 
-    def _run_in_session(self, request: ExecuteRequest, traceparent: str | None) -> ExecuteResponse:
+    def _run_in_session(
+        self, request: ExecuteRequest, traceparent: str | None, lease: SlotLease
+    ) -> ExecuteResponse:
         sid = request.session_id
         assert sid is not None
         live = self.sessions.pop(sid)
@@ -163,7 +168,7 @@ class CellRunner:
 
         live = live or self._take_spare()
         try:
-            response, meta = self._turn(live, request, plan, traceparent, snapshot=True)
+            response, meta = self._turn(live, request, plan, traceparent, lease, snapshot=True)
         except BaseException:
             live.close()
             raise
@@ -265,6 +270,7 @@ class CellRunner:
         request: ExecuteRequest,
         plan: _Plan,
         traceparent: str | None,
+        lease: SlotLease,
         snapshot: bool,
     ) -> tuple[ExecuteResponse, dict]:
         s = self.settings
@@ -288,8 +294,8 @@ class CellRunner:
             callback=request.callback,
             max_subcalls=max_subcalls,
             headers={"traceparent": traceparent} if traceparent else {},
-            pause=self._slots.release,
-            resume=self._slots.acquire,
+            pause=lease.pause,
+            resume=lease.resume,
         )
         started = time.perf_counter()
         result = live.interpreter.turn(
@@ -406,6 +412,48 @@ class CellRunner:
     @staticmethod
     def _evicted(_sid: str, live: Live) -> None:
         live.close()
+
+
+class SlotLease:
+    """A cell's hold on one slot, lent out while its sub-calls wait for the infer plane.
+
+    A sub-call the sandbox gave up on (its timeout, or the cell's deadline) goes on in its
+    thread after the cell has ended: its late `resume` must not take a slot for a cell that is
+    gone, and the cell's `end` must not give back a slot it had lent.
+    """
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots = slots
+        self._lock = threading.Lock()
+        self._held = True
+        self._waiting = 0  # sub-calls under way (an abandoned one may overlap the next)
+        self._ended = False
+
+    def pause(self) -> None:
+        with self._lock:
+            self._waiting += 1
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+    def resume(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if self._waiting or self._held or self._ended:
+                return
+        self._slots.acquire()
+        with self._lock:
+            if self._held or self._ended:
+                self._slots.release()
+            else:
+                self._held = True
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            if self._held:
+                self._held = False
+                self._slots.release()
 
 
 class KeyedLocks:

@@ -6,6 +6,7 @@ with the sub-call answers they got, so a session a pod lost can be rebuilt by re
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -44,7 +45,9 @@ class RemoteExecutor:
     """POSTs cells to an execute function; retries what is safe to retry.
 
     A cell re-sent with the same state ref is safe: the pod either still holds the session at
-    that ref or rebuilds it from the ref, so the cell runs on the same variables.
+    that ref or rebuilds it from the ref, so the cell runs on the same variables. A saturated
+    pod (429/503) is asked again after its Retry-After for as long as the cell's own deadline
+    (saturation is normal under load, not a failure); other failures `retries` times.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class RemoteExecutor:
         max_backoff_s: float = 4.0,
     ) -> None:
         self.url = url.rstrip("/") + "/execute"
+        self.timeout_s = timeout_s
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
 
@@ -64,28 +68,37 @@ class RemoteExecutor:
         headers = {"content-type": "application/json"}
         if traceparent:
             headers["traceparent"] = traceparent
-        for attempt in range(self.retries + 1):
+        busy_until = time.monotonic() + (request.limits.deadline_s or self.timeout_s)
+        failures = 0
+        for attempt in itertools.count():
             wait = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
             try:
                 response = self._client.post(self.url, content=body, headers=headers)
             except httpx.HTTPError as e:
-                if attempt == self.retries:
+                failures += 1
+                if failures > self.retries:
                     raise ExecuteError(f"execute plane unreachable at {self.url}: {e}") from None
                 time.sleep(wait)
                 continue
-            if response.status_code == 200:
+            status = response.status_code
+            if status == 200:
                 try:
                     return ExecuteResponse.model_validate_json(response.content)
                 except ValidationError:
                     raise ExecuteError("execute plane sent an unreadable response") from None
-            if response.status_code == 409:
+            if status == 409:
                 raise ExecuteMissing(response.json().get("missing", []))
-            if response.status_code in (429, 502, 503, 504) and attempt < self.retries:
-                time.sleep(max(wait, _retry_after(response)))
+            wait = max(wait, _retry_after(response))
+            if status in (429, 503) and time.monotonic() + wait < busy_until:
+                time.sleep(wait)
                 continue
-            raise ExecuteError(f"execute plane refused the cell ({response.status_code}): "
+            failures += status in (502, 504)
+            if status in (502, 504) and failures <= self.retries:
+                time.sleep(wait)
+                continue
+            raise ExecuteError(f"execute plane refused the cell ({status}): "
                                f"{_error_text(response)}")  # fmt: skip
-        raise ExecuteError("execute plane stayed busy")  # the loop above always returns or raises
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._client.close()

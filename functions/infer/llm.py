@@ -34,7 +34,12 @@ class LLMError(Exception):
     """The model could not be reached, refused, or answered nonsense (after any retries)."""
 
     def __init__(
-        self, message: str, *, model: str = "", attempts: int = 1, status: int | None = None
+        self,
+        message: str,
+        *,
+        model: str = "",
+        attempts: int = 1,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.model = model

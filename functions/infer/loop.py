@@ -159,6 +159,10 @@ class Run:
             reason = f"max_timeout_s: {self.config.max_timeout_s} s passed"
             return self._finish("stopped", iterations, partial, reason=reason)
         except (LLMError, ExecuteError) as e:
+            remaining = self._remaining()
+            if remaining is not None and remaining <= 0:  # the time budget ran out on the way
+                reason = f"max_timeout_s: {self.config.max_timeout_s} s passed ({e})"
+                return self._finish("stopped", iterations, partial, reason=reason)
             return self._finish("failed", iterations, partial, error=str(e))
         finally:
             if turn is not None:

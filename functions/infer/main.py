@@ -9,8 +9,10 @@ POST /v1/chat/completions (OpenAI-compatible), GET /health*, GET /metrics, GET /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -79,7 +81,15 @@ def service() -> InferService:
             llm = routed(llm, s.endpoints, lambda url, key: LLM(
                 url, key, s.llm_timeout_s, s.llm_max_retries, prices=prices))  # fmt: skip
             executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
-            _service = InferService(SETTINGS, llm, executor)
+            threads = int(os.environ.get("THREADS") or 4 * (os.cpu_count() or 1))
+            bound = SETTINGS.run_bound(threads)
+            if bound < SETTINGS.max_runs:
+                log.warning(
+                    "INFER_MAX_RUNS=%d lowered to %d: THREADS=%d leaves room for that many runs "
+                    "and their sub-call callbacks", SETTINGS.max_runs, bound, threads,
+                )  # fmt: skip
+            settings = dataclasses.replace(SETTINGS, max_runs=bound)
+            _service = InferService(settings, llm, executor)
             if SETTINGS.sink_url:
                 from functions.infer.sink import ProgressSink
 
@@ -217,6 +227,8 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
 
 
 def _subcalls(request: Request) -> Response:
+    from functions.infer.llm import LLMError
+
     auth = request.headers.get("authorization", "")
     if not auth.lower().startswith("bearer "):
         raise HttpProblem(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -225,6 +237,8 @@ def _subcalls(request: Request) -> Response:
         reply = service().subcall(auth[7:].strip(), body)
     except tokens.TokenError as e:
         raise HttpProblem(getattr(e, "status", 401), str(e)) from None
+    except LLMError as e:  # the guest reads this message in the exception it gets
+        raise HttpProblem(502, f"the sub-model failed: {e}") from None
     metrics.subcalls_total.labels(kind=body.kind).inc(len(body.prompts))
     return json_response(reply)
 

@@ -71,6 +71,16 @@ class InferSettings:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
     tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=any
 
+    def run_bound(self, threads: int) -> int:
+        """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
+
+        A run holds one of the server's `threads` (gunicorn's THREADS) while its cells'
+        sub-calls come back to this process as callbacks that need threads too, one per depth:
+        with every thread held by a run, callbacks would queue behind runs that wait on them.
+        Above the bound a run is refused with 429 and Retry-After instead.
+        """
+        return max(1, min(self.max_runs, (threads - 2) // (self.max_depth + 1)))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, served: bool = True) -> InferSettings:
         """`served`: running as the infer function, so the execute URL and token key are needed."""
