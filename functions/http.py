@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx
 from flask import Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -155,3 +156,15 @@ def json_errors(routes: str) -> None:
         return response
 
     functions_framework.errorhandler(404)(unrouted)
+
+
+# gunicorn closes a keep-alive connection after 2 s idle; a client that reuses one just then
+# sees "Server disconnected" with no way to know whether the request was served. Ours let idle
+# connections go first.
+IDLE_CONNECTION_S = 1.0
+
+
+def client(timeout: httpx.Timeout | float, **options: Any) -> httpx.Client:
+    """An httpx client for calls between the planes and to callers' endpoints."""
+    limits = httpx.Limits(keepalive_expiry=IDLE_CONNECTION_S)
+    return httpx.Client(timeout=timeout, limits=limits, **options)

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from functions import http
 from functions.contract import (
     Callback,
     SubcallRequest,
@@ -127,7 +128,7 @@ class HttpTransport:
     """POSTs to the callback URL with the cell's bearer token; errors become guest exceptions."""
 
     def __init__(self, timeout_s: float) -> None:
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self._client = http.client(httpx.Timeout(timeout_s, connect=10.0))
 
     def __call__(
         self, callback: Callback, request: SubcallRequest, headers: dict[str, str]

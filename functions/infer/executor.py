@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import ValidationError
 
+from functions import http
 from functions.contract import (
     Callback,
     ContextRef,
@@ -61,7 +62,7 @@ class RemoteExecutor:
         self.url = url.rstrip("/") + "/execute"
         self.timeout_s = timeout_s
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._client = http.client(httpx.Timeout(timeout_s, connect=5.0))
 
     def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
         body = request.model_dump_json(exclude_none=True).encode()

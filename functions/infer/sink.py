@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from functions import events
+from functions import events, http
 
 log = logging.getLogger("rlm.infer")
 
@@ -21,7 +21,7 @@ class ProgressSink:
     def __init__(self, url: str, max_queue: int = 1000) -> None:
         self.url = url
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(max_queue)
-        self._client = httpx.Client(timeout=5.0)
+        self._client = http.client(5.0)
         threading.Thread(target=self._send_forever, daemon=True, name="k-sink").start()
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:

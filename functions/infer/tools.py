@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from functions import http
 from functions.contract import ToolCatalog, ToolSpec
 from functions.infer.tokens import OutOfScope, TokenClaims
 
@@ -117,7 +118,7 @@ class ToolRunner:
 
     def __init__(self) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}
-        self._client = httpx.Client(follow_redirects=False)
+        self._client = http.client(30.0, follow_redirects=False)
 
     def call(self, name: str, spec: ToolSpec, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """The tool's JSON result; raises `ToolCallError` with a short message."""
