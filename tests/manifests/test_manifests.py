@@ -789,3 +789,18 @@ def test_response_start_timeout_covers_the_whole_request():
     for path in ("knative/base/execute-service.yaml", "knative/base/infer-service.yaml"):
         spec = yaml.safe_load((ROOT / path).read_text())["spec"]["template"]["spec"]
         assert spec["responseStartTimeoutSeconds"] >= spec["timeoutSeconds"], path
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_infer_runs_leave_room_for_their_callbacks(folder: str) -> None:
+    """Each run's sub-calls come back as requests (one per depth at a time): the runs a pod
+    takes, times depth + 1, must fit its containerConcurrency and its threads."""
+    from functions.infer.settings import InferSettings
+
+    service = ksvc(folder, "rlm-infer")
+    values = {name: item.get("value", "") for name, item in env(service).items()}
+    settings = InferSettings.from_env({**values, "LLM_API_KEY": "k", "RLM_TOKEN_KEY": "k" * 32})
+    runs = settings.run_bound(int(values["THREADS"]))
+    assert runs == settings.max_runs, "INFER_MAX_RUNS is above what THREADS allows"
+    concurrency = service["spec"]["template"]["spec"]["containerConcurrency"]
+    assert runs * (settings.max_depth + 1) <= concurrency
