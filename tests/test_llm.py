@@ -115,10 +115,10 @@ def test_out_of_retries_is_a_clear_error_with_the_cause(model: ScriptedModel) ->
 
 
 def test_a_slow_answer_times_out_and_is_retried(model: ScriptedModel) -> None:
-    model.inject(Fault(delay_s=0.6))
+    model.inject(Fault(delay_s=3.0))
     started = time.monotonic()
     assert ask(client(model, timeout_s=0.2)).text == "answer 7"
-    assert 0.2 <= time.monotonic() - started < 0.6
+    assert 0.2 <= time.monotonic() - started < 2.5  # not the first attempt's 3 s
     assert model.received == 2
 
 
@@ -170,16 +170,17 @@ def test_the_deadline_bounds_the_retries(model: ScriptedModel) -> None:
     started = time.monotonic()
     with pytest.raises(DeadlineReached, match="deadline"):
         ask(client(model, max_retries=20), deadline=started + 0.5)
-    assert time.monotonic() - started < 0.55
-    assert 2 <= model.received <= 3
+    # 20 retries would take 4 s; the deadline ends them (the slack is for a loaded machine).
+    assert time.monotonic() - started < 2.0
+    assert 1 <= model.received <= 3
 
 
 def test_the_deadline_bounds_a_slow_attempt(model: ScriptedModel) -> None:
-    model.inject(Fault(delay_s=1.0))
+    model.inject(Fault(delay_s=5.0))
     started = time.monotonic()
     with pytest.raises(DeadlineReached):
         ask(client(model, timeout_s=30), deadline=started + 0.3)
-    assert time.monotonic() - started < 0.8
+    assert time.monotonic() - started < 3.0  # not the attempt's 5 s
 
 
 def test_a_passed_deadline_calls_nothing(model: ScriptedModel) -> None:
@@ -203,7 +204,7 @@ def test_many_threads_share_one_client(model: ScriptedModel) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert time.monotonic() - started < 1.0  # concurrent, not 32 x 0.2 s
+    assert time.monotonic() - started < 3.0  # concurrent, not 32 x 0.2 s
     assert answers == {i: f"answer {i}" for i in range(32)}
     assert model.received == 37
 
@@ -234,7 +235,7 @@ def test_from_settings() -> None:
 
 
 def test_async_client(model: ScriptedModel) -> None:
-    model.latency_s = 0.1
+    model.latency_s = 0.5
     model.inject(Fault(status=500), Fault(drop=True))
 
     async def main() -> list[str]:
@@ -252,7 +253,7 @@ def test_async_client(model: ScriptedModel) -> None:
 
     started = time.monotonic()
     assert asyncio.run(main()) == [f"answer {i}" for i in range(10)]
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # concurrent, not 10 x 0.5 s
 
 
 def test_async_client_gives_up_like_the_sync_one(model: ScriptedModel) -> None:
