@@ -94,7 +94,8 @@ def _ask_embedded(args: argparse.Namespace, context: Any, progress: Any) -> dict
     from functions.sdk import RLM
 
     rlm = RLM({"base_url": args.base_url, "model_name": args.model,
-               "api_key": os.environ.get("LLM_API_KEY", "none")}, on_event=progress)  # fmt: skip
+               "api_key": os.environ.get("LLM_API_KEY", "none")}, on_event=progress,
+              max_depth=args.max_depth)  # fmt: skip
     try:
         fields = _request_fields(args)
         fields.setdefault("max_depth", rlm.settings.max_depth)

@@ -54,7 +54,7 @@ class RLM:
         self,
         backend_kwargs: dict[str, Any] | None = None,
         *,
-        max_depth: int = 1,
+        max_depth: int | None = None,
         max_iterations: int = 30,
         max_budget: float | None = None,
         max_timeout: float | None = None,
@@ -91,10 +91,14 @@ class RLM:
             {**env, "LLM_BASE_URL": base_url, "LLM_API_KEY": api_key or "none",
              "LLM_MODEL": model}, served=False,
         )  # fmt: skip
+        # The caller is the operator here: its max_depth (else MAX_DEPTH, else 1) is the ceiling
+        # as well as the default.
+        if max_depth is not None:
+            self.settings = replace(self.settings, max_depth=max_depth)
         if "INFER_CONVERSATION_TTL" not in env:  # in a process of its own, a conversation stays
             self.settings = replace(self.settings, conversation_ttl_s=float("inf"))
         self.request_defaults = {
-            "max_depth": max_depth,
+            "max_depth": self.settings.max_depth,
             "max_iterations": max_iterations,
             "max_budget_usd": max_budget,
             "max_timeout_s": max_timeout,

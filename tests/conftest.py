@@ -91,6 +91,8 @@ def infer_env(scripted_llm, execute_url: str, infer_port: int, **extra: str) -> 
         "INFER_CALLBACK_URL": f"http://127.0.0.1:{infer_port}",
         "RLM_TOKEN_KEY": TOKEN_KEY,
         "MAX_ITERATIONS": "6",
+        "MAX_DEPTH": "2",
+        "THREADS": "16",
         "EXECUTION_TIMEOUT": "60",
         **extra,
     }

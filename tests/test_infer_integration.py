@@ -261,3 +261,10 @@ def test_openapi_document(stack):
     doc = httpx.get(stack.infer.url + "/openapi.json", timeout=10).json()
     assert {"/infer", "/subcalls"} <= doc["paths"].keys()
     assert "InferRequest" in doc["components"]["schemas"]
+
+
+def test_a_depth_above_the_deployments_max_depth_is_422(stack, llm):
+    r = ask(stack, {"query": "q", "context": "c", "max_depth": 3})
+    assert r.status_code == 422, r.text
+    assert "MAX_DEPTH 2" in r.json()["error"]
+    assert not llm.requests, "refused before any model call"

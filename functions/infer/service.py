@@ -89,7 +89,13 @@ class InferService:
     # ----------------------------------------------------------------- runs
 
     def config_for(self, request: InferRequest) -> RunConfig:
+        """The run's configuration; `ValueError` for a depth above the deployment's MAX_DEPTH."""
         s = self.settings
+        if request.max_depth is not None and request.max_depth > s.max_depth:
+            raise ValueError(
+                f"max_depth {request.max_depth} is above this deployment's MAX_DEPTH "
+                f"{s.max_depth}: ask for at most {s.max_depth}"
+            )
         return RunConfig(
             model=request.model or s.model,
             sub_model=request.sub_model or s.sub_model,
