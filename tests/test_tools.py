@@ -197,7 +197,9 @@ def test_tool_urls_can_be_limited_to_prefixes():
     spec = ToolSpec(url="http://169.254.169.254/latest")
     with pytest.raises(ValueError, match="RLM_TOOL_URL_PREFIXES"):
         tools.check_catalog({"t": spec}, {}, ("https://tools.example.com/",))
-    tools.check_catalog({"t": spec}, {}, ())
+    with pytest.raises(ValueError, match="calls no HTTP tools"):
+        tools.check_catalog({"t": spec}, {}, ())  # none allowed until the operator says so
+    tools.check_catalog({"t": spec}, {}, ("http://169.254.169.254/",))
 
 
 def test_tool_calls_are_in_the_trajectory(llm):

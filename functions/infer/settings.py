@@ -69,7 +69,7 @@ class InferSettings:
     compaction_threshold: float = 0.85  # RLM_COMPACTION_THRESHOLD: of the root's context window
     context_windows_json: str = ""  # LLM_CONTEXT_WINDOWS: {"model": tokens} over the defaults
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
-    tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=any
+    tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=none
 
     def run_bound(self, threads: int) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.

@@ -53,7 +53,12 @@ def check_catalog(
             raise ValueError(f"tool name {name!r} is reserved ({', '.join(sorted(RESERVED))})")
         if spec.url is None and spec.ref not in functions:
             raise ValueError(f"tool {name!r} needs a url")
-        if spec.url and url_prefixes and not spec.url.startswith(url_prefixes):
+        if spec.url and not url_prefixes:
+            raise ValueError(
+                f"tool {name!r}: this infer calls no HTTP tools; its operator allows them by "
+                "URL prefix in RLM_TOOL_URL_PREFIXES (a tool is called from infer's network)"
+            )
+        if spec.url and not spec.url.startswith(url_prefixes):
             raise ValueError(f"tool {name!r}: its url is not under RLM_TOOL_URL_PREFIXES")
 
 
