@@ -151,7 +151,10 @@ def _run(
 ) -> InferResult:
     try:
         context = load_context(
-            request.context, request.context_uri, SETTINGS.max_context_bytes, allow_files=False
+            request.context,
+            request.context_uri,
+            SETTINGS.max_context_bytes,
+            SETTINGS.context_url_prefixes,
         )
     except ContextError as e:
         raise HttpProblem(422, str(e)) from None

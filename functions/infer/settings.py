@@ -39,6 +39,7 @@ ENV_NAMES = (
     "LLM_CONTEXT_WINDOWS",
     "RLM_ENDPOINTS",
     "RLM_TOOL_URL_PREFIXES",
+    "INFER_CONTEXT_URL_PREFIXES",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -70,6 +71,7 @@ class InferSettings:
     context_windows_json: str = ""  # LLM_CONTEXT_WINDOWS: {"model": tokens} over the defaults
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
     tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=none
+    context_url_prefixes: tuple[str, ...] = ()  # INFER_CONTEXT_URL_PREFIXES: likewise context_uri
 
     def run_bound(self, threads: int) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -117,9 +119,8 @@ class InferSettings:
             compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
             context_windows_json=windows,
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
-            tool_url_prefixes=tuple(
-                p.strip() for p in e.get("RLM_TOOL_URL_PREFIXES", "").split(",") if p.strip()
-            ),
+            tool_url_prefixes=_prefixes(e.get("RLM_TOOL_URL_PREFIXES", "")),
+            context_url_prefixes=_prefixes(e.get("INFER_CONTEXT_URL_PREFIXES", "")),
         )
 
     @property
@@ -132,3 +133,8 @@ def _fraction(name: str, default: float, env: Mapping[str, str]) -> float:
     if value >= 1:
         raise ConfigError(f"{name}={value} must be below 1 (a fraction of the context window)")
     return value
+
+
+def _prefixes(text: str) -> tuple[str, ...]:
+    """A comma-separated list of URL prefixes."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
