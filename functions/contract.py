@@ -254,6 +254,15 @@ class SubcallResponse(Open):
 # ----------------------------------------------------------------------------- infer
 
 
+class Conversation(Strict):
+    """A conversation as its caller carries it, to continue it on an infer process that does
+    not hold it: the state after its last turn and every turn's context."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    state: StateRef | None = None
+    contexts: list[ContextRef] = Field(default_factory=list)
+
+
 class InferRequest(Strict):
     query: str = Field(min_length=1, max_length=1_000_000)
     context: Any = None
@@ -277,6 +286,11 @@ class InferRequest(Strict):
         default=None,
         pattern=r"^[A-Za-z0-9_-]{8,64}$",
         description="Continue this conversation (from an earlier result on this infer process).",
+    )
+    conversation: Conversation | None = Field(
+        default=None,
+        description="The conversation_id's record from its last result, each context with its "
+        "data: an infer process that does not hold the conversation continues it from this.",
     )
     compaction: bool = Field(
         default=False,
@@ -318,6 +332,11 @@ class InferResult(Open):
     trajectory: list[dict[str, Any]] | None = None
     conversation_id: str | None = Field(
         default=None, description="Send it back as conversation_id to continue the conversation."
+    )
+    conversation: Conversation | None = Field(
+        default=None,
+        description="The state after this turn and the contexts' refs: keep it, to continue "
+        "the conversation on an infer process that does not hold it.",
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from functions.contract import context_ref
 from functions.infer.compaction import SUMMARY_REQUEST
 from functions.infer.conversations import ConversationError, ConversationStore
 from functions.local import Served
@@ -37,6 +38,7 @@ def conversation_policy(request: ChatRequest) -> str:
 class Planes:
     infer: Served  # default conversation settings
     strict: Served  # a tiny expiry and size cap
+    other: Served  # another infer pod, holding none of `infer`'s conversations
     execute: Served
     execute_port: int
     tmp: object
@@ -56,9 +58,11 @@ def planes(tmp_path_factory, scripted_llm) -> Iterator[Planes]:
     infer = serve("infer", infer_env(scripted_llm, execute.url, p1), tmp, port=p1)
     strict_env = {"INFER_CONVERSATION_TTL": "0.001", "INFER_CONVERSATION_MAX_MB": "0.01"}
     strict = serve("infer", infer_env(scripted_llm, execute.url, p2, **strict_env), tmp, port=p2)
-    planes = Planes(infer, strict, execute, port, tmp)
+    p3 = free_port()
+    other = serve("infer", infer_env(scripted_llm, execute.url, p3), tmp, port=p3)
+    planes = Planes(infer, strict, other, execute, port, tmp)
     yield planes
-    for served in (planes.infer, planes.strict, planes.execute):
+    for served in (planes.infer, planes.strict, planes.other, planes.execute):
         served.stop()
 
 
@@ -81,6 +85,29 @@ def test_second_question_uses_the_first_ones_variables_and_context(planes, llm):
     assert two["conversation_id"] == one["conversation_id"]
     note = llm.root_requests()[-1].messages[1]["content"]
     assert "`context_0`" in note and "`history_0`" in note
+
+
+def test_a_conversation_continues_on_another_infer_process(planes, llm):
+    llm.switch.current = conversation_policy
+    first = ask(planes.infer, {"query": "Remember.", "context": "first-ctx", "persistent": True})
+    one = first.json()
+    record = one["conversation"]
+    assert record["id"] == one["conversation_id"] and record["state"]["data"]
+    assert record["contexts"] == [{"ref": context_ref("first-ctx"), "data": None}]
+    turn = {"query": "Recall.", "context": "second-ctx", "conversation_id": record["id"]}
+
+    unknown = ask(planes.other, turn)
+    assert unknown.status_code == 404 and "send `conversation`" in unknown.json()["error"]
+    no_data = ask(planes.other, {**turn, "conversation": record})
+    assert no_data.status_code == 422 and "contexts[0] has no data" in no_data.json()["error"]
+
+    record["contexts"][0]["data"] = "first-ctx"
+    planes.restart_execute()  # the state can only come from the record the caller kept
+    second = ask(planes.other, {**turn, "conversation": record})
+    assert second.status_code == 200, second.text
+    assert second.json()["answer"] == "swordfish first-ctx second-ctx 3 True"
+    refs = [c["ref"] for c in second.json()["conversation"]["contexts"]]
+    assert refs == [context_ref("first-ctx"), context_ref("second-ctx")]
 
 
 def test_next_question_on_a_fresh_execute_process(planes, llm):

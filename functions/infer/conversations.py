@@ -9,11 +9,13 @@ turn. Per conversation, this infer process keeps only the state (ref and data, t
 to a pod that lacks it) and the contexts (to re-send them likewise); the histories are in the
 state. The store is bounded: an expiry after the last turn, a size cap per conversation and a
 cap on the number of conversations. It is per process: a turn that reaches another infer
-process gets a 404.
+process gets a 404, unless it carries the conversation's record from its last result (the
+state, and each context with its data), from which any infer process continues it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from functions.contract import StateRef, context_bytes
+from functions.contract import ContextRef, Conversation, StateRef, context_bytes, context_ref
 from functions.infer.executor import ExecuteError, ReplSession
 
 _TOMBSTONES = 4096  # ids remembered after they go, to say why
@@ -44,6 +46,7 @@ class Turn:
     contexts: list[Any]  # every turn's context, this one's last
     base: StateRef | None  # the state the turn starts from
     added_bytes: int = 0  # this turn's context
+    added_ref: str = ""  # and its ref
     state: StateRef | None = None  # the state after the turn, set by `close`
 
     @property
@@ -87,6 +90,7 @@ class Turn:
 class _Conversation:
     id: str
     contexts: list[Any] = field(default_factory=list)
+    refs: list[str] = field(default_factory=list)  # the contexts' sha256 refs
     context_bytes: int = 0
     state: StateRef | None = None
     expires: float = 0.0
@@ -113,17 +117,25 @@ class ConversationStore:
         self._gone: OrderedDict[str, ConversationError] = OrderedDict()
         self._lock = threading.Lock()
 
-    def begin(self, conversation_id: str | None, context: Any) -> Turn:
-        """A new turn: of a new conversation when `conversation_id` is None. Raises
-        `ConversationError`: 404 unknown or expired, 409 a turn running, 413 over the size cap,
-        429 every slot holds a running conversation."""
-        added = len(context_bytes(context))
+    def begin(
+        self, conversation_id: str | None, context: Any, carried: Conversation | None = None
+    ) -> Turn:
+        """A new turn: of a new conversation when `conversation_id` is None; of `carried` when
+        this process does not hold `conversation_id`. Raises `ConversationError`: 404 unknown or
+        expired, 409 a turn running, 413 over the size cap, 422 a carried record that does not
+        hold together, 429 every slot holds a running conversation."""
+        data = context_bytes(context)
+        added, ref = len(data), hashlib.sha256(data).hexdigest()
         with self._lock:
             self._expire()
             if conversation_id is None:
                 conversation = self._new()
+            elif conversation_id in self._items:
+                conversation = self._items[conversation_id]
+            elif carried is not None and carried.id == conversation_id:
+                conversation = self._adopt(carried)
             else:
-                conversation = self._items.get(conversation_id) or self._unknown(conversation_id)
+                self._unknown(conversation_id)
             if conversation.busy:
                 raise ConversationError(
                     409, f"conversation {conversation.id} has a turn running; wait for its result"
@@ -133,24 +145,31 @@ class ConversationStore:
             conversation.busy = True
             self._items.move_to_end(conversation.id)
             return Turn(conversation.id, [*conversation.contexts, context], conversation.state,
-                        added)  # fmt: skip
+                        added, ref)  # fmt: skip
 
-    def end(self, turn: Turn) -> None:
-        """Keep what the turn left (when it left a state), and start the expiry clock again."""
+    def end(self, turn: Turn) -> Conversation | None:
+        """Keep what the turn left (when it left a state), and start the expiry clock again.
+        Returns the record a caller keeps to continue elsewhere (None if it was dropped)."""
         with self._lock:
             conversation = self._items.get(turn.conversation_id)
             if conversation is None:
-                return
+                return None
             conversation.busy = False
             conversation.expires = self._clock() + self.ttl_s
-            if turn.state is None:
-                return
-            conversation.contexts = turn.contexts
-            conversation.context_bytes += turn.added_bytes
-            conversation.state = turn.state
+            if turn.state is not None:
+                conversation.contexts = turn.contexts
+                conversation.refs = [*conversation.refs, turn.added_ref]
+                conversation.context_bytes += turn.added_bytes
+                conversation.state = turn.state
             if conversation.size > self.max_bytes:
                 too_large = ConversationError(413, self._too_large(conversation.id))
                 self._drop(conversation.id, too_large)
+                return None
+            return Conversation(
+                id=conversation.id,
+                state=conversation.state,
+                contexts=[ContextRef(ref=ref) for ref in conversation.refs],
+            )
 
     def __len__(self) -> int:
         return len(self._items)
@@ -159,19 +178,50 @@ class ConversationStore:
 
     def _new(self) -> _Conversation:
         while len(self._items) >= self.max_conversations:
-            idle = next((c for c in self._items.values() if not c.busy), None)
-            if idle is None:
-                raise ConversationError(
-                    429, f"this infer process holds {self.max_conversations} conversations, all "
-                    "running a turn (INFER_MAX_CONVERSATIONS); retry shortly",
-                )  # fmt: skip
-            self._drop(idle.id, self._expired(idle.id))
+            self._evict_one()
         conversation = _Conversation(id=uuid.uuid4().hex, expires=self._clock() + self.ttl_s)
         self._items[conversation.id] = conversation
         return conversation
 
+    def _adopt(self, carried: Conversation) -> _Conversation:
+        """A conversation another process served, from the record its caller kept."""
+        contexts, size = [], 0
+        for index, held in enumerate(carried.contexts):
+            if held.data is None:
+                raise ConversationError(
+                    422, f"conversation.contexts[{index}] has no data: send each context's data"
+                )
+            if context_ref(held.data) != held.ref:
+                raise ConversationError(
+                    422, f"conversation.contexts[{index}].data does not match its ref"
+                )
+            contexts.append(held.data)
+            size += len(context_bytes(held.data))
+        while len(self._items) >= self.max_conversations:
+            self._evict_one()
+        conversation = _Conversation(
+            id=carried.id,
+            contexts=contexts,
+            refs=[held.ref for held in carried.contexts],
+            context_bytes=size,
+            state=carried.state,
+            expires=self._clock() + self.ttl_s,
+        )
+        self._items[conversation.id] = conversation
+        self._gone.pop(conversation.id, None)
+        return conversation
+
     def _unknown(self, conversation_id: str) -> NoReturn:
         raise self._gone.get(conversation_id) or self._expired(conversation_id)
+
+    def _evict_one(self) -> None:
+        idle = next((c for c in self._items.values() if not c.busy), None)
+        if idle is None:
+            raise ConversationError(
+                429, f"this infer process holds {self.max_conversations} conversations, all "
+                "running a turn (INFER_MAX_CONVERSATIONS); retry shortly",
+            )  # fmt: skip
+        self._drop(idle.id, self._expired(idle.id))
 
     def _expire(self) -> None:
         now = self._clock()
@@ -190,7 +240,8 @@ class ConversationStore:
             404,
             f"conversation {conversation_id} expired or unknown: a conversation lasts "
             f"{self.ttl_s:g} s after its last turn (INFER_CONVERSATION_TTL), on the infer process "
-            "that served it; start a new one with persistent: true",
+            "that served it; send `conversation` from its last result (each context with its "
+            "data) to continue it here, or start a new one with persistent: true",
         )
 
     def _too_large(self, conversation_id: str) -> str:

@@ -144,7 +144,9 @@ class InferService:
         turn = None
         try:
             if request.persistent or request.conversation_id:
-                turn = self.conversations.begin(request.conversation_id, context)
+                turn = self.conversations.begin(
+                    request.conversation_id, context, request.conversation
+                )
             run = Run(
                 config=config,
                 llm=self.llm,
@@ -160,15 +162,14 @@ class InferService:
             result = run.completion(request.query, context)
             if request.trajectory:
                 result.trajectory = run.trajectory
-            if turn is not None:
-                result.conversation_id = turn.conversation_id
-            return result
         finally:
-            if turn is not None:
-                self.conversations.end(turn)
+            carried = self.conversations.end(turn) if turn is not None else None
             self._runs.release()
             with self._memo_lock:
                 self._active.pop(run_id, None)
+        if turn is not None:
+            result.conversation_id, result.conversation = turn.conversation_id, carried
+        return result
 
     def cancel(self, run_id: str) -> bool:
         """Stop a run of this process: its cells end at their next sub-call; False if unknown."""
