@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -81,6 +82,32 @@ def test_client_going_away_cancels_a_streamed_run(stack, slow_subcalls):
             break
         time.sleep(0.1)
     assert status == 404
+
+
+def stopped_runs(stack) -> float:
+    """How many runs infer has ended as stopped (its /metrics), without touching any run."""
+    text = httpx.get(stack.infer.url + "/metrics", timeout=10).text
+    prefix = 'rlm_inference_requests_total{status="stopped"}'
+    return next((float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith(prefix)), 0.0)  # fmt: skip
+
+
+def test_client_going_away_cancels_a_plain_run(stack, slow_subcalls):
+    before = stopped_runs(stack)
+    body = json.dumps({"query": "q", "context": "c"}).encode()
+    host, port = stack.infer.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(b"POST /infer HTTP/1.1\r\nHost: infer\r\nContent-Type: application/json"
+                       b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        wait_for_subcall(slow_subcalls)
+        client.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            client.recv(1)  # no answer yet: the run goes on while its client waits
+        assert stopped_runs(stack) == before
+    end = time.monotonic() + 5  # the client hung up: the run stops long before SLOW_S
+    while stopped_runs(stack) == before and time.monotonic() < end:
+        time.sleep(0.1)
+    assert stopped_runs(stack) == before + 1
 
 
 def test_sdk_cancel_reports_usage_so_far(slow_subcalls):

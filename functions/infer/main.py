@@ -14,11 +14,14 @@ import json
 import logging
 import os
 import queue
+import select
+import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import functions_framework
@@ -134,9 +137,43 @@ def _route(request: Request) -> Response:
         traceparent = request.headers.get("traceparent")
         if "text/event-stream" in request.headers.get("accept", ""):
             return _stream(infer_request, traceparent)
-        result = _run(infer_request, traceparent)
+        run_id = infer_request.run_id or uuid.uuid4().hex[:16]
+        with _cancelled_on_hang_up(request, run_id):
+            result = _run(infer_request.model_copy(update={"run_id": run_id}), traceparent)
         return json_response(result, 502 if result.status == "failed" else 200)
     raise not_found(request, ROUTES)
+
+
+@contextmanager
+def _cancelled_on_hang_up(request: Request, run_id: str) -> Iterator[None]:
+    """A client that closes its connection while its run goes on cancels the run. gunicorn
+    hands the connection's socket to the app; it is looked at, never read, every `_HEARTBEAT_S`."""
+    connection = request.environ.get("gunicorn.socket")
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_HEARTBEAT_S):
+            if _hung_up(connection):
+                service().cancel(run_id)
+                return
+
+    if connection is not None:
+        threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _hung_up(connection: socket.socket) -> bool:
+    """The peer closed (end of stream or reset); a pipelined next request is not a hang-up."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (TimeoutError, InterruptedError, ValueError):  # a TLS socket cannot be peeked at
+        return False
+    except OSError:  # reset by the peer
+        return True
 
 
 def _body(request: Request) -> bytes:
