@@ -804,3 +804,17 @@ def test_infer_runs_leave_room_for_their_callbacks(folder: str) -> None:
     assert runs == settings.max_runs, "INFER_MAX_RUNS is above what THREADS allows"
     concurrency = service["spec"]["template"]["spec"]["containerConcurrency"]
     assert runs * (settings.max_depth + 1) <= concurrency
+
+
+@pytest.mark.parametrize("name", ["rlm-execute", "rlm-infer"])
+def test_calls_through_the_local_gateway_reach_each_kind_of_gateway(name: str) -> None:
+    """A policy sees the gateway pod's own port: Kourier and Istio's local gateway 8081,
+    Contour's Envoy 8080; calls through the cluster-local gateway need both."""
+    to_gateways = [
+        r
+        for r in _rules(name, "Egress")
+        if "contour-internal" in _namespaces(_peers([r], "Egress"))
+    ]
+    assert to_gateways
+    for rule in to_gateways:
+        assert {8080, 8081} <= {p["port"] for p in rule["ports"]}
