@@ -4,8 +4,9 @@ The Knative NetworkPolicies give execute a route to infer only; this shows the s
 one machine: infer on the host side of the veth, execute in a namespace whose only link is the
 veth. (a) a run with sub-calls completes through the callback URL at infer's veth address;
 (b) from execute's namespace, a listener on the host's loopback and one on another host address
-are unreachable while infer is; (c) the guest cannot open a socket to infer either.
-Needs root (CAP_NET_ADMIN) and iproute2's `ip`; skipped otherwise.
+are unreachable while infer is, and with nftables in the namespace (as a NetworkPolicy does in
+a cluster) so is every other port on infer's own address; (c) the guest cannot open a socket to
+infer either. Needs root (CAP_NET_ADMIN) and iproute2's `ip`; skipped otherwise.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Namespaced:
     ns_ip: str  # execute's side
     infer: Served
     execute: Served
+    filtered: bool  # nftables in the namespace admits only infer's port (where nft exists)
 
     def connect(self, host: str, port: int) -> str:
         """Try a TCP connection from inside execute's namespace: 'ok' or the error's name."""
@@ -93,16 +95,37 @@ def netns(tmp_path_factory, scripted_llm) -> Iterator[Namespaced]:
                         prefix=["ip", "netns", "exec", name])  # fmt: skip
         started.append(execute)
         port = free_port()
+        filtered = _only_infers_port(name, host_ip, port)
         env = infer_env(scripted_llm, execute.url, port)
         env["INFER_CALLBACK_URL"] = f"http://{host_ip}:{port}"
         infer = serve("infer", env, tmp, port=port, host=host_ip)
         started.append(infer)
-        yield Namespaced(name, host_ip, ns_ip, infer, execute)
+        yield Namespaced(name, host_ip, ns_ip, infer, execute, filtered)
     finally:
         for served in reversed(started):
             served.stop()
         subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes the veth too
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
+def _only_infers_port(namespace: str, infer_ip: str, infer_port: int) -> bool:
+    """What a NetworkPolicy does in a cluster, with nftables: inside execute's namespace, new
+    outbound connections only to infer's sub-call port; False where there is no `nft`."""
+    if shutil.which("nft") is None:
+        return False
+    rules = f"""table inet rlm {{
+        chain out {{
+            type filter hook output priority 0; policy drop;
+            ct state established,related accept
+            oifname "lo" accept
+            ip daddr {infer_ip} tcp dport {infer_port} accept
+            meta l4proto tcp reject with tcp reset
+            reject
+        }}
+    }}"""
+    subprocess.run(["ip", "netns", "exec", namespace, "nft", "-f", "-"], input=rules,
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    return True
 
 
 def test_a_run_with_sub_calls_completes_across_the_veth(netns, llm):
@@ -138,6 +161,17 @@ def test_from_executes_namespace_only_infer_is_reachable(netns):
         pytest.skip("the host has no other global IPv4 address to try")
     with _listener(other) as outside:
         assert netns.connect(other, outside.getsockname()[1]) != "ok"  # no route out of the ns
+
+
+def test_on_infers_own_address_only_its_sub_call_port_is_open(netns):
+    if not netns.filtered:
+        pytest.skip("no `nft` (install nftables) to admit only infer's port in the namespace")
+    with _listener(netns.host_ip) as beside_infer:  # same host, same address, another port
+        assert (
+            netns.connect(netns.host_ip, beside_infer.getsockname()[1]) == "ConnectionRefusedError"
+        )
+    infer_port = int(netns.infer.url.rsplit(":", 1)[1])
+    assert netns.connect(netns.host_ip, infer_port) == "ok"
 
 
 def test_the_guest_cannot_reach_infer(netns):
