@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from functions.contract import ContextRef, Conversation, StateRef, context_bytes, context_ref
+from functions.contract import ContextRef, Conversation, StateRef, context_bytes
 from functions.infer.executor import ExecuteError, ReplSession
 
 _TOMBSTONES = 4096  # ids remembered after they go, to say why
@@ -45,8 +45,8 @@ class Turn:
     conversation_id: str
     contexts: list[Any]  # every turn's context, this one's last
     base: StateRef | None  # the state the turn starts from
+    refs: list[str] = field(default_factory=list)  # the contexts' sha256 refs, in order
     added_bytes: int = 0  # this turn's context
-    added_ref: str = ""  # and its ref
     state: StateRef | None = None  # the state after the turn, set by `close`
 
     @property
@@ -145,7 +145,7 @@ class ConversationStore:
             conversation.busy = True
             self._items.move_to_end(conversation.id)
             return Turn(conversation.id, [*conversation.contexts, context], conversation.state,
-                        added, ref)  # fmt: skip
+                        [*conversation.refs, ref], added)  # fmt: skip
 
     def end(self, turn: Turn) -> Conversation | None:
         """Keep what the turn left (when it left a state), and start the expiry clock again.
@@ -158,7 +158,7 @@ class ConversationStore:
             conversation.expires = self._clock() + self.ttl_s
             if turn.state is not None:
                 conversation.contexts = turn.contexts
-                conversation.refs = [*conversation.refs, turn.added_ref]
+                conversation.refs = turn.refs
                 conversation.context_bytes += turn.added_bytes
                 conversation.state = turn.state
             if conversation.size > self.max_bytes:
@@ -191,12 +191,13 @@ class ConversationStore:
                 raise ConversationError(
                     422, f"conversation.contexts[{index}] has no data: send each context's data"
                 )
-            if context_ref(held.data) != held.ref:
+            data = context_bytes(held.data)
+            if hashlib.sha256(data).hexdigest() != held.ref:
                 raise ConversationError(
                     422, f"conversation.contexts[{index}].data does not match its ref"
                 )
             contexts.append(held.data)
-            size += len(context_bytes(held.data))
+            size += len(data)
         while len(self._items) >= self.max_conversations:
             self._evict_one()
         conversation = _Conversation(

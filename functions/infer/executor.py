@@ -142,12 +142,15 @@ class ReplSession:
     state_data: str | None = None
     cells: list[str] = field(default_factory=list)  # the code of every cell, for replay
     contexts: list[Any] | None = None  # a conversation's contexts: context_0, context_1, ...
+    context_refs: list[str] | None = None  # their refs, when the caller has them already
     base: StateRef | None = None  # the state the first cell starts from (a conversation's)
     cell_vars: dict[int, dict[str, Any]] = field(default_factory=dict)  # bound before cell i
 
     def __post_init__(self) -> None:
-        self.context_ref = context_ref(self.context)
-        self.context_refs = [context_ref(c) for c in self.contexts or ()]
+        if self.contexts and not self.context_refs:
+            self.context_refs = [context_ref(c) for c in self.contexts]
+        # A conversation's newest context is `context`: hashed once, not again.
+        self.context_ref = self.context_refs[-1] if self.contexts else context_ref(self.context)
         self._start_over()
 
     def run(

@@ -97,6 +97,7 @@ class Run:
             limits=Limits(deadline_s=self.config.cell_timeout_s),
             mint_callback=lambda replay: self.mint_callback(self, replay),
             contexts=turn.contexts if turn else None,
+            context_refs=turn.refs if turn else None,
             base=turn.base if turn else None,
         )
         messages = [

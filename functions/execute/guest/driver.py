@@ -4,7 +4,8 @@
 # `cell(plan, code)` the host calls each turn with both inline. The cell's report (error, answer,
 # locals) ends stderr after a marker the host chose. Bulk data goes through the /rlm mount:
 #   in:  state.in (the pickle to restore), context.in (the RLM context)
-#   out: state.out (the new pickle, only when it changed), meta.json (a fallback)
+#   out: state.out (a new pickle over 64 KB; a smaller one rides in the report when it changed),
+#        meta.json (a fallback)
 # Compression and hashing happen on the host, in native code, many times faster than here.
 # Nothing here is trusted by the host: it validates meta.json and never unpickles state.
 
@@ -302,15 +303,13 @@ def _install():
         if plan.get("snapshot"):
             blob, dropped = _snapshot()
             meta["dropped"], meta["raw_state_size"] = dropped, len(blob)
-            meta["state_changed"] = (
-                len(blob) > INLINE_STATE or blob != last["blob"] or plan.get("force_state", False)
-            )
-            if meta["state_changed"]:
-                if len(blob) <= INLINE_STATE:  # a file in the mount costs ~1 ms; the report less
-                    meta["state_inline"] = base64.b64encode(blob).decode("ascii")
-                else:
-                    _write("state.out", blob)
-                last["blob"] = blob if len(blob) <= INLINE_STATE else None
+            if len(blob) > INLINE_STATE:
+                _write("state.out", blob)
+                last["blob"] = None
+            elif blob != last["blob"] or plan.get("force_state", False):
+                # A small state travels in the report: a file in the mount costs ~1 ms.
+                meta["state_inline"] = base64.b64encode(blob).decode("ascii")
+                last["blob"] = blob
         _report(plan, meta)
 
     def _report(plan, meta):
