@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.table import print_table
 from functions.contract import context_ref
-from functions.local import free_port, serve
+from functions.testing.processes import free_port, serve
 
 ROWS: list[tuple[str, str, str, str]] = []
 SETTLE_S = 3.0

@@ -22,9 +22,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.table import print_table
-from functions.haystack import haystack
-from functions.local import free_port, serve
-from functions.scripted_model import ScriptedModel, needle_policy, repl, scripted_replies
+from functions.testing.haystack import haystack
+from functions.testing.processes import free_port, serve
+from functions.testing.scripted_model import ScriptedModel, needle_policy, repl, scripted_replies
 
 TURNS = 20
 

@@ -24,7 +24,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.table import print_table
-from functions.load import (
+from functions.testing.load import (
     Stack,
     cell_seconds,
     drive,

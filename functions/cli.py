@@ -139,10 +139,10 @@ def _ask_endpoint(args: argparse.Namespace, context: Any, progress: Any) -> dict
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from functions.haystack import haystack
     from functions.progress import Progress
-    from functions.scripted_model import STAND_IN_NAME, ScriptedModel, needle_policy
     from functions.sdk import RLM
+    from functions.testing.haystack import haystack
+    from functions.testing.scripted_model import STAND_IN_NAME, ScriptedModel, needle_policy
 
     needle = 4_000_000 + secrets.randbelow(999_999)
     context = haystack(args.size, needle)

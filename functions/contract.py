@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from functions.errors import StopCode
+
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
@@ -322,7 +324,10 @@ class InferResult(Open):
     run_id: str
     status: RunStatus
     answer: str | None = None
-    stop_reason: str | None = None
+    stop_code: StopCode | None = Field(
+        default=None, description="The limit or event that stopped the run, when one did."
+    )
+    stop_reason: str | None = Field(default=None, description="The stop, in words.")
     error: str | None = None
     usage: UsageByModel = Field(default_factory=dict)
     total_cost_usd: float = 0.0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from functions.local import Served, free_port, serve
+from functions.testing.processes import Served, free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 __all__ = ["Served", "free_port", "serve"]
@@ -43,7 +43,7 @@ class SwitchablePolicy:
     """One scripted model for the whole session; each test sets the script it needs."""
 
     def __init__(self) -> None:
-        from functions.scripted_model import needle_policy
+        from functions.testing.scripted_model import needle_policy
 
         self.default = needle_policy
         self.current = needle_policy
@@ -54,7 +54,7 @@ class SwitchablePolicy:
 
 @pytest.fixture(scope="session")
 def scripted_llm() -> Iterator:
-    from functions.scripted_model import ScriptedModel
+    from functions.testing.scripted_model import ScriptedModel
 
     policy = SwitchablePolicy()
     model = ScriptedModel(policy).start()

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from functions.scripted_model import repl, scripted_replies
 from functions.sdk import RLM
+from functions.testing.scripted_model import repl, scripted_replies
 
 SLOW_S = 8.0  # a sub-call the cell waits on; cancelling must not wait for it
 

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from functions.haystack import haystack
+from functions.testing.haystack import haystack
 from tests.conftest import ROOT, free_port
 
 NO_LLM = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}

@@ -11,9 +11,9 @@ import pytest
 from functions.contract import context_ref
 from functions.infer.compaction import SUMMARY_REQUEST
 from functions.infer.conversations import ConversationError, ConversationStore
-from functions.local import Served
-from functions.scripted_model import ChatRequest, repl
 from functions.sdk import RLM
+from functions.testing.processes import Served
+from functions.testing.scripted_model import ChatRequest, repl
 from functions.viewer import render
 from tests.conftest import free_port, infer_env, serve
 from tests.test_sdk import backend

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from functions.infer.prompts import final_request_message
-from functions.scripted_model import repl, scripted_replies
+from functions.testing.scripted_model import repl, scripted_replies
 from tests.conftest import Served, free_port, infer_env, serve
 
 

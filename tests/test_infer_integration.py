@@ -11,8 +11,8 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent, from_http
 
 from functions import events
-from functions.haystack import haystack
-from functions.scripted_model import Fault, repl, scripted_replies
+from functions.testing.haystack import haystack
+from functions.testing.scripted_model import Fault, repl, scripted_replies
 from tests.conftest import TOKEN_KEY, free_port, infer_env, serve
 
 

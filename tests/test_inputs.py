@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from functions.haystack import haystack
 from functions.infer.inputs import ContextError, load_context
+from functions.testing.haystack import haystack
 
 TEXT = haystack(200_000, 31337)
 

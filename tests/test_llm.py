@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from functions.infer.llm import LLM, AsyncLLM, Backoff, DeadlineReached, LLMError
-from functions.scripted_model import ChatRequest, Fault, ScriptedModel
+from functions.testing.scripted_model import ChatRequest, Fault, ScriptedModel
 
 PRICES = '{"priced": [1.0, 2.0]}'
 FAST = {"backoff_s": 0.005, "max_backoff_s": 0.02}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from functions.haystack import haystack
+from functions.testing.haystack import haystack
 from tests.conftest import Served, free_port, infer_env, serve
 
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from functions.scripted_model import repl, scripted_replies
+from functions.testing.scripted_model import repl, scripted_replies
 
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 EXAMPLES = 25  # per mode and function: ~10 s each on two cores

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from functions.infer import prompts
 from functions.infer.parsing import find_code_blocks, find_final
-from functions.scripted_model import ChatRequest
+from functions.testing.scripted_model import ChatRequest
 
 
 def test_system_prompt_teaches_the_repl() -> None:

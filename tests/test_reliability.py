@@ -19,7 +19,7 @@ from cloudevents.http import CloudEvent, from_http
 from functions import events
 from functions.contract import ExecuteRequest, Limits
 from functions.infer.executor import RemoteExecutor, ReplSession
-from functions.load import (
+from functions.testing.load import (
     ANSWER,
     drive,
     load_policy,
@@ -29,8 +29,8 @@ from functions.load import (
     secret,
     start_stack,
 )
-from functions.local import serve
-from functions.scripted_model import Fault, repl, scripted_replies
+from functions.testing.processes import serve
+from functions.testing.scripted_model import Fault, repl, scripted_replies
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 
 from functions.config import ConfigError
 from functions.infer.routing import default_model, parse_endpoints
-from functions.scripted_model import ScriptedModel, repl, scripted_replies
 from functions.sdk import RLM
+from functions.testing.scripted_model import ScriptedModel, repl, scripted_replies
 from tests.conftest import free_port, infer_env, serve
 
 

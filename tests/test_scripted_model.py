@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from functions.infer.parsing import Final, find_code_blocks, find_final
-from functions.scripted_model import (
+from functions.testing.scripted_model import (
     STAND_IN_NAME,
     ChatRequest,
     Fault,
@@ -302,7 +302,7 @@ def test_runs_as_a_module() -> None:
         [
             sys.executable,
             "-m",
-            "functions.scripted_model",
+            "functions.testing.scripted_model",
             "--port",
             str(port),
             "--scenario",

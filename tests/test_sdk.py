@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from functions.haystack import haystack
 from functions.sdk import RLM
+from functions.testing.haystack import haystack
 
 
 def backend(model) -> dict[str, str]:

@@ -13,8 +13,8 @@ import pytest
 
 from functions.contract import ToolSpec
 from functions.infer import tokens, tools
-from functions.scripted_model import repl, scripted_replies
 from functions.sdk import RLM
+from functions.testing.scripted_model import repl, scripted_replies
 
 
 def backend(model) -> dict[str, str]:

@@ -22,6 +22,7 @@ from functions.contract import (
     merge_usage,
     total_usage,
 )
+from functions.errors import StopCode
 from functions.infer import compaction, parsing, prompts
 from functions.infer.compaction import DEFAULT_WINDOW
 from functions.infer.executor import ExecuteError, Executor, ReplSession
@@ -62,7 +63,11 @@ class RunConfig:
 
 
 class BudgetStop(Exception):
-    pass
+    """Control flow inside the loop: a limit stopped the run."""
+
+    def __init__(self, code: StopCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass
@@ -136,7 +141,9 @@ class Run:
                         )
                     )
                     if self.config.max_errors and errors >= self.config.max_errors:
-                        raise BudgetStop(f"max_errors: {errors} failing cells in a row")
+                        raise BudgetStop(
+                            StopCode.MAX_ERRORS, f"max_errors: {errors} failing cells in a row"
+                        )
                 final = self._final_from_text(reply, session, iterations, has_code=bool(blocks))
                 if final is not None:
                     return self._finish("completed", iterations, final)
@@ -152,18 +159,22 @@ class Run:
             final = self._final_from_text(reply, session, iterations, has_code=False)
             return self._finish(
                 "completed", iterations, final if final is not None else reply.strip(),
-                reason="max_iterations",
+                code=StopCode.MAX_ITERATIONS, reason="max_iterations",
             )  # fmt: skip
         except BudgetStop as stop:
-            return self._finish("stopped", iterations, partial, reason=str(stop))
+            return self._finish("stopped", iterations, partial, code=stop.code, reason=str(stop))
         except DeadlineReached:  # the run's own time budget, not a model failure
             reason = f"max_timeout_s: {self.config.max_timeout_s} s passed"
-            return self._finish("stopped", iterations, partial, reason=reason)
+            return self._finish(
+                "stopped", iterations, partial, code=StopCode.MAX_TIMEOUT_S, reason=reason
+            )
         except (LLMError, ExecuteError) as e:
             remaining = self._remaining()
             if remaining is not None and remaining <= 0:  # the time budget ran out on the way
                 reason = f"max_timeout_s: {self.config.max_timeout_s} s passed ({e})"
-                return self._finish("stopped", iterations, partial, reason=reason)
+                return self._finish(
+                    "stopped", iterations, partial, code=StopCode.MAX_TIMEOUT_S, reason=reason
+                )
             return self._finish("failed", iterations, partial, error=str(e))
         finally:
             if turn is not None:
@@ -230,7 +241,7 @@ class Run:
 
     def _cell(self, session: ReplSession, code: str, iteration: int) -> ExecuteResponse:
         if self.cancelled():
-            raise BudgetStop("cancelled")
+            raise BudgetStop(StopCode.CANCELLED, "cancelled")
         self._event("code", {"iteration": iteration, "code": code})
         started = time.monotonic()
         remaining = self._remaining()
@@ -281,6 +292,7 @@ class Run:
         status: str,
         iterations: int,
         answer: str | None,
+        code: StopCode | None = None,
         reason: str | None = None,
         error: str | None = None,
     ) -> InferResult:
@@ -289,6 +301,7 @@ class Run:
             run_id=self.run_id,
             status=status,  # type: ignore[arg-type]
             answer=answer,
+            stop_code=code,
             stop_reason=reason,
             error=error,
             usage=self.usage,
@@ -315,16 +328,19 @@ class Run:
     def _check_budgets(self) -> None:
         c = self.config
         if self.cancelled():
-            raise BudgetStop("cancelled")
+            raise BudgetStop(StopCode.CANCELLED, "cancelled")
         remaining = self._remaining()
         if remaining is not None and remaining <= 0:
-            raise BudgetStop(f"max_timeout_s: {c.max_timeout_s} s passed")
+            raise BudgetStop(StopCode.MAX_TIMEOUT_S, f"max_timeout_s: {c.max_timeout_s} s passed")
         total = total_usage(self.usage)
         if c.max_budget_usd is not None and total.cost_usd >= c.max_budget_usd:
-            raise BudgetStop(f"max_budget_usd: spent ${total.cost_usd:.4f} of ${c.max_budget_usd}")
+            raise BudgetStop(
+                StopCode.MAX_BUDGET_USD,
+                f"max_budget_usd: spent ${total.cost_usd:.4f} of ${c.max_budget_usd}",
+            )
         if c.max_tokens is not None and total.input_tokens + total.output_tokens >= c.max_tokens:
             used = total.input_tokens + total.output_tokens
-            raise BudgetStop(f"max_tokens: used {used} of {c.max_tokens}")
+            raise BudgetStop(StopCode.MAX_TOKENS, f"max_tokens: used {used} of {c.max_tokens}")
 
     def _add_usage(self, usage: UsageByModel) -> None:
         merge_usage(self.usage, usage)

@@ -5,7 +5,7 @@ so) so the whole pipeline can be seen without an API key; the tests use it to pl
 through the real `openai` client. Faults can be queued for the next requests (a status with
 Retry-After, a delay, a dropped connection) and a fixed latency set, to test retries.
 
-    python -m functions.scripted_model --port 8765 --scenario needle
+    python -m functions.testing.scripted_model --port 8765 --scenario needle
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import httpx
 
-from functions.haystack import haystack
-from functions.local import Served, free_port, process_tree, serve
-from functions.scripted_model import (
+from functions.testing.haystack import haystack
+from functions.testing.processes import Served, free_port, process_tree, serve
+from functions.testing.scripted_model import (
     ChatRequest,
     Policy,
     ScriptedModel,

@@ -1,0 +1,146 @@
+"""Every error this package raises on purpose, under one base that carries its HTTP status.
+
+A route catches `RLMError` and answers `status` with `problem()` as the JSON body; anything else
+is a bug (a 500 that names no detail). The SDK raises the same classes, and the limit errors
+under `LimitExceeded` carry the run's partial answer, as the official `rlm` library's do.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class RLMError(Exception):
+    """Base of every error of this package. `status` is the HTTP status it answers with."""
+
+    status: int = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+        self.body = body
+
+    def problem(self) -> dict[str, Any]:
+        """The JSON body a route answers with."""
+        body = dict(self.body or {"error": self.message})
+        if self.detail is not None:
+            body.setdefault("detail", self.detail)
+        return body
+
+
+class BadRequest(RLMError):
+    status = 400
+
+
+class Unauthorized(RLMError):
+    status = 401
+
+
+class Forbidden(RLMError):
+    status = 403
+
+
+class NotFound(RLMError):
+    status = 404
+
+
+class Conflict(RLMError):
+    status = 409
+
+
+class PayloadTooLarge(RLMError):
+    status = 413
+
+
+class Unprocessable(RLMError):
+    status = 422
+
+
+class TooManyRequests(RLMError):
+    status = 429
+
+
+class UpstreamError(RLMError):
+    """A service this one depends on (the model provider, the execute plane) failed."""
+
+    status = 502
+
+
+class Unavailable(RLMError):
+    """Busy or not ready: try again after `Retry-After` seconds."""
+
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(retry_after_s))
+
+
+class StopCode(StrEnum):
+    """Why a run ended without completing normally: the budget or event that stopped it."""
+
+    MAX_ITERATIONS = "max_iterations"
+    MAX_BUDGET_USD = "max_budget_usd"
+    MAX_TOKENS = "max_tokens"
+    MAX_TIMEOUT_S = "max_timeout_s"
+    MAX_ERRORS = "max_errors"
+    CANCELLED = "cancelled"
+
+
+class LimitExceeded(RLMError):
+    """A run stopped by one of its limits; `partial_answer` is what it had set so far."""
+
+    code: StopCode
+    status = 200  # a stop is an answer, not an HTTP error
+
+    def __init__(self, message: str, partial_answer: str | None = None, result: Any = None):
+        super().__init__(message)
+        self.partial_answer = partial_answer
+        self.result = result
+
+
+class IterationLimitError(LimitExceeded):
+    code = StopCode.MAX_ITERATIONS
+
+
+class BudgetExceededError(LimitExceeded):
+    code = StopCode.MAX_BUDGET_USD
+
+
+class TokenLimitExceededError(LimitExceeded):
+    code = StopCode.MAX_TOKENS
+
+
+class TimeoutExceededError(LimitExceeded):
+    code = StopCode.MAX_TIMEOUT_S
+
+
+class ErrorThresholdExceededError(LimitExceeded):
+    code = StopCode.MAX_ERRORS
+
+
+class CancellationError(LimitExceeded):
+    code = StopCode.CANCELLED
+
+
+LIMIT_ERRORS: dict[StopCode, type[LimitExceeded]] = {
+    cls.code: cls
+    for cls in (
+        IterationLimitError,
+        BudgetExceededError,
+        TokenLimitExceededError,
+        TimeoutExceededError,
+        ErrorThresholdExceededError,
+        CancellationError,
+    )
+}
