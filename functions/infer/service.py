@@ -25,6 +25,7 @@ from functions.contract import (
     UsageByModel,
     merge_usage,
 )
+from functions.errors import TooManyRequests, Unprocessable
 from functions.infer import routing, tokens, tools
 from functions.infer.compaction import context_window
 from functions.infer.conversations import ConversationStore
@@ -89,10 +90,10 @@ class InferService:
     # ----------------------------------------------------------------- runs
 
     def config_for(self, request: InferRequest) -> RunConfig:
-        """The run's configuration; `ValueError` for a depth above the deployment's MAX_DEPTH."""
+        """The run's configuration; `Unprocessable` for a depth above the deployment's MAX_DEPTH."""
         s = self.settings
         if request.max_depth is not None and request.max_depth > s.max_depth:
-            raise ValueError(
+            raise Unprocessable(
                 f"max_depth {request.max_depth} is above this deployment's MAX_DEPTH "
                 f"{s.max_depth}: ask for at most {s.max_depth}"
             )
@@ -126,9 +127,9 @@ class InferService:
         cancelled: Callable[[], bool] | None = None,
         run_id: str | None = None,
     ) -> InferResult:
-        """One root run. Raises `Busy` when this process already runs its maximum, `ValueError`
-        for tools it cannot serve or a run id already running, and `ConversationError` when the
-        request's conversation cannot take another turn."""
+        """One root run. Raises `Busy` when this process already runs its maximum,
+        `Unprocessable` for tools it cannot serve or a run id already running, and
+        `ConversationError` when the request's conversation cannot take another turn."""
         config = self.config_for(request)
         for catalog in (config.tools, config.sub_tools):
             tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
@@ -136,7 +137,7 @@ class InferService:
         stop = threading.Event()
         with self._memo_lock:
             if run_id in self._active:
-                raise ValueError(f"run {run_id!r} is already running")
+                raise Unprocessable(f"run {run_id!r} is already running")
             self._active[run_id] = stop
         if not self._runs.acquire(timeout=0.5):
             self._active.pop(run_id, None)
@@ -354,8 +355,11 @@ class InferService:
 CHILD_QUERY = "Carry out the request written in `context` and give its answer."
 
 
-class Busy(Exception):
-    pass
+class Busy(TooManyRequests):
+    """This process runs its maximum of runs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; retry shortly", headers={"Retry-After": "2"})
 
 
 def _inherit(sub_tools: Any, tools: Any) -> Any:
