@@ -13,13 +13,13 @@ import pytest
 
 from functions.infer.llm import LLM, Backoff, DeadlineReached, LLMError
 from functions.infer.pricing import PriceTable
-from functions.testing.scripted_model import ChatRequest, Fault, ScriptedModel
+from functions.testing.scripted_model import Fault, ModelRequest, ScriptedModel
 
 PRICES = '{"priced": [1.0, 2.0]}'
 FAST = {"backoff_s": 0.005, "max_backoff_s": 0.02}
 
 
-def echo(request: ChatRequest) -> str:
+def echo(request: ModelRequest) -> str:
     """Answers with the number in the prompt, so concurrent callers can check they got theirs."""
     found = re.search(r"\d+", request.last)
     return f"answer {found.group() if found else '?'}"

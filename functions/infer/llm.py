@@ -21,6 +21,7 @@ import openai
 
 from functions.contract import ModelUsage
 from functions.errors import UpstreamError
+from functions.infer.compaction import text_tokens
 from functions.infer.pricing import PriceTable
 
 log = logging.getLogger("rlm.llm")
@@ -176,10 +177,6 @@ def _describe(error: Exception) -> str:
     return (f"HTTP {status}: {text}" if status else text)[:300]
 
 
-def _estimate_tokens(text: str) -> int:
-    return len(text) // 4 + 1
-
-
 def _completion(response: Any, model: str, messages: Messages, prices: PriceTable) -> Completion:
     choices = getattr(response, "choices", None)
     if not choices:
@@ -193,8 +190,8 @@ def _completion(response: Any, model: str, messages: Messages, prices: PriceTabl
     if used is not None and used.prompt_tokens is not None:
         input_tokens, output_tokens = used.prompt_tokens, used.completion_tokens or 0
     else:  # some servers omit usage; an estimate keeps token and USD budgets working
-        input_tokens = sum(_estimate_tokens(str(m.get("content") or "")) for m in messages)
-        output_tokens = _estimate_tokens(text)
+        input_tokens = sum(text_tokens(str(m.get("content") or "")) for m in messages)
+        output_tokens = text_tokens(text)
     usage = ModelUsage(
         calls=1,
         input_tokens=input_tokens,

@@ -152,10 +152,9 @@ class InferService:
                 config=config,
                 llm=self.llm,
                 executor=self.executor,
-                mint_callback=self._mint,
+                grants=self,
                 emit=emit,
                 traceparent=traceparent,
-                subcall_log=self._take_log,
                 turn=turn,
                 run_id=run_id,
             )
@@ -183,7 +182,7 @@ class InferService:
         """The cancel flag of a run (or of the root run of a child); a fresh one if unknown."""
         return self._active.get(run_id.split(".")[0]) or threading.Event()
 
-    def _mint(self, run: Run, replay: bool) -> Callback:
+    def grant(self, run: Run, replay: bool) -> Callback:
         remaining = run.config.max_timeout_s
         ttl = (remaining or run.config.cell_timeout_s * run.config.max_iterations) + _TOKEN_SLACK_S
         claims = tokens.TokenClaims(
@@ -198,7 +197,6 @@ class InferService:
             tools={name: tools.digest(spec) for name, spec in run.config.tools.items()},
             sub_tools=tools.catalog_digest(run.config.sub_tools),
         )
-        run.cell_nonce = claims.nonce
         return Callback(
             url=self.callback_url,
             token=tokens.mint(self.token_key, claims),
@@ -206,8 +204,9 @@ class InferService:
             sub_tools=run.config.sub_tools,
         )
 
-    def _take_log(self, run_id: str, nonce: str) -> list[dict[str, Any]]:
-        return self._memo(run_id).take_log(nonce)
+    def served(self, callback: Callback) -> list[dict[str, Any]]:
+        claims = tokens.verify(self.token_key, callback.token, check_expiry=False)
+        return self._memo(claims.run_id).take_log(claims.nonce)
 
     # ----------------------------------------------------------------- sub-calls
 
@@ -328,10 +327,9 @@ class InferService:
             config=config,
             llm=self.llm,
             executor=self.executor,
-            mint_callback=self._mint,
+            grants=self,
             depth=claims.depth + 1,
             run_id=f"{claims.run_id}.{uuid.uuid4().hex[:6]}",
-            subcall_log=self._take_log,
         )
         child.cancelled = self._stopped(claims.run_id).is_set
         result = child.completion(CHILD_QUERY, prompt)

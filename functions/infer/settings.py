@@ -27,7 +27,7 @@ ENV_NAMES = (
     "RLM_TOKEN_KEY",
     "MAX_DEPTH",
     "MAX_ITERATIONS",
-    "EXECUTION_TIMEOUT",
+    "INFER_CELL_TIMEOUT",
     "INFER_MAX_RUNS",
     "INFER_SUBCALL_CONCURRENCY",
     "INFER_MAX_CONTEXT_MB",
@@ -60,7 +60,7 @@ class InferSettings:
     token_key: bytes = b""  # RLM_TOKEN_KEY: signs sub-call tokens; only infer holds it
     max_depth: int = 1
     max_iterations: int = 30
-    cell_timeout_s: float = 300.0  # EXECUTION_TIMEOUT: one cell's wall deadline
+    cell_timeout_s: float = 300.0  # INFER_CELL_TIMEOUT: the wall deadline infer gives a cell
     max_runs: int = 32  # INFER_MAX_RUNS: runs at once in this process; more get 429
     subcall_concurrency: int = 32  # INFER_SUBCALL_CONCURRENCY: a batch's fan-out bound
     max_context_bytes: int = 256 * MIB  # INFER_MAX_CONTEXT_MB
@@ -109,7 +109,7 @@ class InferSettings:
             token_key=key.encode(),
             max_depth=env_int("MAX_DEPTH", 1, 0, e),
             max_iterations=env_int("MAX_ITERATIONS", 30, 1, e),
-            cell_timeout_s=env_float("EXECUTION_TIMEOUT", 300.0, 0.001, e),
+            cell_timeout_s=env_float("INFER_CELL_TIMEOUT", 300.0, 0.001, e),
             max_runs=env_int("INFER_MAX_RUNS", 32, 1, e),
             subcall_concurrency=env_int("INFER_SUBCALL_CONCURRENCY", 32, 1, e),
             max_context_bytes=env_int("INFER_MAX_CONTEXT_MB", 256, 1, e) * MIB,
