@@ -42,6 +42,12 @@ ENV_NAMES = (
     "RLM_TOOL_URL_PREFIXES",
     "INFER_CONTEXT_URL_PREFIXES",
     "THREADS",
+    "INFER_STORE_URL",
+    "INFER_STORE_PASSWORD",
+    "INFER_CELL_SUBCALLS",
+    "INFER_MAX_CHILDREN",
+    "LLM_MAX_OUTPUT_TOKENS",
+    "INFER_EVENT_TTL",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -75,6 +81,12 @@ class InferSettings:
     tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=none
     context_url_prefixes: tuple[str, ...] = ()  # INFER_CONTEXT_URL_PREFIXES: likewise context_uri
     threads: int = 4 * (os.cpu_count() or 1)  # THREADS: gunicorn's threads (the served function)
+    store_url: str = ""  # INFER_STORE_URL: redis://… the run ledger; empty: in this process
+    store_password: str = ""  # INFER_STORE_PASSWORD: the ledger's password (from a Secret)
+    cell_subcalls: int = 1000  # INFER_CELL_SUBCALLS: sub-call prompts and tool calls per cell
+    max_children: int = 8  # INFER_MAX_CHILDREN: child RLMs one run may have at once
+    llm_max_output_tokens: int = 4096  # LLM_MAX_OUTPUT_TOKENS: a model call's output cap
+    event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
 
     def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -129,6 +141,12 @@ class InferSettings:
             tool_url_prefixes=_prefixes(e.get("RLM_TOOL_URL_PREFIXES", "")),
             context_url_prefixes=_prefixes(e.get("INFER_CONTEXT_URL_PREFIXES", "")),
             threads=env_int("THREADS", 4 * (os.cpu_count() or 1), 1, e),
+            store_url=_store_url(e),
+            store_password=env_str("INFER_STORE_PASSWORD", "", e),
+            cell_subcalls=env_int("INFER_CELL_SUBCALLS", 1000, 0, e),
+            max_children=env_int("INFER_MAX_CHILDREN", 8, 0, e),
+            llm_max_output_tokens=env_int("LLM_MAX_OUTPUT_TOKENS", 4096, 1, e),
+            event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
         )
 
     @property
@@ -141,6 +159,13 @@ def _fraction(name: str, default: float, env: Mapping[str, str]) -> float:
     if value >= 1:
         raise ConfigError(f"{name}={value} must be below 1 (a fraction of the context window)")
     return value
+
+
+def _store_url(env: Mapping[str, str]) -> str:
+    url = env_str("INFER_STORE_URL", "", env)
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"INFER_STORE_URL={url!r} must be a redis://, rediss:// or unix:// URL")
+    return url
 
 
 def _prefixes(text: str) -> tuple[str, ...]:
