@@ -58,7 +58,11 @@ class InferService:
         self._runs = threading.BoundedSemaphore(settings.max_runs)
         self.sink: Any = None  # a ProgressSink when K_SINK is set
         self.conversations = ConversationStore(
-            settings.conversation_ttl_s, settings.conversation_max_bytes, settings.max_conversations
+            self.ledger,
+            self.token_key,
+            settings.conversation_ttl_s,
+            settings.conversation_max_bytes,
+            turn_s=settings.cell_timeout_s * (settings.max_iterations + 2),
         )
         self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
 
@@ -130,7 +134,7 @@ class InferService:
                 on_start(root.run_id, secret)
             if request.persistent or request.conversation_id:
                 turn = self.conversations.begin(
-                    request.conversation_id, context, request.conversation
+                    caller, request.conversation_id, context, request.conversation
                 )
             run = Run(
                 config=config,

@@ -35,7 +35,6 @@ ENV_NAMES = (
     "K_SINK",
     "INFER_CONVERSATION_TTL",
     "INFER_CONVERSATION_MAX_MB",
-    "INFER_MAX_CONVERSATIONS",
     "RLM_COMPACTION_THRESHOLD",
     "LLM_CONTEXT_WINDOWS",
     "RLM_ENDPOINTS",
@@ -74,7 +73,6 @@ class InferSettings:
     sink_url: str = ""  # K_SINK: progress events go here when set
     conversation_ttl_s: float = 3600.0  # INFER_CONVERSATION_TTL: kept after a conversation's turn
     conversation_max_bytes: int = 512 * MIB  # INFER_CONVERSATION_MAX_MB: state + contexts, each
-    max_conversations: int = 256  # INFER_MAX_CONVERSATIONS: kept by this process
     compaction_threshold: float = 0.85  # RLM_COMPACTION_THRESHOLD: of the root's context window
     context_windows_json: str = ""  # LLM_CONTEXT_WINDOWS: {"model": tokens} over the defaults
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
@@ -134,7 +132,6 @@ class InferSettings:
             conversation_max_bytes=int(
                 env_float("INFER_CONVERSATION_MAX_MB", 512, 0.000001, e) * MIB
             ),
-            max_conversations=env_int("INFER_MAX_CONVERSATIONS", 256, 1, e),
             compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
             context_windows_json=windows,
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
