@@ -41,6 +41,7 @@ from functions.infer.ledger import (
     RunKey,
 )
 from functions.infer.loop import Emit, Run, RunConfig
+from functions.infer.schemas import AnswerSchema
 from functions.infer.settings import InferSettings
 
 _TOKEN_SLACK_S = 30.0  # past a cell's deadline, for its last sub-call to arrive
@@ -76,7 +77,8 @@ class InferService:
     # ----------------------------------------------------------------- runs
 
     def config_for(self, request: InferRequest) -> RunConfig:
-        """The run's configuration; `Unprocessable` for a depth above the deployment's MAX_DEPTH."""
+        """The run's configuration; `Unprocessable` for a depth above the deployment's MAX_DEPTH
+        or an output schema that cannot be used."""
         s = self.settings
         if request.max_depth is not None and request.max_depth > s.max_depth:
             raise Unprocessable(
@@ -102,6 +104,10 @@ class InferService:
             models_by_depth=request.models_by_depth or {},
             tools=request.custom_tools or {},
             sub_tools=_inherit(request.custom_sub_tools, request.custom_tools),
+            output_schema=None
+            if request.output_schema is None
+            else AnswerSchema.of(request.output_schema, s.max_schema_bytes),
+            schema_repairs=s.schema_repairs,
         )
 
     def run(
@@ -125,7 +131,10 @@ class InferService:
         `LedgerUnavailable` when the ledger cannot be reached."""
         config = self.config_for(request)
         for catalog in (config.tools, config.sub_tools):
-            tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
+            tools.check_catalog(
+                catalog, self.tools.functions, self.settings.tool_url_prefixes,
+                self.settings.max_schema_bytes,
+            )  # fmt: skip
         root = RunKey(caller, run_id or request.run_id or uuid.uuid4().hex[:16])
         if not self._runs.acquire(timeout=0.5):
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")

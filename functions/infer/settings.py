@@ -47,6 +47,8 @@ ENV_NAMES = (
     "INFER_MAX_CHILDREN",
     "LLM_MAX_OUTPUT_TOKENS",
     "INFER_EVENT_TTL",
+    "INFER_MAX_SCHEMA_KB",
+    "INFER_SCHEMA_REPAIRS",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -85,6 +87,8 @@ class InferSettings:
     max_children: int = 8  # INFER_MAX_CHILDREN: child RLMs one run may have at once
     llm_max_output_tokens: int = 4096  # LLM_MAX_OUTPUT_TOKENS: a model call's output cap
     event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
+    max_schema_bytes: int = 64 * 1024  # INFER_MAX_SCHEMA_KB: an output_schema, a tool's parameters
+    schema_repairs: int = 1  # INFER_SCHEMA_REPAIRS: turns to fix an answer that misses its schema
 
     def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -144,6 +148,8 @@ class InferSettings:
             max_children=env_int("INFER_MAX_CHILDREN", 8, 0, e),
             llm_max_output_tokens=env_int("LLM_MAX_OUTPUT_TOKENS", 4096, 1, e),
             event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
+            max_schema_bytes=env_int("INFER_MAX_SCHEMA_KB", 64, 1, e) * 1024,
+            schema_repairs=env_int("INFER_SCHEMA_REPAIRS", 1, 0, e),
         )
 
     @property

@@ -141,7 +141,7 @@ def _install():
         answer = main.get("answer")
         if not isinstance(answer, dict):
             answer = main["answer"] = {"content": None, "ready": False}
-        answer["content"] = value if isinstance(value, str) else str(value)
+        answer["content"] = value
         answer["ready"] = True
         return answer["content"]
 
@@ -209,8 +209,16 @@ def _install():
             return None
         content = answer.get("content")
         if content is not None and not isinstance(content, str):
-            content = str(content)
+            content = _as_text(content)
         return {"ready": bool(answer.get("ready")), "content": content}
+
+    def _as_text(value):
+        """A value set as the answer: its JSON when it has one (a typed answer is read back
+        from it), else its str()."""
+        try:
+            return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return str(value)
 
     def _snapshot():
         """Pickle the user namespace; values that cannot be pickled are dropped and named."""
