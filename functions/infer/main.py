@@ -111,8 +111,10 @@ def _route(request: Request) -> Response:
         service().cancel(run_id, _caller(request), token)
         return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
-        body = validate(chat.ChatRequest, parse_json(_body(request)))
-        return chat.respond(body, lambda r: _run(r, request.headers.get("traceparent")))
+        try:
+            return _chat(request)
+        except RLMError as problem:  # in OpenAI's shape, so its clients show the message
+            return json_response(chat.problem_body(problem), problem.status, problem.headers)
     if method == "POST" and path in ("/", "/infer"):
         if events.is_cloudevent(request.headers):
             return _serve_event(request)
@@ -213,9 +215,47 @@ def _run(
 
 def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Response:
     """Server-sent events: the run id (and its cancel token) first, progress as the run goes,
-    then the result.
+    then the result."""
 
-    A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
+    def frames() -> Iterator[str]:
+        for kind, data in _updates(request, traceparent, caller):
+            if kind == "idle":
+                yield ": keep-alive\n\n"
+                continue
+            if kind == "result":
+                data = data.model_dump(mode="json")
+            elif kind == "error":
+                data = {"error": data.message, "status": data.status}
+            yield f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+
+    return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _chat(request: Request) -> Response:
+    """The OpenAI-compatible facade (see chat.py); a client that hangs up cancels its run."""
+    body = validate(chat.ChatRequest, parse_json(_body(request)))
+    caller, traceparent = _caller(request), request.headers.get("traceparent")
+    infer_request = chat.to_infer_request(body)
+    run_id = uuid.uuid4().hex[:16]
+    infer_request = infer_request.model_copy(update={"run_id": run_id})
+    service().config_for(infer_request)  # a request it cannot run is a 4xx, before any stream
+    if body.stream:
+        frames = chat.stream(body, run_id, _updates(infer_request, traceparent, caller))
+        return Response(frames, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    with _cancelled_on_hang_up(request, run_id, caller):
+        result = _run(infer_request, traceparent, caller=caller)
+    return json_response(chat.completion(body, result))
+
+
+def _updates(
+    request: InferRequest, traceparent: str | None, caller: str
+) -> Iterator[tuple[str, Any]]:
+    """A run on a thread of its own, as it goes: ("run", {run_id, cancel_token}) once the ledger
+    has it, each progress event, ("idle", None) every `_HEARTBEAT_S` without one, then
+    ("result", InferResult) or ("error", RLMError).
+
+    Closing the iterator before the end stops the run: a server sends what it yields, so a
+    client that went away is found out by the next idle beat at the latest.
     """
     run_id = request.run_id or uuid.uuid4().hex[:16]
     request = request.model_copy(update={"run_id": run_id})
@@ -229,28 +269,27 @@ def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Resp
         try:
             result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set,
                           caller, started)  # fmt: skip
-            updates.put(("result", result.model_dump(mode="json")))
+            updates.put(("result", result))
         except RLMError as problem:
-            updates.put(("error", {"error": problem.message, "status": problem.status}))
+            updates.put(("error", problem))
+        except Exception:  # a bug: the stream ends with a 500's message, not in silence
+            log.exception("internal error")
+            updates.put(("error", RLMError("internal error in rlm.infer; see its logs")))
 
     threading.Thread(target=work, daemon=True).start()
-
-    def frames() -> Iterator[str]:
-        try:
-            while True:
-                try:
-                    kind, data = updates.get(timeout=_HEARTBEAT_S)
-                except queue.Empty:
-                    yield ": keep-alive\n\n"
-                    continue
-                yield f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
-                if kind in ("result", "error"):
-                    return
-        finally:
-            gone.set()  # the client went away, or the run ended
-            service().stop(run_id, caller)
-
-    return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        while True:
+            try:
+                kind, data = updates.get(timeout=_HEARTBEAT_S)
+            except queue.Empty:
+                yield "idle", None
+                continue
+            yield kind, data
+            if kind in ("result", "error"):
+                return
+    finally:
+        gone.set()  # the client went away, or the run ended
+        service().stop(run_id, caller)
 
 
 def _serve_event(request: Request) -> Response:

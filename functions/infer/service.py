@@ -73,6 +73,7 @@ class InferService:
             turn_s=settings.cell_timeout_s * (settings.max_iterations + 2),
         )
         self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
+        self._progress: dict[RunKey, _SubcallProgress] = {}  # runs with a listener, here
 
     # ----------------------------------------------------------------- runs
 
@@ -148,6 +149,8 @@ class InferService:
             self._runs.release()
             raise
         turn, status, beating = None, "failed", _Heartbeat(self.ledger, root)
+        if emit is not None:
+            self._progress[root] = _SubcallProgress(emit, root.run_id)
         try:
             if on_start is not None:
                 on_start(root.run_id, secret)
@@ -174,6 +177,7 @@ class InferService:
                 result.trajectory = run.trajectory
         finally:
             beating.stop()
+            self._progress.pop(root, None)
             carried = self.conversations.end(turn) if turn is not None else None
             self._runs.release()
             with contextlib.suppress(LedgerUnavailable):  # the record expires by itself
@@ -265,6 +269,8 @@ class InferService:
         lock = threading.Lock()
         recursive = request.kind == "rlm" and claims.depth < claims.max_depth
         stop = threading.Event()
+        progress = self._progress.get(root, _NO_PROGRESS)
+        progress.add(len(request.prompts))
 
         def one(prompt: str) -> tuple[str, list[dict[str, Any]] | None]:
             if stop.is_set():
@@ -276,6 +282,7 @@ class InferService:
                 text, used, trajectory = completion.text, {completion.model: completion.usage}, None
             with lock:
                 merge_usage(usage, used)
+            progress.done()
             return text, trajectory
 
         workers = max(1, min(len(request.prompts), self.settings.subcall_concurrency))
@@ -416,6 +423,32 @@ class _Heartbeat:
         self._done.set()
 
 
+class _SubcallProgress:
+    """A run's sub-calls asked and answered so far, told to its listener as they change (when
+    its sub-calls come back to the process running it)."""
+
+    def __init__(self, emit: Emit | None, run_id: str) -> None:
+        self._emit, self._run_id = emit, run_id
+        self._lock = threading.Lock()
+        self._total = self._done = 0
+
+    def add(self, count: int) -> None:
+        self._tell(count, 0)
+
+    def done(self) -> None:
+        self._tell(0, 1)
+
+    def _tell(self, asked: int, answered: int) -> None:
+        if self._emit is None:
+            return
+        with self._lock:  # told in order: a listener never sees the count go back
+            self._total += asked
+            self._done += answered
+            data = {"run_id": self._run_id, "depth": 0, "done": self._done, "total": self._total}
+            self._emit("subcalls", data)
+
+
+_NO_PROGRESS = _SubcallProgress(None, "")
 _CANCEL_POLL_S = 0.25  # how often a waiting batch looks at the run's cancel flag
 
 
