@@ -296,6 +296,44 @@ def test_renderer_subset(tmp_path: Path) -> None:
         render(tmp_path)
 
 
+def test_renderer_components(tmp_path: Path) -> None:
+    """A component's resources join its includer's, and its patches reach the includer's."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources: [svc.yaml]\n")
+    (tmp_path / "base" / "svc.yaml").write_text(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: a}\n"
+        "spec: {template: {spec: {containers: [{image: app, env: [{name: A, value: '1'}]}]}}}\n"
+    )
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n"
+        "resources: [extra.yaml]\n"
+        "patches:\n"
+        "- patch: '[{op: add, path: /spec/template/spec/containers/0/env/-,"
+        ' value: {name: B, value: "2"}}]\'\n'
+        "  target: {kind: Service, name: a}\n"
+    )
+    (tmp_path / "part" / "extra.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 1}]}\n"
+    )
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "kustomization.yaml").write_text(
+        "namespace: ns\nresources: [../base]\ncomponents: [../part]\n"
+    )
+    first, second = render(tmp_path / "top")
+    assert [e["name"] for e in first["spec"]["template"]["spec"]["containers"][0]["env"]] == [
+        "A",
+        "B",
+    ]
+    assert (second["metadata"]["name"], second["metadata"]["namespace"]) == ("b", "ns")
+    (tmp_path / "top" / "kustomization.yaml").write_text("resources: [../base, ../part]\n")
+    with pytest.raises(KustomizeError, match="list it under components"):
+        render(tmp_path / "top")
+    (tmp_path / "top" / "kustomization.yaml").write_text("components: [../base]\n")
+    with pytest.raises(KustomizeError, match="not a Component: list it under resources"):
+        render(tmp_path / "top")
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS)
 def test_renderer_matches_kubectl_kustomize(folder: str) -> None:
