@@ -22,6 +22,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import yaml
 from mini_kustomize import (
     KustomizeError,
     identity,
+    json6902,
     load,
     load_all,
     render,
@@ -1330,6 +1332,45 @@ def test_guide_covers_the_steps() -> None:
         "HMAC",
     ]:
         assert needle in text, f"docs/deploy.md lacks {needle!r}"
+
+
+def test_guide_deploys_the_ledger() -> None:
+    text = _doc()
+    url = env(ksvc("knative/overlays/prod", "rlm-infer"))[STORE_URL]["value"]
+    for needle in [
+        LEDGER,
+        url,
+        STORE_PASSWORD,
+        "create secret generic rlm-ledger",
+        "-l app.kubernetes.io/component=ledger",
+        "More than one infer pod requires",
+        "rediss://",
+        "ssl_ca_certs",
+        "noeviction",
+    ]:
+        assert needle in text, f"docs/deploy.md lacks {needle!r}"
+    step = {
+        o["kind"]
+        for o in objects("knative/overlays/prod")
+        if o["metadata"]["labels"].get("app.kubernetes.io/component") == "ledger"
+    }
+    assert step == {"StatefulSet", "Service"}, "the guide's ledger step applies Redis"
+    # The managed-Redis snippets: a valid NetworkPolicy, and a patch that gives infer both.
+    blocks = [
+        textwrap.dedent(m.group(2))
+        for m in re.finditer(r"^( *)```yaml\n(.*?)^\1```", text, re.M | re.S)
+    ]
+    (patch,) = [load(b) for b in blocks if isinstance(load(b), list)]
+    (policy,) = [load(b) for b in blocks if isinstance(load(b), dict)]
+    assert not errors(policy), errors(policy)
+    infer = ksvc("knative/overlays/dev", "rlm-infer")
+    for op in patch:
+        json6902(infer, op)
+    assert not errors(infer)
+    managed = env(infer)
+    assert urlsplit(managed[STORE_URL]["value"]).scheme == "rediss"
+    assert urlsplit(managed[STORE_URL]["value"]).password is None
+    assert "secretKeyRef" in managed[STORE_PASSWORD]["valueFrom"]
 
 
 def test_guide_paths_exist() -> None:
