@@ -1296,7 +1296,9 @@ def test_a_full_ledger_refuses_writes_and_keeps_every_run(tmp_path: Path) -> Non
 
 
 @needs_redis
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize(
+    "stop", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGKILL, id="SIGKILL")]
+)
 def test_the_ledger_survives_a_restart(tmp_path: Path, stop: signal.Signals) -> None:
     served = local_ledger(tmp_path).start()
     try:
