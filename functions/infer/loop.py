@@ -24,8 +24,10 @@ from functions.contract import (
 )
 from functions.errors import StopCode
 from functions.infer import compaction, parsing, prompts
+from functions.infer.account import Account
 from functions.infer.compaction import DEFAULT_WINDOW
 from functions.infer.executor import ExecuteError, Executor, ReplSession
+from functions.infer.ledger import ANONYMOUS, BudgetRefused, LedgerUnavailable, RunKey
 from functions.infer.llm import DeadlineReached, LLMError
 from functions.infer.routing import allowed_models
 from functions.infer.tools import prompt_section
@@ -87,11 +89,12 @@ class Run:
     """One RLM run. `grants` gives the callback each cell sends."""
 
     config: RunConfig
-    llm: Any  # functions.infer.llm.LLM
+    account: Account  # the model client: every call paid from the run tree's budget
     executor: Executor
     grants: Grants
     depth: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    root: RunKey = field(default_factory=lambda: RunKey(ANONYMOUS, uuid.uuid4().hex[:16]))
     emit: Emit | None = None
     traceparent: str | None = None
     usage: UsageByModel = field(default_factory=dict)
@@ -178,8 +181,8 @@ class Run:
             return self._finish(
                 "stopped", iterations, partial, code=StopCode.MAX_TIMEOUT_S, reason=reason
             )
-        except (LLMError, ExecuteError) as e:
-            remaining = self._remaining()
+        except (LLMError, ExecuteError, LedgerUnavailable) as e:
+            remaining = self.remaining()
             if remaining is not None and remaining <= 0:  # the time budget ran out on the way
                 reason = f"max_timeout_s: {self.config.max_timeout_s} s passed ({e})"
                 return self._finish(
@@ -235,7 +238,12 @@ class Run:
 
     def _ask(self, messages: list[dict[str, str]], iteration: int) -> str:
         started = time.monotonic()
-        completion = self.llm.complete(messages, self.config.model, deadline=self._deadline())
+        try:
+            completion = self.account.complete(
+                messages, self.config.model, deadline=self._deadline()
+            )
+        except BudgetRefused as refused:
+            raise BudgetStop(StopCode(refused.code), refused.message) from None
         self._add_usage({completion.model: completion.usage})
         self._record(
             kind="llm",
@@ -254,11 +262,11 @@ class Run:
             raise BudgetStop(StopCode.CANCELLED, "cancelled")
         self._event("code", {"iteration": iteration, "code": code})
         started = time.monotonic()
-        remaining = self._remaining()
+        remaining = self.remaining()
         if remaining is not None:
             session.limits = Limits(deadline_s=max(0.1, min(self.config.cell_timeout_s, remaining)))
         response = session.run(code, self.traceparent)
-        self._add_usage(response.subcalls.usage)
+        self._add_usage({})  # the cell's sub-calls are in the run tree's account
         self._record(
             kind="cell",
             iteration=iteration,
@@ -312,7 +320,8 @@ class Run:
         reason: str | None = None,
         error: str | None = None,
     ) -> InferResult:
-        total = total_usage(self.usage)
+        usage = self.account.usage() if self.depth == 0 else self.usage
+        total = total_usage(usage)
         result = InferResult(
             run_id=self.run_id,
             status=status,  # type: ignore[arg-type]
@@ -320,7 +329,7 @@ class Run:
             stop_code=code,
             stop_reason=reason,
             error=error,
-            usage=self.usage,
+            usage=usage,
             total_cost_usd=round(total.cost_usd, 6),
             total_tokens=total.input_tokens + total.output_tokens,
             iterations=iterations,
@@ -337,7 +346,8 @@ class Run:
             return None
         return self.started + self.config.max_timeout_s
 
-    def _remaining(self) -> float | None:
+    def remaining(self) -> float | None:
+        """Seconds left of the run's time budget; None without one."""
         deadline = self._deadline()
         return None if deadline is None else deadline - time.monotonic()
 
@@ -345,10 +355,13 @@ class Run:
         c = self.config
         if self.cancelled():
             raise BudgetStop(StopCode.CANCELLED, "cancelled")
-        remaining = self._remaining()
+        remaining = self.remaining()
         if remaining is not None and remaining <= 0:
             raise BudgetStop(StopCode.MAX_TIMEOUT_S, f"max_timeout_s: {c.max_timeout_s} s passed")
-        total = total_usage(self.usage)
+        stopped = self.account.stopped()
+        if stopped is not None:  # a sub-call's reservation was refused
+            raise BudgetStop(StopCode(stopped[0]), stopped[1])
+        total = self.account.total()
         if c.max_budget_usd is not None and total.cost_usd >= c.max_budget_usd:
             raise BudgetStop(
                 StopCode.MAX_BUDGET_USD,
@@ -360,7 +373,8 @@ class Run:
 
     def _add_usage(self, usage: UsageByModel) -> None:
         merge_usage(self.usage, usage)
-        self._event("usage", {m: u.model_dump() for m, u in self.usage.items()})
+        shown = self.account.usage() if self.depth == 0 else self.usage
+        self._event("usage", {m: u.model_dump() for m, u in shown.items()})
 
     # ----------------------------------------------------------------- records
 
