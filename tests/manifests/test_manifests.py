@@ -49,6 +49,7 @@ from functions.execute import settings as execute_settings
 from functions.http import HEALTH_PATHS
 from functions.infer import settings as infer_settings
 from functions.testing.processes import free_port
+from functions.testing.redis_server import PASSWORD, RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
@@ -1178,43 +1179,30 @@ needs_redis = pytest.mark.skipif(
 
 
 @dataclass
-class LocalLedger:
-    port: int
+class ManifestRedis:
+    """The prod manifest's Redis container on loopback, its readiness probe run as the kubelet
+    runs it (with the container's environment)."""
+
+    server: RedisServer
     password: str
-    data: Path
-    argv: list[str]
     probe: list[str]
     environment: dict[str, str]
-    process: subprocess.Popen | None = None
 
-    def start(self) -> LocalLedger:
-        self.process = subprocess.Popen(
-            self.argv,
-            cwd=self.data,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            env={"PATH": os.environ["PATH"]},
-        )
+    def start(self) -> ManifestRedis:
+        self.server.start()
         deadline = time.monotonic() + 10
         while not self.ready():
-            assert self.process.poll() is None, f"redis-server exited: {self.argv[1:]}"
-            assert time.monotonic() < deadline, "redis-server never became ready"
+            assert time.monotonic() < deadline, "never ready by the manifest's probe"
             time.sleep(0.05)
         return self
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=10)
-
     def ready(self, environment: dict[str, str] | None = None) -> bool:
-        """The manifest's readiness probe, run with the container's environment."""
         probe_env = {"PATH": os.environ["PATH"], **(environment or self.environment)}
         return subprocess.run(self.probe, env=probe_env, timeout=10).returncode == 0
 
     def cli(self, *args: str, password: str | None = None, stdin: bytes = b"") -> str:
         done = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.server.port), *args],
             input=stdin,
             capture_output=True,
             env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": password or self.password},
@@ -1223,49 +1211,48 @@ class LocalLedger:
         return (done.stdout + done.stderr).decode().strip()
 
 
-def local_ledger(data: Path, **overrides: str) -> LocalLedger:
-    """The prod manifest's Redis container, its /data and port moved to `data` and a free port."""
+def manifest_redis(data: Path, **overrides: str) -> ManifestRedis:
+    """Its /data moved to `data`, its port to a free one, the Secret's password made up."""
     c = redis_container()
     (port_spec,) = c["ports"]
     port, password = free_port(), secrets.token_hex(32)
     environment = secret_env(c, {(LEDGER_NAME, "password"): password})
     args = [expand(a, environment) for a in c["args"]]
-    overrides = {"port": str(port), "dir": str(data), **overrides}
-    for flag, value in overrides.items():
+    for flag, value in {"port": str(port), "dir": str(data), **overrides}.items():
         args[args.index(f"--{flag}") + 1] = value
     argv = [*c["command"], *args, "--bind", "127.0.0.1"]  # loopback only, in tests
-    mount = c["readinessProbe"]["exec"]["command"]
+    shell, flag, script = c["readinessProbe"]["exec"]["command"]
     probe_port = f" -p {port_spec['containerPort']} "
-    assert probe_port in mount[2]
-    probe = [*mount[:2], mount[2].replace(probe_port, f" -p {port} ")]
-    return LocalLedger(port, password, data, argv, probe, environment)
+    assert probe_port in script
+    probe = [shell, flag, script.replace(probe_port, f" -p {port} ")]
+    return ManifestRedis(RedisServer(data, port, argv), password, probe, environment)
 
 
 @pytest.fixture
-def ledger_redis(tmp_path: Path) -> Iterator[LocalLedger]:
-    served = local_ledger(tmp_path).start()
+def ledger_redis(tmp_path: Path) -> Iterator[ManifestRedis]:
+    served = manifest_redis(tmp_path).start()
     yield served
-    served.stop(signal.SIGKILL)
+    served.server.stop(signal.SIGKILL)
 
 
 @needs_redis
-def test_ledger_redis_runs_the_manifests_configuration(ledger_redis: LocalLedger) -> None:
+def test_ledger_redis_runs_the_manifests_configuration(ledger_redis: ManifestRedis) -> None:
     served = ledger_redis
     assert served.cli("CONFIG", "GET", "appendonly").split() == ["appendonly", "yes"]
     assert served.cli("CONFIG", "GET", "maxmemory-policy").split()[1] == "noeviction"
     assert served.cli("CONFIG", "GET", "maxmemory").split()[1] == str(2**30)
     assert served.cli("CONFIG", "GET", "save").split() == ["save"]
-    assert (served.data / "appendonlydir").is_dir()
-    cmdline = Path(f"/proc/{served.process.pid}/cmdline").read_bytes()
+    assert (served.server.workdir / "appendonlydir").is_dir()
+    cmdline = Path(f"/proc/{served.server.process.pid}/cmdline").read_bytes()
     assert served.password.encode() not in cmdline, "the password is in the process's argv"
 
 
 @needs_redis
-def test_ledger_redis_refuses_a_client_without_the_password(ledger_redis: LocalLedger) -> None:
+def test_ledger_redis_refuses_a_client_without_the_password(ledger_redis: ManifestRedis) -> None:
     served = ledger_redis
     assert served.cli("PING") == "PONG"
     no_password = subprocess.run(
-        ["redis-cli", "-h", "127.0.0.1", "-p", str(served.port), "SET", "run:x", "1"],
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(served.server.port), "SET", "run:x", "1"],
         capture_output=True,
         env={"PATH": os.environ["PATH"]},
         timeout=10,
@@ -1280,7 +1267,7 @@ def test_ledger_redis_refuses_a_client_without_the_password(ledger_redis: LocalL
 
 @needs_redis
 def test_a_full_ledger_refuses_writes_and_keeps_every_run(tmp_path: Path) -> None:
-    served = local_ledger(tmp_path, maxmemory="4mb").start()
+    served = manifest_redis(tmp_path, maxmemory="4mb").start()
     try:
         assert served.cli("SET", "run:live", "spend") == "OK"
         chunk = b"x" * 256 * 1024
@@ -1292,7 +1279,7 @@ def test_a_full_ledger_refuses_writes_and_keeps_every_run(tmp_path: Path) -> Non
         assert served.cli("GET", "run:live") == "spend", "a key was evicted"
         assert served.cli("EXISTS", "conversation:0") == "1"
     finally:
-        served.stop(signal.SIGKILL)
+        served.server.stop(signal.SIGKILL)
 
 
 @needs_redis
@@ -1300,16 +1287,16 @@ def test_a_full_ledger_refuses_writes_and_keeps_every_run(tmp_path: Path) -> Non
     "stop", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGKILL, id="SIGKILL")]
 )
 def test_the_ledger_survives_a_restart(tmp_path: Path, stop: signal.Signals) -> None:
-    served = local_ledger(tmp_path).start()
+    served = manifest_redis(tmp_path).start()
     try:
         assert served.cli("HSET", "run:r1", "spend_usd", "0.25") == "1"
         if stop == signal.SIGKILL:
             time.sleep(1.5)  # appendfsync everysec: what is a second old is on disk
-        served.stop(stop)
+        served.server.stop(stop)
         served.start()
         assert served.cli("HGET", "run:r1", "spend_usd") == "0.25"
     finally:
-        served.stop(signal.SIGKILL)
+        served.server.stop(signal.SIGKILL)
 
 
 # -- the guide -------------------------------------------------------------------------------
@@ -1373,6 +1360,44 @@ def test_guide_deploys_the_ledger() -> None:
     assert urlsplit(managed[STORE_URL]["value"]).scheme == "rediss"
     assert urlsplit(managed[STORE_URL]["value"]).password is None
     assert "secretKeyRef" in managed[STORE_PASSWORD]["valueFrom"]
+
+
+@needs_redis
+def test_guide_acl_user_can_run_the_ledger(tmp_path: Path) -> None:
+    """The ACL user the guide suggests for a managed Redis: every store primitive works, and
+    administration does not."""
+    import redis as redis_py
+
+    from functions.infer.ledger import RedisStore
+
+    (line,) = re.findall(r"`ACL SETUSER ([^`]+)`", _doc())
+    user, *rules = line.split()
+    user_password = secrets.token_hex(16)
+    rules = [f">{user_password}" if r.startswith(">") else r for r in rules]
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = redis_py.Redis(port=server.port, password=PASSWORD)
+        admin.execute_command("ACL", "SETUSER", user, *rules)
+        url = f"redis://{user}@127.0.0.1:{server.port}/0"
+        store = RedisStore(url, user_password)
+        store.ping()
+        assert store.put("k", b"v", 60, only_if_absent=True)
+        assert not store.put("k", b"w", 60, only_if_absent=True)
+        assert store.get("k") == b"v"
+        store.delete("k")
+        assert store.add("spend", {"usd": 0.5}, {"usd": 1.0}, 60) == {"usd": 0.5}
+        assert store.add("spend", {"usd": 0.6}, {"usd": 1.0}, 60) is None
+        assert store.counters("spend") == {"usd": 0.5}
+        store.push("log", b"a", 60)
+        store.push("log", b"b", 60)
+        assert store.pop_first("log") == b"a"
+        assert store.pop_all("log") == [b"b"]
+        as_user = redis_py.Redis(port=server.port, username=user, password=user_password)
+        for command in (("FLUSHALL",), ("CONFIG", "GET", "requirepass"), ("ACL", "LIST")):
+            with pytest.raises(redis_py.exceptions.NoPermissionError):
+                as_user.execute_command(*command)
+    finally:
+        server.stop()
 
 
 def test_guide_paths_exist() -> None:
