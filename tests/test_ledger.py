@@ -55,7 +55,7 @@ def test_run_ids_are_scoped_to_their_owner(ledger):
 
 def test_local_mode_cancel_needs_the_runs_token(ledger):
     key = RunKey(ANONYMOUS, "r2")
-    token = ledger.open_run(key, None, None, 60)
+    token, _ = ledger.open_run(key, None, None, 60)
     for wrong in (None, "", "guess" * 4):
         with pytest.raises(Forbidden):
             ledger.cancel(key, wrong)

@@ -3,6 +3,7 @@ a Knative route: whichever pod a request reaches, the run's rules hold."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -32,6 +33,9 @@ class Pods:
     proxy: RoundRobin
     redis: RedisServer
     execute: Served
+    a_env: dict
+    a_port: int
+    tmp: object
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +49,12 @@ def pods(tmp_path_factory, scripted_llm) -> Iterator[Pods]:
               "INFER_CALLBACK_URL": proxy.url, "LLM_PRICES": PRICES,
               "LLM_MAX_OUTPUT_TOKENS": "64", "INFER_CELL_SUBCALLS": "60",
               "LLM_MAX_RETRIES": "0"}  # fmt: skip
-    a = serve("infer", infer_env(scripted_llm, execute.url, port_a, **shared), tmp, port=port_a)
+    a_env = infer_env(scripted_llm, execute.url, port_a, **shared)
+    a = serve("infer", a_env, tmp, port=port_a)
     b = serve("infer", infer_env(scripted_llm, execute.url, port_b, **shared), tmp, port=port_b)
-    yield Pods(a, b, proxy, redis, execute)
-    for served in (a, b, execute):
+    pods = Pods(a, b, proxy, redis, execute, a_env, port_a, tmp)
+    yield pods
+    for served in (pods.a, pods.b, execute):
         served.stop()
     proxy.stop()
     redis.stop()
@@ -219,3 +225,56 @@ def test_redis_going_away_mid_run_fails_it_clearly_then_503_until_it_is_back(pod
                         "context": "the magic number is 5"})  # fmt: skip
     assert back.status_code == 200 and back.json()["status"] == "completed", back.text
     assert json.loads(back.text)["answer"] == "5"
+
+
+def test_a_run_whose_pod_dies_is_resumed_on_the_other_pod_calling_no_model_twice(
+    pods, llm, tmp_path_factory
+):
+    """SIGKILL the infer process in the middle of a run served from a CloudEvent; the
+    redelivery to the other pod resumes the run from its last checkpoint."""
+    in_cell, release = threading.Event(), threading.Event()
+    turn_one = repl("x = 41\nprint('turn one done')")
+    turn_two = repl(
+        "r = llm_query('slow')\nanswer['content'] = f'{x + 1} {r}'\nanswer['ready'] = True"
+    )
+
+    def slow(request):
+        in_cell.set()
+        release.wait(20)
+        return "late"
+
+    llm.reset()
+    llm.switch.current = scripted_replies([turn_one, turn_two], slow)
+    event = CloudEvent({"type": events.INFER_REQUESTED, "source": "/resume"},
+                       {"query": "q", "context": "c"})  # fmt: skip
+    headers, body = to_binary(event)
+    first = threading.Thread(target=lambda: _post_quietly(pods.a, headers, body))
+    first.start()
+    try:
+        assert in_cell.wait(60), "the run never reached its second cell"
+        root_calls = len(llm.root_requests())
+        assert root_calls == 2
+        pods.a.kill()
+        release.set()  # the sub-call's answer goes nowhere: its pod is gone
+        first.join(30)
+        deadline = time.monotonic() + 30
+        while True:  # the broker redelivers until the run is answered
+            r = httpx.post(pods.b.url + "/", headers=headers, content=body, timeout=120)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            assert r.status_code == 409, r.text  # the dead pod's heartbeat has not lapsed yet
+            time.sleep(1)
+        reply = from_http(dict(r.headers), r.content)
+        assert reply["type"] == events.INFER_COMPLETED, reply.data
+        assert reply.data["answer"] == "42 late", reply.data  # x from turn one's state
+        assert len(llm.root_requests()) == root_calls, [
+            len(q.messages) for q in llm.root_requests()
+        ]  # no root turn asked again
+    finally:
+        release.set()
+        pods.a = serve("infer", pods.a_env, pods.tmp, port=pods.a_port)
+
+
+def _post_quietly(pod: Served, headers: dict, body: bytes) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the pod is killed under the request
+        httpx.post(pod.url + "/", headers=headers, content=body, timeout=60)

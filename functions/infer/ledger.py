@@ -28,6 +28,8 @@ from functions.contract import ModelUsage, UsageByModel
 from functions.errors import Conflict, Forbidden, NotFound, Unauthorized, Unavailable
 
 ANONYMOUS = "anonymous"  # the owner of runs when callers are not authenticated (local mode)
+HEARTBEAT_S = 2.0  # how often a run's process says it is alive
+DEAD_AFTER_S = 3 * HEARTBEAT_S  # a run whose process has not said so for this long is resumed
 
 
 class LedgerUnavailable(Unavailable):
@@ -290,28 +292,42 @@ class Ledger:
         budget_tokens: int | None,
         ttl_s: float,
         secret: str | None = None,
-    ) -> str:
-        """Record a new live run of `key.owner`; its secret (for cancelling it in local mode),
-        the caller's own when it chose one.
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Record a new live run of `key.owner`: its secret (for cancelling it in local mode; the
+        caller's own when it chose one), and None. A run of that id whose process died (its
+        heartbeat stopped) is taken over instead: its secret and its last checkpoint.
 
-        `Conflict` when that owner already has a live run with that id."""
-        secret = secret or secrets.token_urlsafe(16)
-        record = {"status": "running", "secret": secret, "usd": budget_usd,
-                  "tokens": budget_tokens, "started": time.time()}  # fmt: skip
+        `Conflict` when that owner has a live run with that id, still beating."""
+        record = {"status": "running", "secret": secret or secrets.token_urlsafe(16),
+                  "usd": budget_usd, "tokens": budget_tokens}  # fmt: skip
         ttl = min(ttl_s, self.run_ttl_s)
         if not self.store.put(key.id, _dump(record), ttl, only_if_absent=True):
-            old = _load(self.store.get(key.id))
-            if old is not None and old.get("status") == "running":
-                raise Conflict(f"run {key.run_id!r} is already running")
+            old = _load(self.store.get(key.id)) or {}
+            if old.get("status") == "running":
+                if self.store.get(key.id + ":alive") is not None:
+                    raise Conflict(f"run {key.run_id!r} is already running")
+                self.heartbeat(key)
+                return old["secret"], _load(self.store.get(key.id + ":checkpoint"))
             self.store.put(key.id, _dump(record), ttl)
-        for suffix in (":cancel", ":stop", ":spend", ":children"):
+        for suffix in (":cancel", ":stop", ":spend", ":children", ":checkpoint"):
             self.store.delete(key.id + suffix)
-        return secret
+        self.heartbeat(key)
+        return record["secret"], None
+
+    def heartbeat(self, key: RunKey) -> None:
+        """The run's process is alive; a run whose beat stops for `DEAD_AFTER_S` may be resumed."""
+        self.store.put(key.id + ":alive", b"1", DEAD_AFTER_S)
+
+    def checkpoint(self, key: RunKey, state: dict[str, Any]) -> None:
+        """Where the run is: what another process resumes it from if this one dies."""
+        self.store.put(key.id + ":checkpoint", _dump(state), self.run_ttl_s)
 
     def finish_run(self, key: RunKey, status: str) -> None:
         record = _load(self.store.get(key.id)) or {}
         record["status"] = status
         self.store.put(key.id, _dump(record), self.run_ttl_s)
+        self.store.delete(key.id + ":alive")
+        self.store.delete(key.id + ":checkpoint")
 
     def _record(self, key: RunKey) -> dict[str, Any] | None:
         return _load(self.store.get(key.id))
