@@ -33,10 +33,11 @@ DEAD_AFTER_S = 3 * HEARTBEAT_S  # a run whose process has not said so for this l
 
 
 class LedgerUnavailable(Unavailable):
-    """The run ledger cannot be reached; the pod recovers by itself when it returns."""
+    """The run ledger cannot be reached, or refuses (full, no permission); the pod recovers by
+    itself when it is back."""
 
     def __init__(self, why: str) -> None:
-        super().__init__(f"the run ledger is unreachable ({why}); retry shortly", retry_after_s=2)
+        super().__init__(f"the run ledger {why}; retry shortly", retry_after_s=2)
 
 
 class BudgetRefused(Forbidden):
@@ -187,6 +188,7 @@ class RedisStore:
         import redis
 
         self._errors = (redis.RedisError, OSError)
+        self._refusals = redis.ResponseError  # the server answered: full, no permission, ...
         self._redis = redis.Redis.from_url(
             url,
             password=password or None,
@@ -201,8 +203,10 @@ class RedisStore:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except self._refusals as e:
+            raise LedgerUnavailable(f"refused: {str(e)[:200]}") from None
         except self._errors as e:
-            raise LedgerUnavailable(type(e).__name__) from None
+            raise LedgerUnavailable(f"is unreachable ({type(e).__name__})") from None
 
     def get(self, key: str) -> bytes | None:
         return self._call(self._redis.get, key)
