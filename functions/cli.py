@@ -212,6 +212,15 @@ def _serve(args: argparse.Namespace) -> int:
                 p.kill()
 
 
+# ----------------------------------------------------------------------------- mcp
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    from functions.infer.mcp_server import serve_stdio
+
+    return serve_stdio()
+
+
 # ----------------------------------------------------------------------------- exec, warm, view
 
 
@@ -317,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer-port", type=_count, default=8080)
     p.add_argument("--execute-port", type=_count, default=8081)
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser("mcp", help="serve the RLM as MCP tools on stdio, for an agent's config")
+    p.set_defaults(run=_mcp)
 
     p = sub.add_parser("exec", help="run Python in the sandbox and print what it printed")
     p.add_argument("code", help="the code, or - to read it from standard input")

