@@ -53,13 +53,15 @@ def documents() -> Iterator[str]:
     server.server_close()
 
 
-def stdio(llm) -> Client:
-    """`rlm mcp` as an agent's MCP configuration starts it: the command and its environment."""
+def stdio(llm, cwd: Path | None = None, **extra: str) -> Client:
+    """`rlm mcp` as an agent's MCP configuration starts it: the command and its environment
+    (started in `cwd`, the folder whose files it reads by default)."""
     env = {**os.environ, "LLM_BASE_URL": llm.base_url, "LLM_MODEL": "scripted-root",
            "LLM_API_KEY": "k", "LLM_SUB_MODEL": "scripted-sub",
            "LLM_PRICES": '{"scripted-root": [1.0, 2.0], "scripted-sub": [0.5, 1.0]}',
-           "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:", "MAX_ITERATIONS": "6"}  # fmt: skip
-    return Client(StdioServerParameters(command=RLM, args=["mcp"], env=env))
+           "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:", "MAX_ITERATIONS": "6",
+           **extra}  # fmt: skip
+    return Client(StdioServerParameters(command=RLM, args=["mcp"], env=env, cwd=cwd))
 
 
 def http(stack, **options) -> Client:
@@ -112,12 +114,12 @@ def test_stdio_tools_progress_files_and_urls(llm, documents, tmp_path):
     report.write_text(haystack(3_000_000, 48213))
 
     async def main():
-        async with stdio(llm) as client:
+        async with stdio(llm, cwd=tmp_path) as client:
             tools = {t.name: t for t in (await client.list_tools()).tools}
             assert set(tools) == {"ask", "continue_conversation"}
             assert "context_path" in tools["ask"].input_schema["properties"]
             assert tools["ask"].output_schema["properties"]["stop_code"]
-            outcome, progress = await ask_needle(client, context_path=str(report))
+            outcome, progress = await ask_needle(client, context_path="report.txt")
             assert outcome["answer"] == "48213" and outcome["status"] == "completed"
             assert outcome["total_cost_usd"] > 0 and outcome["usage"]["scripted-sub"]["calls"] == 30
             check_progress(progress)
@@ -172,7 +174,7 @@ def test_stdio_typed_answers_and_conversations(llm):
 
 def test_stdio_bad_calls_are_errors_that_say_what_to_fix(llm, tmp_path):
     async def main():
-        async with stdio(llm) as client:
+        async with stdio(llm, cwd=tmp_path) as client:
             cases = [
                 ({"question": "q", "context": "a", "context_json": ["b"]}, "context one way"),
                 ({"question": "q", "contxt": "a"}, "unknown argument 'contxt'"),
@@ -184,6 +186,32 @@ def test_stdio_bad_calls_are_errors_that_say_what_to_fix(llm, tmp_path):
             for arguments, expected in cases:
                 result = await client.call_tool("ask", arguments)
                 assert result.is_error and expected in result.content[0].text, (arguments, result)
+        assert llm.requests == []
+
+    anyio.run(main)
+
+
+def test_stdio_reads_regular_files_under_its_roots_only(llm, tmp_path):
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.txt").write_text("the magic number is 1")
+    (project / "link.txt").symlink_to(elsewhere / "secret.txt")
+    os.mkfifo(project / "pipe")
+
+    async def main():
+        async with stdio(llm, cwd=project) as client:
+            for path, expected in (
+                (str(elsewhere / "secret.txt"), "is not under"),
+                ("link.txt", "is not under"),  # a link leads out of the roots
+                ("../elsewhere/secret.txt", "is not under"),
+                ("pipe", "not a regular file"),  # refused, not waited on
+            ):
+                result = await client.call_tool("ask", {"question": "q", "context_path": path})
+                assert result.is_error and expected in result.content[0].text, (path, result)
+        async with stdio(llm, cwd=project, RLM_MCP_FILE_ROOTS=f"{project},/dev") as client:
+            result = await client.call_tool("ask", {"question": "q", "context_path": "/dev/zero"})
+            assert result.is_error and "not a regular file" in result.content[0].text
         assert llm.requests == []
 
     anyio.run(main)

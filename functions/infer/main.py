@@ -295,7 +295,7 @@ def _mcp_app() -> Any:
 
             settings = dataclasses.replace(SETTINGS, max_runs=SETTINGS.run_bound())
             surface = Surface(run=run, stop=lambda run_id, caller: service().stop(run_id, caller),
-                              settings=settings, local_files=False, who=mcp_http.who)  # fmt: skip
+                              settings=settings, who=mcp_http.who)  # fmt: skip
             _mcp_served = mcp_http.McpApp(
                 build_server(surface), SETTINGS.max_context_bytes + _BODY_SLACK
             )

@@ -151,13 +151,14 @@ class Surface:
 
     `run(request, emit, cancelled, caller)` runs a request whose context is inline or a
     `context_uri` (it loads that under the operator's prefixes); `stop(run_id, caller)` stops
-    one; `who(ctx)` is the caller of a tool call and whether its client has hung up.
+    one; `who(ctx)` is the caller of a tool call and whether its client has hung up;
+    `file_roots` the folders a `context_path` may be in (none: no `context_path`).
     """
 
     run: Runner
     stop: Callable[[str, str], None]
     settings: InferSettings
-    local_files: bool
+    file_roots: tuple[Path, ...] = ()
     who: Callable[[Context], tuple[str, Callable[[], bool]]] = _nobody
     name: str = "rlm"
     limiter: anyio.CapacityLimiter | None = field(default=None, repr=False)
@@ -175,7 +176,7 @@ def build_server(surface: Surface) -> MCPServer:
     # this only keeps calls from queueing behind anyio's default limit instead.
     surface.limiter = anyio.CapacityLimiter(surface.settings.max_runs + 4)
     for name, (names, description) in TOOLS.items():
-        if not surface.local_files:
+        if not surface.file_roots:
             names = [n for n in names if n != "context_path"]
             description = description.replace(" or context_path", "").replace(
                 "context_json, context_url", "context_json or context_url"
@@ -268,7 +269,9 @@ def _request(surface: Surface, arguments: dict[str, Any]) -> InferRequest:
     if source == "context_url":
         fields["context_uri"] = arguments["context_url"]
     elif source == "context_path":
-        fields["context"] = _read(arguments["context_path"], surface.settings.max_context_bytes)
+        fields["context"] = _read(
+            arguments["context_path"], surface.file_roots, surface.settings.max_context_bytes
+        )
     elif source is not None:
         fields["context"] = arguments[source]
     try:
@@ -277,9 +280,17 @@ def _request(surface: Surface, arguments: dict[str, Any]) -> InferRequest:
         raise ToolError(problem.message) from None
 
 
-def _read(path: str, max_bytes: int) -> Any:
+def _read(path: str, roots: tuple[Path, ...], max_bytes: int) -> Any:
+    """A file under one of `roots` (links followed first: a link cannot lead out of them)."""
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        shown = ", ".join(map(str, roots))
+        raise ToolError(
+            f"context_path {path} is not under {shown}: this server reads files only there "
+            "(RLM_MCP_FILE_ROOTS)"
+        )
     try:
-        return read_file(Path(path).expanduser(), max_bytes)
+        return read_file(resolved, max_bytes)
     except ContextError as e:
         raise ToolError(e.message) from None
 
@@ -344,7 +355,8 @@ async def _forward(progress: _Progress, ctx: Context) -> None:
 
 def serve_stdio() -> int:
     """`rlm mcp`: the tools over stdio, on an embedded RLM configured from the environment
-    (LLM_BASE_URL, LLM_MODEL, LLM_API_KEY, and the infer settings)."""
+    (LLM_BASE_URL, LLM_MODEL, LLM_API_KEY, and the infer settings). A `context_path` must be
+    under RLM_MCP_FILE_ROOTS, by default the folder it started in (an agent's project)."""
     from functions import logs
     from functions.infer.inputs import load_context
     from functions.sdk import RLM
@@ -362,7 +374,8 @@ def serve_stdio() -> int:
             request = request.model_copy(update={"max_depth": settings.max_depth})
         return service.run(request, context, emit, cancelled=cancelled, caller=caller)
 
-    surface = Surface(run=run, stop=service.stop, settings=settings, local_files=True)
+    roots = tuple(Path(r).expanduser().resolve() for r in settings.mcp_file_roots or ["."])
+    surface = Surface(run=run, stop=service.stop, settings=settings, file_roots=roots)
     try:
         anyio.run(build_server(surface).run_stdio_async)
     finally:

@@ -49,6 +49,7 @@ ENV_NAMES = (
     "INFER_EVENT_TTL",
     "INFER_MAX_SCHEMA_KB",
     "INFER_SCHEMA_REPAIRS",
+    "RLM_MCP_FILE_ROOTS",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -89,6 +90,7 @@ class InferSettings:
     event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
     max_schema_bytes: int = 64 * 1024  # INFER_MAX_SCHEMA_KB: an output_schema, a tool's parameters
     schema_repairs: int = 1  # INFER_SCHEMA_REPAIRS: turns to fix an answer that misses its schema
+    mcp_file_roots: tuple[str, ...] = ()  # RLM_MCP_FILE_ROOTS: where `rlm mcp` reads files; ()=cwd
 
     def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -150,6 +152,7 @@ class InferSettings:
             event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
             max_schema_bytes=env_int("INFER_MAX_SCHEMA_KB", 64, 1, e) * 1024,
             schema_repairs=env_int("INFER_SCHEMA_REPAIRS", 1, 0, e),
+            mcp_file_roots=_prefixes(e.get("RLM_MCP_FILE_ROOTS", "")),
         )
 
     @property
