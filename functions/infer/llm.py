@@ -4,6 +4,12 @@ The openai SDK's retries are off (`max_retries=0`); ours retry 408/409/429/5xx a
 timeouts and broken connections with exponential backoff and jitter, wait at least as long as
 a Retry-After header asks, and stop at a retry count or at the caller's deadline, whichever
 comes first. Then `LLMError` says what happened, with the last error as its cause.
+
+A timed-out call is retried at most `timeout_retries` times (default once): a local server
+keeps generating after its client hangs up, so every retry would queue one more full
+generation behind the stuck one. Each call may carry an output cap, sent as `max_tokens` (what
+every OpenAI-compatible server reads); a model that refuses that field and names
+`max_completion_tokens` instead (OpenAI's reasoning models) gets the other one from then on.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ log = logging.getLogger("rlm.llm")
 Messages = Sequence[Mapping[str, Any]]
 _RETRIED_STATUS = frozenset({408, 409, 429})
 _MIN_ATTEMPT_S = 0.05  # an attempt with less time than this left is not started
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")  # the output cap's two spellings
 
 
 class LLMError(Exception):
@@ -68,6 +75,7 @@ class Backoff:
     base_s: float = 0.5
     max_s: float = 20.0
     max_retry_after_s: float = 120.0  # a server asking for a longer pause is not waited for
+    timeout_retries: int = 1  # of the retries, how many may follow a timed-out attempt
 
     def wait(self, attempt: int, retry_after: float | None) -> float:
         cap = min(self.max_s, self.base_s * 2**attempt)
@@ -84,6 +92,7 @@ class _Attempts:
         self.deadline = deadline
         self.timeout_s = timeout_s
         self.count = 0
+        self.timeouts = 0
 
     def timeout(self) -> float:
         """The time the next attempt may take; raises when the deadline leaves none."""
@@ -108,6 +117,14 @@ class _Attempts:
         if not _retryable(error):
             verb = "refused the request" if status else "call failed"
             raise self._error(f"{verb}: {_describe(error)}", status) from error
+        if isinstance(error, openai.APITimeoutError):
+            self.timeouts += 1
+            if self.timeouts > self.backoff.timeout_retries:
+                why = (
+                    f"timed out {self.timeouts} times (after {self.timeout_s:g} s each); not "
+                    "asked again, so a slow server is not queued one more generation"
+                )
+                raise self._error(why, None) from error  # fmt: skip
         retry_after = _retry_after(error)
         if retry_after is not None and retry_after > self.backoff.max_retry_after_s:
             why = f"unavailable, asks to retry after {retry_after:.0f} s: {_describe(error)}"
@@ -215,14 +232,18 @@ class _Client:
         *,
         prices: PriceTable | None = None,
         max_retry_after_s: float = 120.0,
+        timeout_retries: int = 1,
     ) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
-        self.backoff = Backoff(max_retries, backoff_s, max_backoff_s, max_retry_after_s)
+        self.backoff = Backoff(
+            max_retries, backoff_s, max_backoff_s, max_retry_after_s, timeout_retries
+        )
         self.prices = prices if prices is not None else PriceTable(prices_json)
         self.client = self._sdk(
             base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
+        self._token_field: dict[str, str] = {}  # by model, once one refused "max_tokens"
 
     _sdk: Any = None
 
@@ -230,7 +251,32 @@ class _Client:
     def from_settings(cls, settings: Any) -> Any:
         """From an `InferSettings`."""
         s = settings
-        return cls(s.base_url, s.api_key, s.llm_timeout_s, s.llm_max_retries, s.prices_json)
+        return cls(
+            s.base_url,
+            s.api_key,
+            s.llm_timeout_s,
+            s.llm_max_retries,
+            s.prices_json,
+            timeout_retries=s.llm_timeout_retries,
+        )
+
+    def _arguments(self, model: str, max_output_tokens: int | None) -> dict[str, Any]:
+        if not max_output_tokens:
+            return {}
+        return {self._token_field.get(model, TOKEN_FIELDS[0]): max_output_tokens}
+
+    def _switch_token_field(self, error: Exception, model: str, sent: dict[str, Any]) -> bool:
+        """Whether `error` refused the output cap's field and named the other one (then use it)."""
+        if not sent or getattr(error, "status_code", None) != 400:
+            return False
+        (field,) = sent
+        other = TOKEN_FIELDS[1 - TOKEN_FIELDS.index(field)]
+        text = str(getattr(error, "message", "") or error)
+        if field not in text or other not in text:
+            return False
+        log.warning("model %r refuses %s; sending the output cap as %s", model, field, other)
+        self._token_field[model] = other
+        return True
 
 
 class LLM(_Client):
@@ -238,16 +284,28 @@ class LLM(_Client):
 
     _sdk = openai.OpenAI
 
-    def complete(self, messages: Messages, model: str, deadline: float | None = None) -> Completion:
-        """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too."""
+    def complete(
+        self,
+        messages: Messages,
+        model: str,
+        deadline: float | None = None,
+        max_output_tokens: int | None = None,
+    ) -> Completion:
+        """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too;
+        `max_output_tokens` caps the reply (None or 0: the server's own limit)."""
         attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
+        switched = False
         while True:
             timeout = attempts.timeout()
+            cap = self._arguments(model, max_output_tokens)
             try:
                 response = self.client.chat.completions.create(
-                    model=model, messages=list(messages), timeout=timeout
+                    model=model, messages=list(messages), timeout=timeout, **cap
                 )
             except openai.OpenAIError as e:
+                if not switched and self._switch_token_field(e, model, cap):
+                    switched, attempts.count = True, attempts.count - 1
+                    continue
                 time.sleep(attempts.wait_after(e))
                 continue
             return _completion(response, model, messages, self.prices)
@@ -262,16 +320,25 @@ class AsyncLLM(_Client):
     _sdk = openai.AsyncOpenAI
 
     async def complete(
-        self, messages: Messages, model: str, deadline: float | None = None
+        self,
+        messages: Messages,
+        model: str,
+        deadline: float | None = None,
+        max_output_tokens: int | None = None,
     ) -> Completion:
         attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
+        switched = False
         while True:
             timeout = attempts.timeout()
+            cap = self._arguments(model, max_output_tokens)
             try:
                 response = await self.client.chat.completions.create(
-                    model=model, messages=list(messages), timeout=timeout
+                    model=model, messages=list(messages), timeout=timeout, **cap
                 )
             except openai.OpenAIError as e:
+                if not switched and self._switch_token_field(e, model, cap):
+                    switched, attempts.count = True, attempts.count - 1
+                    continue
                 await asyncio.sleep(attempts.wait_after(e))
                 continue
             return _completion(response, model, messages, self.prices)
