@@ -166,6 +166,28 @@ def _install():
         "ToolError": ToolError,
     }
     RESERVED = {*api, "answer"}
+    original_context = []  # [the value the host bound to `context`], once it bound one
+
+    def _restore_scaffold():
+        """Put back the guest API, `answer` and `context` if the cell rebound or deleted them,
+        with one stderr line naming them: a model that wrote `context = context.split()` keeps
+        its input for the next cell."""
+        rebound = [name for name, value in api.items() if main.get(name) is not value]
+        for name in rebound:
+            main[name] = api[name]
+        kept = original_context and "context" in main and main["context"] is original_context[0]
+        if original_context and not kept:
+            main["context"] = original_context[0]
+            rebound.append("context")
+        if not isinstance(main.get("answer"), dict):
+            main["answer"] = {"content": None, "ready": False}
+            rebound.append("answer")
+        if rebound:
+            print(
+                f"[rlm] this cell rebound {', '.join(rebound)}; restored. Keep your own "
+                'values under other names (and answer with answer["content"] = ...).',
+                file=sys.stderr,
+            )
 
     def _read(name):
         with open(f"{mount}/{name}", "rb") as f:
@@ -275,6 +297,8 @@ def _install():
                 main["context"] = _read("context.in").decode("utf-8")
             elif plan.get("context") == "json":
                 main["context"] = json.loads(_read("context.in"))
+            if plan.get("context"):
+                original_context[:] = [main["context"]]
             _bind_contexts(plan)
             if plan.get("vars"):
                 main.update(plan["vars"])
@@ -296,6 +320,7 @@ def _install():
             meta["error"] = info
             sys.stderr.write(info["traceback"])
         meta["answer"] = _answer()
+        _restore_scaffold()
         meta["locals"] = {
             n: {"type": type(main[n]).__name__, "preview": _preview(main[n])}
             for n in _user_names()[:200]
