@@ -81,7 +81,7 @@ def _ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        if result.get("status") != "completed":
+        if result.get("status") != "completed" or result.get("stop_code"):
             why = result.get("stop_reason") or result.get("error")
             print(f"rlm: run {result.get('status')}: {why}", file=sys.stderr)
         if result.get("answer") is not None:

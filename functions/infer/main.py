@@ -79,10 +79,12 @@ def service() -> InferService:
                 timeout_s=SETTINGS.llm_timeout_s,
                 max_retries=SETTINGS.llm_max_retries,
                 prices_json=SETTINGS.prices_json,
+                timeout_retries=SETTINGS.llm_timeout_retries,
             )
             s, prices = SETTINGS, llm.prices
             llm = routed(llm, s.endpoints, lambda url, key: LLM(
-                url, key, s.llm_timeout_s, s.llm_max_retries, prices=prices))  # fmt: skip
+                url, key, s.llm_timeout_s, s.llm_max_retries, prices=prices,
+                timeout_retries=s.llm_timeout_retries))  # fmt: skip
             executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
             threads = int(os.environ.get("THREADS") or 4 * (os.cpu_count() or 1))
             bound = SETTINGS.run_bound(threads)
