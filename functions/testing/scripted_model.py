@@ -25,12 +25,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from functions.infer.compaction import text_tokens
+
 STAND_IN_NAME = "scripted-stand-in"
 ROOT_MARKER = "REPL"  # a system prompt holding this word makes a request a root RLM turn
 
 
 @dataclass
-class ChatRequest:
+class ModelRequest:
+    """A chat-completions request as the model server received it."""
+
     model: str
     messages: list[dict[str, Any]]
     stream: bool = False
@@ -61,8 +65,7 @@ class ChatRequest:
         return [_text(m) for m in self.messages if m.get("role") == role]
 
 
-Request = ChatRequest
-Policy = Callable[[ChatRequest], str]
+Policy = Callable[[ModelRequest], str]
 
 
 def _text(message: dict[str, Any]) -> str:
@@ -70,10 +73,6 @@ def _text(message: dict[str, Any]) -> str:
     if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return "" if content is None else str(content)
-
-
-def estimate_tokens(text: str) -> int:
-    return len(text) // 4 + 1
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ class ScriptedModel:
     send_usage: bool = True  # False: answers without a usage object, as some servers do
     refused_fields: frozenset[str] = frozenset()  # output-cap fields answered with a 400
     faults: deque[Fault] = field(default_factory=deque)
-    requests: list[ChatRequest] = field(default_factory=list)  # the ones the policy answered
+    requests: list[ModelRequest] = field(default_factory=list)  # the ones the policy answered
     received: int = 0  # chat requests that arrived, faulted ones included
 
     def __post_init__(self) -> None:
@@ -153,11 +152,11 @@ class ScriptedModel:
             self.latency_s = 0.0
             self.refused_fields = frozenset()
 
-    def root_requests(self) -> list[ChatRequest]:
+    def root_requests(self) -> list[ModelRequest]:
         with self._lock:
             return [r for r in self.requests if r.is_root]
 
-    def sub_requests(self) -> list[ChatRequest]:
+    def sub_requests(self) -> list[ModelRequest]:
         with self._lock:
             return [r for r in self.requests if not r.is_root]
 
@@ -175,7 +174,7 @@ class ScriptedModel:
             self._busy -= 1
             self._idle.notify_all()
 
-    def _record(self, request: ChatRequest) -> None:
+    def _record(self, request: ModelRequest) -> None:
         with self._lock:
             self.requests.append(request)
 
@@ -194,9 +193,9 @@ _MODELS = {
 }
 
 
-def _usage(request: ChatRequest, text: str) -> dict[str, int]:
-    prompt = sum(estimate_tokens(_text(m)) for m in request.messages)
-    completion = estimate_tokens(text)
+def _usage(request: ModelRequest, text: str) -> dict[str, int]:
+    prompt = sum(text_tokens(_text(m)) for m in request.messages)
+    completion = text_tokens(text)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -204,10 +203,10 @@ def _usage(request: ChatRequest, text: str) -> dict[str, int]:
     }
 
 
-def _capped(request: ChatRequest, text: str) -> tuple[str, str]:
-    """The reply cut at the request's output cap (as `estimate_tokens` counts), and why it ended."""
+def _capped(request: ModelRequest, text: str) -> tuple[str, str]:
+    """The reply cut at the request's output cap (as `text_tokens` counts), and why it ended."""
     cap = request.output_cap
-    if cap is None or estimate_tokens(text) <= cap:
+    if cap is None or text_tokens(text) <= cap:
         return text, "stop"
     return text[: max(0, cap - 1) * 4], "length"
 
@@ -220,7 +219,7 @@ def _refusal(field: str) -> str:
 
 
 def _completion(
-    ident: str, request: ChatRequest, text: str, usage: dict | None, finish: str = "stop"
+    ident: str, request: ModelRequest, text: str, usage: dict | None, finish: str = "stop"
 ) -> dict:
     message = {"role": "assistant", "content": text}
     choice = {"index": 0, "finish_reason": finish, "logprobs": None, "message": message}
@@ -235,7 +234,7 @@ def _completion(
 
 
 def _chunks(
-    ident: str, request: ChatRequest, text: str, usage: dict | None, finish: str = "stop"
+    ident: str, request: ModelRequest, text: str, usage: dict | None, finish: str = "stop"
 ) -> list[dict]:
     """The SSE frames of one streamed reply: role, text in pieces, stop, usage if asked."""
     base = {
@@ -299,7 +298,7 @@ def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
                 self._error(400, _refusal(refused[0]))
                 return
             stream = bool(body.get("stream"))
-            request = ChatRequest(
+            request = ModelRequest(
                 str(body.get("model", "")), body["messages"], stream,
                 _whole(body.get("max_tokens")), _whole(body.get("max_completion_tokens")),
             )  # fmt: skip
@@ -383,7 +382,7 @@ def repl(code: str, preface: str = "Let me run this.") -> str:
     return f"{preface}\n```repl\n{code.strip()}\n```"
 
 
-def answer_from_prompt(request: ChatRequest) -> str:
+def answer_from_prompt(request: ModelRequest) -> str:
     """The sub-model: finds 'magic number is N' in its prompt and answers N, else NONE."""
     found = re.search(r"magic number is (\d+)", request.last)
     return found.group(1) if found else "NONE"
@@ -418,13 +417,13 @@ if found:
 _ADVISED_CHUNK = re.compile(r"chunks of at most ([\d,]+) characters")
 
 
-def advised_chunk_chars(request: ChatRequest, default: int = 100_000) -> int:
+def advised_chunk_chars(request: ModelRequest, default: int = 100_000) -> int:
     """The chunk size the root's system prompt advises (as a model that follows it would)."""
     found = _ADVISED_CHUNK.search(_text(request.messages[0])) if request.messages else None
     return int(found.group(1).replace(",", "")) if found else default
 
 
-def needle_policy(request: ChatRequest) -> str:
+def needle_policy(request: ModelRequest) -> str:
     """Plays a root RLM that finds 'the magic number is N' in `context`, and its sub-model.
 
     Root turn 0 probes the context; turn 1 searches it with llm_query_batched over chunks of the
@@ -453,7 +452,7 @@ def scripted_replies(root_replies: list[Reply], sub_answer: Policy = answer_from
     if not root_replies:
         raise ValueError("scripted_replies needs at least one root reply")
 
-    def policy(request: ChatRequest) -> str:
+    def policy(request: ModelRequest) -> str:
         if not request.is_root:
             return sub_answer(request)
         reply = root_replies[min(request.turn, len(root_replies) - 1)]
@@ -466,19 +465,19 @@ def scripted_replies(root_replies: list[Reply], sub_answer: Policy = answer_from
 
 
 def _root_only(root: Policy) -> Policy:
-    def policy(request: ChatRequest) -> str:
+    def policy(request: ModelRequest) -> str:
         return root(request) if request.is_root else answer_from_prompt(request)
 
     policy.__doc__ = root.__doc__
     return policy
 
 
-def _asked_for_the_final_answer(request: ChatRequest) -> bool:
+def _asked_for_the_final_answer(request: ModelRequest) -> bool:
     return "You have no turns left" in request.last
 
 
 @_root_only
-def never_answers(request: ChatRequest) -> str:
+def never_answers(request: ModelRequest) -> str:
     """Explores every turn and, asked for the final answer, writes code and prose, no FINAL."""
     if _asked_for_the_final_answer(request):
         return repl("print(context[:50])", "I need to look a bit more before I can answer.")
@@ -486,13 +485,13 @@ def never_answers(request: ChatRequest) -> str:
 
 
 @_root_only
-def loops_on_a_broken_cell(request: ChatRequest) -> str:
+def loops_on_a_broken_cell(request: ModelRequest) -> str:
     """Sends the same failing cell every turn, the final request too, as small models do."""
     return repl("print(total_count)", "Let me print the total.")
 
 
 @_root_only
-def rebinds_context(request: ChatRequest) -> str:
+def rebinds_context(request: ModelRequest) -> str:
     """Turn 0 rebinds `context` to a list of words; turn 1 answers with what `context` is then."""
     if request.turn == 0:
         return repl("context = context.split()\nprint(len(context))")
@@ -502,7 +501,7 @@ def rebinds_context(request: ChatRequest) -> str:
 
 
 @_root_only
-def answers_on_its_last_turn(request: ChatRequest) -> str:
+def answers_on_its_last_turn(request: ModelRequest) -> str:
     """Explores until a turn's message says it is the last, then answers with the context's
     length; asked in the final request instead, it replies in prose without FINAL."""
     if "This is your last turn" in request.last:
