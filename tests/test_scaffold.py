@@ -95,3 +95,44 @@ def test_several_names_in_one_line_even_when_the_cell_fails(runner):
         "[rlm] this cell rebound llm_query, context, answer; restored. Keep your own values "
         'under other names (and answer with answer["content"] = ...).'
     ]
+
+
+def test_a_cell_that_replaced_stderr_still_gets_the_line(runner):
+    sid = f"scaffold-{uuid.uuid4().hex[:8]}"
+    code = (
+        "import sys\nclass Deaf:\n    def write(self, s):\n        raise RuntimeError('no')\n"
+        "sys.stderr = Deaf()\nllm_query = 1"
+    )
+    first = run(runner, sid, code)
+    assert first.error is None and "[rlm] this cell rebound llm_query" in first.stderr
+    second = run(runner, sid, "print(llm_query.__name__)", first.state)
+    assert second.stdout == "llm_query\n"
+
+
+def test_a_dict_subclass_answer_is_read_with_dicts_own_methods(runner):
+    sid = f"scaffold-{uuid.uuid4().hex[:8]}"
+    code = (
+        "class D(dict):\n    def get(self, *a):\n        raise RuntimeError('gotcha')\n"
+        "answer = D(content='x', ready=True)"
+    )
+    first = run(runner, sid, code)
+    assert first.error is None and first.answer.ready and first.answer.content == "x"
+    assert "[rlm] this cell rebound answer; restored." in first.stderr  # a plain dict again
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "class S:\n    def __str__(self):\n        raise SystemExit(3)\n"
+        "answer = {'content': S(), 'ready': True}",
+        "class B:\n    def __bool__(self):\n        raise KeyboardInterrupt\n"
+        "answer = {'content': 'x', 'ready': B()}",
+    ],
+)
+def test_an_answer_that_cannot_be_read_is_no_answer_and_the_session_lives(runner, hostile):
+    sid = f"scaffold-{uuid.uuid4().hex[:8]}"
+    first = run(runner, sid, hostile)
+    assert first.error is None and first.answer is None
+    assert "[rlm] answer cannot be read" in first.stderr
+    second = run(runner, sid, "answer['content'] = 'fine'\nanswer['ready'] = True", first.state)
+    assert second.answer.ready and second.answer.content == "fine"

@@ -167,6 +167,7 @@ def _install():
     }
     RESERVED = {*api, "answer"}
     original_context = []  # [the value the host bound to `context`], once it bound one
+    guest_stderr = sys.stderr
 
     def _restore_scaffold():
         """Put back the guest API, `answer` and `context` if the cell rebound or deleted them,
@@ -179,14 +180,13 @@ def _install():
         if original_context and not kept:
             main["context"] = original_context[0]
             rebound.append("context")
-        if not isinstance(main.get("answer"), dict):
+        if type(main.get("answer")) is not dict:
             main["answer"] = {"content": None, "ready": False}
             rebound.append("answer")
-        if rebound:
-            print(
+        if rebound:  # on the stream the driver holds: the cell may have replaced sys.stderr
+            guest_stderr.write(
                 f"[rlm] this cell rebound {', '.join(rebound)}; restored. Keep your own "
-                'values under other names (and answer with answer["content"] = ...).',
-                file=sys.stderr,
+                'values under other names (and answer with answer["content"] = ...).\n'
             )
 
     def _read(name):
@@ -226,13 +226,19 @@ def _install():
         return {"type": type(exc).__name__, "message": str(exc), "traceback": text}
 
     def _answer():
+        """`answer` as the host reads it; read with dict's own methods, so a dict subclass, or
+        a content whose str() raises, is no answer rather than the end of the driver."""
         answer = main.get("answer")
         if not isinstance(answer, dict):
             return None
-        content = answer.get("content")
-        if content is not None and not isinstance(content, str):
-            content = str(content)
-        return {"ready": bool(answer.get("ready")), "content": content}
+        try:
+            content = dict.get(answer, "content")
+            if content is not None and not isinstance(content, str):
+                content = str(content)
+            return {"ready": bool(dict.get(answer, "ready")), "content": content}
+        except BaseException as e:
+            guest_stderr.write(f"[rlm] answer cannot be read ({type(e).__name__}): no answer\n")
+            return None
 
     def _snapshot():
         """Pickle the user namespace; values that cannot be pickled are dropped and named."""
