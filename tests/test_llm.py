@@ -246,7 +246,7 @@ def test_model_client_from_settings() -> None:
 
 def test_the_output_cap_is_sent_as_max_tokens(model: ScriptedModel) -> None:
     llm = client(model)
-    ask(llm, max_output_tokens=300)
+    ask(llm, max_tokens=300)
     ask(llm)  # no cap asked: no field sent, the server's own limit holds
     first, second = model.requests
     assert (first.max_tokens, first.max_completion_tokens) == (300, None)
@@ -255,7 +255,7 @@ def test_the_output_cap_is_sent_as_max_tokens(model: ScriptedModel) -> None:
 
 def test_a_reply_cut_at_the_cap_says_so(model: ScriptedModel) -> None:
     model.policy = lambda request: "word " * 400
-    completion = ask(client(model), max_output_tokens=20)
+    completion = ask(client(model), max_tokens=20)
     assert completion.finish_reason == "length" and len(completion.text) < 100
     assert completion.usage.output_tokens <= 20
 
@@ -264,12 +264,12 @@ def test_a_model_that_refuses_max_tokens_gets_max_completion_tokens(model: Scrip
     """As OpenAI's reasoning models answer 400 to `max_tokens`, naming the other field."""
     model.refused_fields = frozenset({"max_tokens"})
     llm = client(model, max_retries=0)
-    assert ask(llm, max_output_tokens=64).text == "answer 7"
-    assert ask(llm, max_output_tokens=64).text == "answer 7"
+    assert ask(llm, max_tokens=64).text == "answer 7"
+    assert ask(llm, max_tokens=64).text == "answer 7"
     assert model.received == 3  # the refusal once, then the other field from the start
     assert [r.max_completion_tokens for r in model.requests] == [64, 64]
     assert all(r.max_tokens is None for r in model.requests)
-    other = llm.complete([{"role": "user", "content": "1"}], "other", max_output_tokens=64)
+    other = llm.complete([{"role": "user", "content": "1"}], "other", max_tokens=64)
     assert other.text == "answer 1"
     assert model.received == 5  # learnt per model: another model is asked the usual way first
 
@@ -277,7 +277,7 @@ def test_a_model_that_refuses_max_tokens_gets_max_completion_tokens(model: Scrip
 def test_a_server_refusing_both_fields_is_an_error_not_a_loop(model: ScriptedModel) -> None:
     model.refused_fields = frozenset({"max_tokens", "max_completion_tokens"})
     with pytest.raises(LLMError, match="refused the request") as e:
-        ask(client(model), max_output_tokens=64)
+        ask(client(model), max_tokens=64)
     assert e.value.provider_status == 400 and model.received == 2
 
 
@@ -300,20 +300,14 @@ def test_a_timed_out_call_is_asked_again_only_once(model: ScriptedModel) -> None
     assert model.received == 4
 
 
-def test_timeout_retries_and_output_cap_settings() -> None:
+def test_timeout_retries_setting() -> None:
     from functions.config import ConfigError
     from functions.infer.settings import InferSettings
     from functions.infer.wiring import model_client
 
     base = {"LLM_API_KEY": "k", "LLM_BASE_URL": "http://127.0.0.1:9/v1", "LLM_MODEL": "m"}
-    settings = InferSettings.from_env(base, served=False)
-    assert (settings.llm_timeout_retries, settings.max_output_tokens) == (1, 8192)
-    assert settings.sub_max_output_tokens == 8192
-    settings = InferSettings.from_env(
-        {**base, "LLM_TIMEOUT_RETRIES": "0", "LLM_MAX_OUTPUT_TOKENS": "512",
-         "LLM_SUB_MAX_OUTPUT_TOKENS": "0"}, served=False,
-    )  # fmt: skip
+    assert InferSettings.from_env(base, served=False).llm_timeout_retries == 1
+    settings = InferSettings.from_env({**base, "LLM_TIMEOUT_RETRIES": "0"}, served=False)
     assert model_client(settings).backoff.timeout_retries == 0
-    assert (settings.max_output_tokens, settings.sub_max_output_tokens) == (512, 0)
-    with pytest.raises(ConfigError, match="LLM_MAX_OUTPUT_TOKENS"):
-        InferSettings.from_env({**base, "LLM_MAX_OUTPUT_TOKENS": "-1"}, served=False)
+    with pytest.raises(ConfigError, match="LLM_TIMEOUT_RETRIES"):
+        InferSettings.from_env({**base, "LLM_TIMEOUT_RETRIES": "-1"}, served=False)

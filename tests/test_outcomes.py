@@ -179,7 +179,7 @@ def test_the_trajectory_records_the_question_and_the_setup(stack, llm):
     assert len(first["system_prompt_sha256"]) == 64
     assert first["model"] == "scripted-root" and first["sub_model"] == "scripted-sub"
     assert (first["max_iterations"], first["max_errors"], first["max_depth"]) == (5, 3, 2)
-    assert first["max_output_tokens"] == 8192 and first["chunk_chars"] == 100_000
+    assert first["max_output_tokens"] == 4096 and first["chunk_chars"] == 100_000
     last = body["trajectory"][-1]
     assert last["kind"] == "final" and last["status"] == "completed"
     assert last["stop_code"] is None and last["answer"] == "one"
@@ -219,22 +219,21 @@ def test_a_child_that_stops_is_reported_as_stopped_to_its_parent(stack, llm):
 
 
 def test_output_caps_and_chunk_advice_embedded(llm, monkeypatch):
-    """The settings reach the wire: root and sub-calls each send their cap, and the chunk size
+    """The setting reaches the wire: root and sub-calls each send the cap, and the chunk size
     the prompt advises fits the sub-model's window, so a model that follows it never
     overflows that window."""
-    monkeypatch.setenv("LLM_MAX_OUTPUT_TOKENS", "3000")
-    monkeypatch.setenv("LLM_SUB_MAX_OUTPUT_TOKENS", "40")
+    monkeypatch.setenv("LLM_MAX_OUTPUT_TOKENS", "1000")
     monkeypatch.setenv("LLM_CONTEXT_WINDOWS", json.dumps({"scripted-root": 12_000}))
     text = haystack(200_000, 31337)
     with RLM(backend(llm)) as rlm:
         result = rlm.completion(text, root_prompt="What is the magic number?")
     assert result.response == "31337"
     roots, subs = llm.root_requests(), llm.sub_requests()
-    assert {r.max_tokens for r in roots} == {3000} and {r.max_tokens for r in subs} == {40}
-    advised = (12_000 - 1_000 - 40) * 3 // 1000 * 1000  # 32,000 characters
+    assert {r.max_tokens for r in [*roots, *subs]} == {1000}
+    advised = (12_000 - 1_000 - 1_000) * 3 // 1000 * 1000  # 30,000 characters
     assert f"chunks of at most {advised:,} characters" in roots[0].messages[0]["content"]
     assert len(subs) == -(-len(text) // advised)  # the model followed the advice
-    assert all(len(r.last) // 4 + 1 <= 12_000 - 40 for r in subs)  # each fits the window
+    assert all(len(r.last) // 4 + 1 <= 12_000 - 1000 for r in subs)  # each fits the window
 
 
 def test_a_reply_cut_at_the_cap_is_named_to_the_model(llm, monkeypatch):
@@ -245,7 +244,8 @@ def test_a_reply_cut_at_the_cap_is_named_to_the_model(llm, monkeypatch):
     with RLM(backend(llm)) as rlm:
         result = rlm.completion("some text", root_prompt="q")
     assert result.response == "done"
-    assert "cut off at the output limit of 30 tokens" in llm.root_requests()[1].last
+    assert llm.root_requests()[0].max_tokens == 30
+    assert "cut off at the output limit" in llm.root_requests()[1].last
 
 
 # ----------------------------------------------------------------------------- the scaffold

@@ -91,8 +91,8 @@ def test_every_turn_states_the_budget_left() -> None:
 
 
 def test_a_cut_off_or_repeated_reply_is_named() -> None:
-    text = prompts.iteration_user_message(["x"], None, cut_off_at=512, repeated=True)
-    assert "cut off at the output limit of 512 tokens" in text
+    text = prompts.iteration_user_message(["x"], None, cut_off=True, repeated=True)
+    assert "cut off at the output limit" in text
     assert "same code as the one before" in text
 
 

@@ -264,10 +264,14 @@ class RunKey:
         return f"run:{digest}"
 
 
+MIN_OUTPUT_TOKENS = 16  # a call that may not answer with at least this many is not made
+
+
 @dataclass(frozen=True)
 class Reservation:
     usd: float
     tokens: float
+    output_tokens: int  # the call's output cap: sent to the model, so it cannot spend more
 
 
 class Ledger:
@@ -285,11 +289,13 @@ class Ledger:
         budget_usd: float | None,
         budget_tokens: int | None,
         ttl_s: float,
+        secret: str | None = None,
     ) -> str:
-        """Record a new live run of `key.owner`; its secret (for cancelling it in local mode).
+        """Record a new live run of `key.owner`; its secret (for cancelling it in local mode),
+        the caller's own when it chose one.
 
         `Conflict` when that owner already has a live run with that id."""
-        secret = secrets.token_urlsafe(16)
+        secret = secret or secrets.token_urlsafe(16)
         record = {"status": "running", "secret": secret, "usd": budget_usd,
                   "tokens": budget_tokens, "started": time.time()}  # fmt: skip
         ttl = min(ttl_s, self.run_ttl_s)
@@ -320,8 +326,11 @@ class Ledger:
             str(secret or ""), str(record.get("secret"))
         ):
             raise Forbidden("cancelling this run needs its cancel_token (given when it started)")
-        self.store.put(key.id + ":cancel", b"1", self.run_ttl_s)
+        self.mark_cancelled(key)
         return True
+
+    def mark_cancelled(self, key: RunKey) -> None:
+        self.store.put(key.id + ":cancel", b"1", self.run_ttl_s)
 
     def cancelled(self, key: RunKey) -> bool:
         return self.store.get(key.id + ":cancel") is not None
@@ -357,31 +366,39 @@ class Ledger:
 
     # ------------------------------------------------------------------ spend
 
-    def reserve(self, key: RunKey, usd: float, tokens: float) -> Reservation:
-        """Hold `usd` and `tokens` of the run's budgets before calling a model, or refuse."""
+    def reserve(
+        self, key: RunKey, input_tokens: int, output_cap: int, price: tuple[float, float]
+    ) -> Reservation:
+        """Hold a model call's worst case before it is made: `input_tokens` (an estimate from
+        above) and as many output tokens as the run's budgets leave, at most `output_cap`.
+        `BudgetRefused` when fewer than `MIN_OUTPUT_TOKENS` would be left for the answer."""
         record = self._record(key) or {}
         caps = {}
         if record.get("usd") is not None:
             caps["usd"] = float(record["usd"])
         if record.get("tokens") is not None:
             caps["tokens"] = float(record["tokens"])
-        held = self.store.add(
-            key.id + ":spend", {"usd": usd, "tokens": tokens}, caps, self.run_ttl_s
-        )
-        if held is None:
-            now = self.store.counters(key.id + ":spend")
-            if "usd" in caps and now.get("usd", 0.0) + usd > caps["usd"]:
-                raise BudgetRefused(
-                    f"max_budget_usd: spent ${now.get('usd', 0.0):.4f} of ${caps['usd']:g}; "
-                    f"this call needs up to ${usd:.4f}",
-                    "max_budget_usd",
-                )
-            raise BudgetRefused(
-                f"max_tokens: used {int(now.get('tokens', 0))} of {int(caps['tokens'])}; "
-                f"this call needs up to {int(tokens)}",
-                "max_tokens",
-            )
-        return Reservation(usd, tokens)
+        per_in, per_out = price[0] / 1e6, price[1] / 1e6
+        for _ in range(3):  # another pod may reserve between the look and the hold
+            spent = self.store.counters(key.id + ":spend")
+            room = {"output_cap": float(output_cap)}  # output tokens each limit leaves
+            if "tokens" in caps:
+                room["max_tokens"] = caps["tokens"] - spent.get("tokens", 0) - input_tokens
+            if "usd" in caps:
+                left = caps["usd"] - spent.get("usd", 0.0) - input_tokens * per_in
+                room["max_budget_usd"] = left / per_out if per_out > 0 else (
+                    output_cap if left >= 0 else -1.0
+                )  # fmt: skip
+            binding = min(room, key=room.__getitem__)
+            output = int(room[binding])
+            if output < MIN_OUTPUT_TOKENS:
+                raise _refusal(binding, caps, spent)
+            usd = input_tokens * per_in + output * per_out
+            tokens = input_tokens + output
+            amounts = {"usd": usd, "tokens": tokens}
+            if self.store.add(key.id + ":spend", amounts, caps, self.run_ttl_s) is not None:
+                return Reservation(usd, tokens, output)
+        raise _refusal(binding, caps, self.store.counters(key.id + ":spend"))
 
     def settle(self, key: RunKey, held: Reservation, model: str, usage: ModelUsage) -> None:
         """Replace the reservation with what the call really cost."""
@@ -470,6 +487,20 @@ class Ledger:
         self.store.delete(f"event:{event_key}")
 
 
+def _refusal(budget: str, caps: dict[str, float], spent: dict[str, float]) -> BudgetRefused:
+    if budget == "max_tokens":
+        used, limit = int(spent.get("tokens", 0)), int(caps["tokens"])
+        return BudgetRefused(
+            f"max_tokens: used {used} of {limit}, too few left for another model call", budget
+        )
+    usd, limit_usd = spent.get("usd", 0.0), caps.get("usd", 0.0)
+    return BudgetRefused(
+        f"max_budget_usd: spent ${usd:.4f} of ${limit_usd:g}, too little left for another "
+        "model call",
+        "max_budget_usd",
+    )
+
+
 def _cell_slot(root: RunKey, run_id: str, replay: bool) -> str:
     return f"{root.id}:cell:{_digest(run_id)[:16]}{':replay' if replay else ''}"
 
@@ -486,12 +517,9 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def event_key(source: str, event_id: str, data: bytes) -> str:
-    """A CloudEvent's identity: its source, its id and its data (another producer reusing an id,
-    or other data under the same id, is another event)."""
-    parts = [source, event_id, hashlib.sha256(data).hexdigest()]
+def event_key(source: str, event_id: str, data: Any) -> str:
+    """A CloudEvent's identity: its source, its id and its data, however encoded (another
+    producer reusing an id, or other data under the same id, is another event)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    parts = [source, event_id, hashlib.sha256(canonical.encode()).hexdigest()]
     return _digest("\0".join(parts))
-
-
-def store_from_settings(url: str, password: str | None) -> Store:
-    return RedisStore(url, password) if url else MemoryStore()

@@ -251,15 +251,15 @@ class LLM:
         messages: Messages,
         model: str,
         deadline: float | None = None,
-        max_output_tokens: int | None = None,
+        max_tokens: int | None = None,
     ) -> Completion:
         """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too;
-        `max_output_tokens` caps the reply (None or 0: the server's own limit)."""
+        `max_tokens` caps its output (None or 0: the server's own limit)."""
         attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
         switched = False
         while True:
             timeout = attempts.timeout()
-            cap = self._arguments(model, max_output_tokens)
+            cap = self._arguments(model, max_tokens)
             try:
                 response = self.client.chat.completions.create(
                     model=model, messages=list(messages), timeout=timeout, **cap
@@ -272,10 +272,11 @@ class LLM:
                 continue
             return _completion(response, model, messages, self.prices)
 
-    def _arguments(self, model: str, max_output_tokens: int | None) -> dict[str, Any]:
-        if not max_output_tokens:
+    def _arguments(self, model: str, max_tokens: int | None) -> dict[str, Any]:
+        """The output cap in the field this model takes."""
+        if not max_tokens:
             return {}
-        return {self._token_field.get(model, TOKEN_FIELDS[0]): max_output_tokens}
+        return {self._token_field.get(model, TOKEN_FIELDS[0]): max_tokens}
 
     def _switch_token_field(self, error: Exception, model: str, sent: dict[str, Any]) -> bool:
         """Whether `error` refused the output cap's field and named the other one (then use it)."""

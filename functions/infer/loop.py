@@ -25,8 +25,10 @@ from functions.contract import (
 )
 from functions.errors import StopCode
 from functions.infer import compaction, parsing, prompts
+from functions.infer.account import Account
 from functions.infer.compaction import DEFAULT_WINDOW, context_window
 from functions.infer.executor import ExecuteError, Executor, ReplSession
+from functions.infer.ledger import ANONYMOUS, BudgetRefused, LedgerUnavailable, RunKey
 from functions.infer.llm import Completion, DeadlineReached, LLMError
 from functions.infer.routing import allowed_models, default_model
 from functions.infer.tools import prompt_section
@@ -66,8 +68,7 @@ class RunConfig:
     compaction_threshold: float = 0.85
     context_window: int = DEFAULT_WINDOW  # the root model's, in tokens
     context_windows: dict[str, int] = field(default_factory=dict)  # LLM_CONTEXT_WINDOWS
-    max_output_tokens: int | None = None  # one root reply's cap
-    sub_max_output_tokens: int | None = None  # one sub-call reply's cap
+    max_output_tokens: int | None = None  # LLM_MAX_OUTPUT_TOKENS: one model call's cap
     allowed_models: list[str] = field(default_factory=list)  # more models the guest may name
     models_by_depth: dict[int, str] = field(default_factory=dict)
     tools: ToolCatalog = field(default_factory=dict)  # what this run's cells may call
@@ -91,11 +92,12 @@ class Run:
     """One RLM run. `grants` gives the callback each cell sends."""
 
     config: RunConfig
-    llm: Any  # functions.infer.llm.LLM
+    account: Account  # the model client: every call paid from the run tree's budget
     executor: Executor
     grants: Grants
     depth: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    root: RunKey = field(default_factory=lambda: RunKey(ANONYMOUS, uuid.uuid4().hex[:16]))
     emit: Emit | None = None
     traceparent: str | None = None
     usage: UsageByModel = field(default_factory=dict)
@@ -154,9 +156,7 @@ class Run:
                 final = self._final_from_text(reply, session, iterations, outputs)
                 if final is not None:
                     return self._finish("completed", iterations, final)
-                cut = (
-                    self.config.max_output_tokens if completion.finish_reason == "length" else None
-                )
+                cut = completion.finish_reason == "length"
                 repeated, previous = bool(blocks) and blocks == previous, blocks
                 left = self._left(iterations) if iterations < last else None
                 message = prompts.iteration_user_message(outputs, left, cut, repeated)
@@ -184,8 +184,8 @@ class Run:
             return self._finish(
                 "stopped", iterations, partial, StopCode.MAX_TIMEOUT_S, reason, last_reply=reply
             )
-        except (LLMError, ExecuteError) as e:
-            remaining = self._remaining()
+        except (LLMError, ExecuteError, LedgerUnavailable) as e:
+            remaining = self.remaining()
             if remaining is not None and remaining <= 0:  # the time budget ran out on the way
                 reason = f"max_timeout_s: {self.config.max_timeout_s} s passed ({e})"
                 return self._finish(
@@ -204,7 +204,7 @@ class Run:
         """What one sub-call of this run's cells can read: from its default model's window."""
         c = self.config
         sub = default_model(self.depth, c.model, c.sub_model, c.models_by_depth)
-        return prompts.chunk_chars(context_window(sub, c.context_windows), c.sub_max_output_tokens)
+        return prompts.chunk_chars(context_window(sub, c.context_windows), c.max_output_tokens)
 
     def _system_prompt(self) -> str:
         text = prompts.system_prompt(
@@ -251,12 +251,12 @@ class Run:
         self, messages: list[dict[str, str]], iteration: int, final_request: bool = False
     ) -> Completion:
         started = time.monotonic()
-        completion = self.llm.complete(
-            messages,
-            self.config.model,
-            deadline=self._deadline(),
-            max_output_tokens=self.config.max_output_tokens,
-        )
+        try:
+            completion = self.account.complete(
+                messages, self.config.model, deadline=self._deadline()
+            )
+        except BudgetRefused as refused:
+            raise BudgetStop(StopCode(refused.code), refused.message) from None
         self._add_usage({completion.model: completion.usage})
         self._record(
             kind="llm",
@@ -287,11 +287,11 @@ class Run:
             raise BudgetStop(StopCode.CANCELLED, "cancelled")
         self._event("code", {"iteration": iteration, "code": code})
         started = time.monotonic()
-        remaining = self._remaining()
+        remaining = self.remaining()
         if remaining is not None:
             session.limits = Limits(deadline_s=max(0.1, min(self.config.cell_timeout_s, remaining)))
         response = session.run(code, self.traceparent)
-        self._add_usage(response.subcalls.usage)
+        self._add_usage({})  # the cell's sub-calls are in the run tree's account
         self._record(
             kind="cell",
             iteration=iteration,
@@ -353,7 +353,8 @@ class Run:
     ) -> InferResult:
         """The result. The trajectory's final entry adds whether the answer came in the final
         request and, for a run with no answer, the model's last reply as it was."""
-        total = total_usage(self.usage)
+        usage = self.account.usage() if self.depth == 0 else self.usage
+        total = total_usage(usage)
         result = InferResult(
             run_id=self.run_id,
             status=status,  # type: ignore[arg-type]
@@ -361,7 +362,7 @@ class Run:
             stop_code=code,
             stop_reason=reason,
             error=error,
-            usage=self.usage,
+            usage=usage,
             total_cost_usd=round(total.cost_usd, 6),
             total_tokens=total.input_tokens + total.output_tokens,
             iterations=iterations,
@@ -380,13 +381,13 @@ class Run:
     def _left(self, iteration: int) -> prompts.Remaining:
         """What the run has left after `iteration` turns, as the model is told it."""
         c = self.config
-        total = total_usage(self.usage)
+        total = self.account.total()  # the run tree's, as the budgets count it
         used = total.input_tokens + total.output_tokens
         return prompts.Remaining(
             turns=c.max_iterations - iteration,
             usd=None if c.max_budget_usd is None else c.max_budget_usd - total.cost_usd,
             tokens=None if c.max_tokens is None else c.max_tokens - used,
-            seconds=self._remaining(),
+            seconds=self.remaining(),
         )
 
     def _deadline(self) -> float | None:
@@ -394,7 +395,8 @@ class Run:
             return None
         return self.started + self.config.max_timeout_s
 
-    def _remaining(self) -> float | None:
+    def remaining(self) -> float | None:
+        """Seconds left of the run's time budget; None without one."""
         deadline = self._deadline()
         return None if deadline is None else deadline - time.monotonic()
 
@@ -402,10 +404,13 @@ class Run:
         c = self.config
         if self.cancelled():
             raise BudgetStop(StopCode.CANCELLED, "cancelled")
-        remaining = self._remaining()
+        remaining = self.remaining()
         if remaining is not None and remaining <= 0:
             raise BudgetStop(StopCode.MAX_TIMEOUT_S, f"max_timeout_s: {c.max_timeout_s} s passed")
-        total = total_usage(self.usage)
+        stopped = self.account.stopped()
+        if stopped is not None:  # a sub-call's reservation was refused
+            raise BudgetStop(StopCode(stopped[0]), stopped[1])
+        total = self.account.total()
         if c.max_budget_usd is not None and total.cost_usd >= c.max_budget_usd:
             raise BudgetStop(
                 StopCode.MAX_BUDGET_USD,
@@ -417,7 +422,8 @@ class Run:
 
     def _add_usage(self, usage: UsageByModel) -> None:
         merge_usage(self.usage, usage)
-        self._event("usage", {m: u.model_dump() for m, u in self.usage.items()})
+        shown = self.account.usage() if self.depth == 0 else self.usage
+        self._event("usage", {m: u.model_dump() for m, u in shown.items()})
 
     # ----------------------------------------------------------------- records
 

@@ -150,18 +150,18 @@ def first_user_message(
 def iteration_user_message(
     outputs: Sequence[str],
     remaining: Remaining | None = None,
-    cut_off_at: int | None = None,
+    cut_off: bool = False,
     repeated: bool = False,
 ) -> str:
     """A continuing turn: what each cell of the last reply printed (already formatted), and
-    what the run has left. `cut_off_at`: the reply was cut at this output cap (tokens);
-    `repeated`: its code was the previous reply's again."""
+    what the run has left. `cut_off`: the reply ended at the output cap; `repeated`: its code
+    was the previous reply's again."""
     left = f" {remaining.line()}" if remaining is not None else ""
     cut = ""
-    if cut_off_at:
+    if cut_off:
         cut += (
-            f"Your reply was cut off at the output limit of {cut_off_at:,} tokens: keep "
-            "replies short, one small code block each.\n\n"
+            "Your reply was cut off at the output limit: keep replies short, one small code "
+            "block each.\n\n"
         )
     if repeated:
         cut += (
