@@ -429,22 +429,13 @@ class Run:
 
     def _record_run(self, query: str, system: str, first: str) -> None:
         """The trajectory's first entry: what the run was asked, and how it was set up."""
-        c = self.config
         self._record(
             kind="run",
             query=query,
             system_prompt=system,
             system_prompt_sha256=hashlib.sha256(system.encode()).hexdigest(),
             first_user_message=first,
-            model=c.model,
-            sub_model=c.sub_model,
-            max_iterations=c.max_iterations,
-            max_depth=c.max_depth,
-            max_budget_usd=c.max_budget_usd,
-            max_tokens=c.max_tokens,
-            max_timeout_s=c.max_timeout_s,
-            max_errors=c.max_errors,
-            max_output_tokens=c.max_output_tokens,
+            **{name: getattr(self.config, name) for name in _RECORDED_CONFIG},
             chunk_chars=self._chunk_chars(),
         )
 
@@ -463,6 +454,11 @@ class Run:
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+# The run's settings its trajectory's first entry records.
+_RECORDED_CONFIG = ("model", "sub_model", "max_iterations", "max_depth", "max_budget_usd",
+                    "max_tokens", "max_timeout_s", "max_errors", "max_output_tokens")  # fmt: skip
 
 
 def _answered(response: ExecuteResponse) -> bool:
