@@ -28,13 +28,16 @@ from functions.contract import ModelUsage, UsageByModel
 from functions.errors import Conflict, Forbidden, NotFound, Unauthorized, Unavailable
 
 ANONYMOUS = "anonymous"  # the owner of runs when callers are not authenticated (local mode)
+HEARTBEAT_S = 2.0  # how often a run's process says it is alive
+DEAD_AFTER_S = 3 * HEARTBEAT_S  # a run whose process has not said so for this long is resumed
 
 
 class LedgerUnavailable(Unavailable):
-    """The run ledger cannot be reached; the pod recovers by itself when it returns."""
+    """The run ledger cannot be reached, or refuses (full, no permission); the pod recovers by
+    itself when it is back."""
 
     def __init__(self, why: str) -> None:
-        super().__init__(f"the run ledger is unreachable ({why}); retry shortly", retry_after_s=2)
+        super().__init__(f"the run ledger {why}; retry shortly", retry_after_s=2)
 
 
 class BudgetRefused(Forbidden):
@@ -185,6 +188,7 @@ class RedisStore:
         import redis
 
         self._errors = (redis.RedisError, OSError)
+        self._refusals = redis.ResponseError  # the server answered: full, no permission, ...
         self._redis = redis.Redis.from_url(
             url,
             password=password or None,
@@ -199,8 +203,10 @@ class RedisStore:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except self._refusals as e:
+            raise LedgerUnavailable(f"refused: {str(e)[:200]}") from None
         except self._errors as e:
-            raise LedgerUnavailable(type(e).__name__) from None
+            raise LedgerUnavailable(f"is unreachable ({type(e).__name__})") from None
 
     def get(self, key: str) -> bytes | None:
         return self._call(self._redis.get, key)
@@ -290,28 +296,43 @@ class Ledger:
         budget_tokens: int | None,
         ttl_s: float,
         secret: str | None = None,
-    ) -> str:
-        """Record a new live run of `key.owner`; its secret (for cancelling it in local mode),
-        the caller's own when it chose one.
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Record a new live run of `key.owner`: its secret (for cancelling it in local mode; the
+        caller's own when it chose one), and None. A run of that id whose process died (its
+        heartbeat stopped) is taken over instead: its secret and its last checkpoint.
 
-        `Conflict` when that owner already has a live run with that id."""
-        secret = secret or secrets.token_urlsafe(16)
-        record = {"status": "running", "secret": secret, "usd": budget_usd,
-                  "tokens": budget_tokens, "started": time.time()}  # fmt: skip
+        `Conflict` when that owner has a live run with that id, still beating."""
         ttl = min(ttl_s, self.run_ttl_s)
+        record = {"status": "running", "secret": secret or secrets.token_urlsafe(16),
+                  "usd": budget_usd, "tokens": budget_tokens,
+                  "expires": time.time() + ttl}  # fmt: skip
         if not self.store.put(key.id, _dump(record), ttl, only_if_absent=True):
-            old = _load(self.store.get(key.id))
-            if old is not None and old.get("status") == "running":
-                raise Conflict(f"run {key.run_id!r} is already running")
+            old = _load(self.store.get(key.id)) or {}
+            if old.get("status") == "running":
+                if self.store.get(key.id + ":alive") is not None:
+                    raise Conflict(f"run {key.run_id!r} is already running")
+                self.heartbeat(key)
+                return old["secret"], _load(self.store.get(key.id + ":checkpoint"))
             self.store.put(key.id, _dump(record), ttl)
-        for suffix in (":cancel", ":stop", ":spend", ":children"):
+        for suffix in (":cancel", ":stop", ":spend", ":children", ":checkpoint"):
             self.store.delete(key.id + suffix)
-        return secret
+        self.heartbeat(key)
+        return record["secret"], None
+
+    def heartbeat(self, key: RunKey) -> None:
+        """The run's process is alive; a run whose beat stops for `DEAD_AFTER_S` may be resumed."""
+        self.store.put(key.id + ":alive", b"1", DEAD_AFTER_S)
+
+    def checkpoint(self, key: RunKey, state: dict[str, Any]) -> None:
+        """Where the run is: what another process resumes it from if this one dies."""
+        self.store.put(key.id + ":checkpoint", _dump(state), self.run_ttl_s)
 
     def finish_run(self, key: RunKey, status: str) -> None:
         record = _load(self.store.get(key.id)) or {}
         record["status"] = status
         self.store.put(key.id, _dump(record), self.run_ttl_s)
+        self.store.delete(key.id + ":alive")
+        self.store.delete(key.id + ":checkpoint")
 
     def _record(self, key: RunKey) -> dict[str, Any] | None:
         return _load(self.store.get(key.id))
@@ -453,14 +474,20 @@ class Ledger:
     # ------------------------------------------------------------------ log and memo
 
     def log(self, key: RunKey, nonce: str, entry: dict[str, Any]) -> None:
-        self.store.push(f"{key.id}:log:{nonce}", _dump(entry), self.run_ttl_s)
+        self.store.push(f"{key.id}:log:{nonce}", _dump(entry), self._lifetime(key))
 
     def take_log(self, key: RunKey, nonce: str) -> list[dict[str, Any]]:
         return [json.loads(item) for item in self.store.pop_all(f"{key.id}:log:{nonce}")]
 
     def remember(self, key: RunKey, call: str, responses: list[str]) -> None:
         """A sub-call's answers, so a replayed cell gets the same ones (no model called twice)."""
-        self.store.push(f"{key.id}:memo:{_digest(call)}", _dump(responses), self.run_ttl_s)
+        self.store.push(f"{key.id}:memo:{_digest(call)}", _dump(responses), self._lifetime(key))
+
+    def _lifetime(self, key: RunKey) -> float:
+        """Seconds the run may still go on: what it keeps for itself (answers, logs) lives no
+        longer, so a finished run's memo is not kept for a day."""
+        record = self._record(key) or {}
+        return max(1.0, min(self.run_ttl_s, float(record.get("expires", 0)) - time.time()))
 
     def recall(self, key: RunKey, call: str) -> list[str] | None:
         found = self.store.pop_first(f"{key.id}:memo:{_digest(call)}")

@@ -50,6 +50,10 @@ class Grants(Protocol):
         """The sub-calls served under `callback`, for the trajectory (taken once)."""
         ...
 
+    def checkpoint(self, run: Run, state: dict[str, Any]) -> None:
+        """Where `run` is after a step: what it resumes from if its process dies."""
+        ...
+
 
 @dataclass
 class RunConfig:
@@ -106,6 +110,8 @@ class Run:
     cancelled: Callable[[], bool] = lambda: False
     callback: Callback | None = None  # the current cell's
     turn: Turn | None = None  # a question of a persistent conversation
+    resume: dict[str, Any] | None = None  # a checkpoint to go on from (its process died)
+    _replaying: bool = False  # cells re-run on resume get their sub-calls from the memo
 
     # ----------------------------------------------------------------- public
 
@@ -122,23 +128,31 @@ class Run:
             base=turn.base if turn else None,
         )
         system = self._system_prompt()
-        first = prompts.first_user_message(query, *_describe(context), self._left(0))
+        opening = prompts.first_user_message(query, *_describe(context), self._left(0))
         if turn is not None:
-            first += turn.note()
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": first}]
-        self._record_run(query, system, first)
+            opening += turn.note()
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": opening}]
         compactor = self._compactor()
         last = self.config.max_iterations
-        iterations, errors, partial, reply, previous = 0, 0, None, None, None
+        errors, partial, start, pending = 0, None, 1, None
+        if self.resume is not None:
+            messages, errors, partial, start, pending = self._resumed(self.resume, session)
+        self._record_run(query, messages[0]["content"], messages[1]["content"])
+        iterations, reply, previous = start - 1, None, None
         try:
-            for iterations in range(1, last + 1):
-                self._check_budgets()
-                if compactor is not None and compactor.due(messages):
-                    self._compact(compactor, messages, session, iterations)
-                self._event("turn", {"iteration": iterations})
-                completion = self._ask(messages, iterations)
-                reply = completion.text
-                messages.append({"role": "assistant", "content": reply})
+            for iterations in range(start, last + 1):
+                cut = False
+                if pending is None:
+                    self._check_budgets()
+                    if compactor is not None and compactor.due(messages):
+                        self._compact(compactor, messages, session, iterations)
+                    self._event("turn", {"iteration": iterations})
+                    completion = self._ask(messages, iterations)
+                    reply, cut = completion.text, completion.finish_reason == "length"
+                    messages.append({"role": "assistant", "content": reply})
+                    self._checkpoint("reply", iterations, messages, session, errors, partial)
+                else:  # resumed after the reply: its cells run again, sub-calls from the memo
+                    reply, pending, self._replaying = pending, None, True
                 blocks = parsing.find_code_blocks(reply)
                 outputs = []
                 for code in blocks:
@@ -153,16 +167,17 @@ class Run:
                         raise BudgetStop(
                             StopCode.MAX_ERRORS, f"max_errors: {errors} failing cells in a row"
                         )
+                self._replaying = False
                 final = self._final_from_text(reply, session, iterations, outputs)
                 if final is not None:
                     return self._finish("completed", iterations, final)
-                cut = completion.finish_reason == "length"
                 repeated, previous = bool(blocks) and blocks == previous, blocks
                 left = self._left(iterations) if iterations < last else None
                 message = prompts.iteration_user_message(outputs, left, cut, repeated)
                 if left is None:  # no user message twice in a row: some chat templates refuse it
                     message += "\n\n" + prompts.final_request_message()
                 messages.append({"role": "user", "content": message})
+                self._checkpoint("outputs", iterations, messages, session, errors, partial)
             self._check_budgets()
             reply = self._ask(messages, iterations + 1, final_request=True).text
             messages.append({"role": "assistant", "content": reply})
@@ -318,10 +333,41 @@ class Run:
         return response
 
     def _grant(self, replay: bool) -> Callback | None:
-        callback = self.grants.grant(self, replay)
+        callback = self.grants.grant(self, replay or self._replaying)
         if not replay:
             self.callback = callback
         return callback
+
+    def _checkpoint(
+        self,
+        phase: str,
+        iteration: int,
+        messages: list[dict[str, str]],
+        session: ReplSession,
+        errors: int,
+        partial: str | None,
+    ) -> None:
+        self.grants.checkpoint(self, {
+            "phase": phase, "iteration": iteration, "messages": messages, "errors": errors,
+            "partial": partial, "state_ref": session.state_ref, "state_data": session.state_data,
+            "cells": session.cells, "cell_vars": session.cell_vars,
+        })  # fmt: skip
+
+    @staticmethod
+    def _resumed(
+        saved: dict[str, Any], session: ReplSession
+    ) -> tuple[list[dict[str, str]], int, str | None, int, str | None]:
+        """The loop's place from a checkpoint: messages, errors, partial answer, the first
+        iteration to run and, when the process died after a reply, that reply."""
+        session.state_ref, session.state_data = saved["state_ref"], saved["state_data"]
+        session.cells = list(saved["cells"])
+        session.cell_vars = {int(i): v for i, v in saved["cell_vars"].items()}
+        messages = saved["messages"]
+        if saved["phase"] == "reply":
+            return messages, saved["errors"], saved["partial"], saved["iteration"], (
+                messages[-1]["content"]
+            )  # fmt: skip
+        return messages, saved["errors"], saved["partial"], saved["iteration"] + 1, None
 
     def _final_from_text(
         self, reply: str, session: ReplSession, iteration: int, outputs: list[str] | None

@@ -255,37 +255,38 @@ def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Resp
 
 def _serve_event(request: Request) -> Response:
     """A CloudEvent asking for a run. Its redelivery, to any pod, gets the first answer without
-    a second run; while the first delivery still runs, another is asked to come back later."""
+    a second run; while the first delivery's run is alive, a redelivery is asked to come back
+    later (409); a run whose pod died is resumed from its last checkpoint."""
     body = _body(request)
     event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
     ledger = service().ledger
     key = event_key(str(event["source"]), str(event["id"]), event.data)
     state, answered = ledger.claim_event(key, SETTINGS.event_ttl_s)
-    if state == "running":
-        raise Conflict(
-            "this event is being answered by another delivery; retry later",
-            headers={"Retry-After": "5"},
-        )
     if state == "answered":
         log.info("redelivered event answered from the ledger", extra={"event_id": key[:16]})
         kind, data = answered
     else:
         try:
-            kind, data = _answer_event(event, request)
+            kind, data = _answer_event(event, request, key)
+        except Conflict:
+            raise  # its first delivery still runs
         except BaseException:
-            ledger.forget_event(key)  # no answer: a redelivery runs it
+            if state == "new":
+                ledger.forget_event(key)  # no answer: a redelivery runs it
             raise
         ledger.answer_event(key, [kind, data], SETTINGS.event_ttl_s)
     headers, payload = events.reply(kind, events.SOURCE_INFER, data, subject=event["id"])
     return Response(payload, status=200, headers=headers)
 
 
-def _answer_event(event: Any, request: Request) -> tuple[str, dict[str, Any]]:
+def _answer_event(event: Any, request: Request, key: str) -> tuple[str, dict[str, Any]]:
     try:
         infer_request = validate(InferRequest, event.data)
+        if infer_request.run_id is None:  # one event, one run: a redelivery may resume it
+            infer_request = infer_request.model_copy(update={"run_id": f"event-{key[:32]}"})
         result = _run(infer_request, request.headers.get("traceparent"), caller=_caller(request))
     except RLMError as problem:
-        if problem.status in (429, 503):
+        if problem.status in (409, 429, 503):
             raise  # the broker redelivers later
         return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
     kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED

@@ -32,7 +32,14 @@ from functions.infer.account import Account
 from functions.infer.compaction import context_window
 from functions.infer.conversations import ConversationStore
 from functions.infer.executor import Executor
-from functions.infer.ledger import ANONYMOUS, Ledger, LedgerUnavailable, MemoryStore, RunKey
+from functions.infer.ledger import (
+    ANONYMOUS,
+    HEARTBEAT_S,
+    Ledger,
+    LedgerUnavailable,
+    MemoryStore,
+    RunKey,
+)
 from functions.infer.loop import Emit, Run, RunConfig
 from functions.infer.settings import InferSettings
 
@@ -124,14 +131,17 @@ class InferService:
         root = RunKey(caller, run_id or request.run_id or uuid.uuid4().hex[:16])
         if not self._runs.acquire(timeout=0.5):
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
-        turn = None
-        status = "failed"
+        lifetime = config.max_timeout_s or config.cell_timeout_s * (config.max_iterations + 2)
         try:
-            lifetime = config.max_timeout_s or config.cell_timeout_s * (config.max_iterations + 2)
-            secret = self.ledger.open_run(
+            secret, resume = self.ledger.open_run(
                 root, config.max_budget_usd, config.max_tokens, lifetime + _TOKEN_SLACK_S,
                 cancel_token,
             )  # fmt: skip
+        except BaseException:  # not this process's run: nothing of it to finish
+            self._runs.release()
+            raise
+        turn, status, beating = None, "failed", _Heartbeat(self.ledger, root)
+        try:
             if on_start is not None:
                 on_start(root.run_id, secret)
             if request.persistent or request.conversation_id:
@@ -148,6 +158,7 @@ class InferService:
                 turn=turn,
                 run_id=root.run_id,
                 root=root,
+                resume=resume if turn is None else None,
             )
             run.cancelled = lambda: bool(cancelled and cancelled()) or self.ledger.cancelled(root)
             result = run.completion(request.query, context)
@@ -155,6 +166,7 @@ class InferService:
             if request.trajectory:
                 result.trajectory = run.trajectory
         finally:
+            beating.stop()
             carried = self.conversations.end(turn) if turn is not None else None
             self._runs.release()
             with contextlib.suppress(LedgerUnavailable):  # the record expires by itself
@@ -209,6 +221,10 @@ class InferService:
     def served(self, callback: Callback) -> list[dict[str, Any]]:
         claims = tokens.verify(self.token_key, callback.token, check_expiry=False)
         return self.ledger.take_log(RunKey(claims.owner, claims.root), claims.nonce)
+
+    def checkpoint(self, run: Run, state: dict[str, Any]) -> None:
+        if run.depth == 0 and run.turn is None:  # a conversation's turn starts over instead
+            self.ledger.checkpoint(run.root, state)
 
     # ----------------------------------------------------------------- sub-calls
 
@@ -377,6 +393,25 @@ class Busy(TooManyRequests):
 def _inherit(sub_tools: Any, tools: Any) -> Any:
     """`custom_sub_tools` as the official library reads it: None inherits, {} means none."""
     return (tools if sub_tools is None else sub_tools) or {}
+
+
+class _Heartbeat:
+    """Says in the ledger that a run's process is alive, until stopped."""
+
+    def __init__(self, ledger: Ledger, root: RunKey) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(ledger, root), daemon=True, name="heartbeat"
+        )
+        self._thread.start()
+
+    def _beat(self, ledger: Ledger, root: RunKey) -> None:
+        while not self._done.wait(HEARTBEAT_S):
+            with contextlib.suppress(LedgerUnavailable):
+                ledger.heartbeat(root)
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 _CANCEL_POLL_S = 0.25  # how often a waiting batch looks at the run's cancel flag
