@@ -255,6 +255,7 @@ def test_the_output_cap_is_sent_as_max_tokens(model: ScriptedModel) -> None:
 
 def test_a_reply_cut_at_the_cap_says_so(model: ScriptedModel) -> None:
     model.policy = lambda request: "word " * 400
+    model.honour_cap = True
     completion = ask(client(model), max_tokens=20)
     assert completion.finish_reason == "length" and len(completion.text) < 100
     assert completion.usage.output_tokens <= 20

@@ -238,6 +238,7 @@ def test_output_caps_and_chunk_advice_embedded(llm, monkeypatch):
 
 def test_a_reply_cut_at_the_cap_is_named_to_the_model(llm, monkeypatch):
     monkeypatch.setenv("LLM_MAX_OUTPUT_TOKENS", "30")
+    monkeypatch.setattr(llm, "honour_cap", True)
     llm.switch.current = scripted_replies(
         [repl("x = 1\n" + "# thinking out loud\n" * 40), "FINAL(done)"]
     )

@@ -3,10 +3,11 @@
 It is not a language model: a policy function writes each reply. `rlm demo` uses it (and says
 so) so the whole pipeline can be seen without an API key; the tests use it to play the model
 through the real `openai` client. Faults can be queued for the next requests (a status with
-Retry-After, a delay, a dropped connection) and a fixed latency set, to test retries. Like a
-real server it honours the request's output cap (`max_tokens` or `max_completion_tokens`): a
-longer reply is cut there with `finish_reason: "length"`; `refused_fields` makes it refuse one
-spelling the way OpenAI's reasoning models refuse `max_tokens`.
+Retry-After, a delay, a dropped connection) and a fixed latency set, to test retries. It
+records each request's output cap (`max_tokens` or `max_completion_tokens`); with `honour_cap`
+it cuts a longer reply there with `finish_reason: "length"`, as a real server does, and
+`refused_fields` makes it refuse one spelling the way OpenAI's reasoning models refuse
+`max_tokens`.
 
     python -m functions.testing.scripted_model --port 8765 --scenario needle
 """
@@ -94,6 +95,7 @@ class ScriptedModel:
     api_key: str | None = None  # when set, other bearer tokens get 401
     send_usage: bool = True  # False: answers without a usage object, as some servers do
     refused_fields: frozenset[str] = frozenset()  # output-cap fields answered with a 400
+    honour_cap: bool = False  # cut a reply longer than the request's output cap
     faults: deque[Fault] = field(default_factory=deque)
     requests: list[ModelRequest] = field(default_factory=list)  # the ones the policy answered
     received: int = 0  # chat requests that arrived, faulted ones included
@@ -143,7 +145,7 @@ class ScriptedModel:
             return self._idle.wait_for(lambda: self._busy == 0, timeout_s)
 
     def reset(self, wait_s: float = 5.0) -> None:
-        """No faults, latency or refused fields, an empty log (once requests in flight are done)."""
+        """No faults, latency, refused fields or cap, an empty log (once requests in flight end)."""
         self.wait_idle(wait_s)
         with self._lock:
             self.faults.clear()
@@ -151,6 +153,7 @@ class ScriptedModel:
             self.received = 0
             self.latency_s = 0.0
             self.refused_fields = frozenset()
+            self.honour_cap = False
 
     def root_requests(self) -> list[ModelRequest]:
         with self._lock:
@@ -310,7 +313,7 @@ def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
             except Exception as e:
                 self._error(500, f"the scripted policy failed: {type(e).__name__}: {e}")
                 return
-            text, finish = _capped(request, text)
+            text, finish = _capped(request, text) if model.honour_cap else (text, "stop")
             usage = _usage(request, text) if model.send_usage else None
             ident = f"chatcmpl-scripted-{time.time_ns()}"
             if not stream:
