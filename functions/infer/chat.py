@@ -16,7 +16,8 @@
   chunk per progress event with empty content and the event under `rlm` (OpenAI clients read
   nothing from it), the answer, and the finish reason with the usage.
 - `finish_reason` is "stop" for an answer and "length" for a run stopped by a limit (its
-  partial answer, if any, is the content); a failed run is a 502, or an error in the stream.
+  partial answer is the content, or `[stopped: <reason>]` without one); a failed run is a 502,
+  or an error in the stream.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def completion(body: ChatRequest, result: InferResult) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.answer or ""},
+                "message": {"role": "assistant", "content": _content(result)},
                 "finish_reason": _finish_reason(result),
             }
         ],
@@ -167,8 +168,7 @@ class Chunks:
         if result.status == "failed":
             yield self.error(UpstreamError(f"the RLM run failed: {result.error}"))
             return
-        if result.answer:
-            yield self._frame({"content": result.answer}, None)
+        yield self._frame({"content": _content(result)}, None)
         extra: dict[str, Any] = {"rlm": _ours(self.body, result)}
         separate = bool(self.body.stream_options and self.body.stream_options.include_usage)
         if not separate:
@@ -225,6 +225,13 @@ def problem_body(problem: RLMError) -> dict[str, Any]:
     if problem.detail is not None:
         error["detail"] = problem.detail
     return {"error": error}
+
+
+def _content(result: InferResult) -> str:
+    """The answer; for a stopped run its partial answer, or why it stopped when it has none."""
+    if result.answer is None and result.status == "stopped":
+        return f"[stopped: {result.stop_reason}]"
+    return result.answer or ""
 
 
 def _finish_reason(result: InferResult) -> str:
