@@ -161,7 +161,12 @@ class Surface:
     file_roots: tuple[Path, ...] = ()
     who: Callable[[Context], tuple[str, Callable[[], bool]]] = _nobody
     name: str = "rlm"
-    limiter: anyio.CapacityLimiter | None = field(default=None, repr=False)
+    limiter: anyio.CapacityLimiter = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Each run holds a thread; infer refuses runs past its own bound (INFER_MAX_RUNS), so
+        # this only keeps calls from queueing behind anyio's default limit instead.
+        self.limiter = anyio.CapacityLimiter(self.settings.max_runs + 4)
 
 
 def build_server(surface: Surface) -> MCPServer:
@@ -172,9 +177,6 @@ def build_server(surface: Surface) -> MCPServer:
         instructions="Recursive Language Model tools: ask questions of contexts far larger than "
         "a model's window; each call runs an RLM to its answer, with progress as it goes.",
     )
-    # Each run holds a thread; infer refuses runs past its own bound (INFER_MAX_RUNS), so
-    # this only keeps calls from queueing behind anyio's default limit instead.
-    surface.limiter = anyio.CapacityLimiter(surface.settings.max_runs + 4)
     for name, (names, description) in TOOLS.items():
         if not surface.file_roots:
             names = [n for n in names if n != "context_path"]
