@@ -93,8 +93,8 @@ def infer_env(scripted_llm, execute_url: str, infer_port: int, **extra: str) -> 
         "MAX_ITERATIONS": "6",
         "MAX_DEPTH": "2",
         "THREADS": "16",
-        "RLM_TOOL_URL_PREFIXES": "http://127.0.0.1:",
-        "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:",
+        "RLM_TOOL_URL_PREFIXES": "http://127.0.0.1:*/",
+        "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:*/",
         "INFER_CELL_TIMEOUT": "60",
         **extra,
     }

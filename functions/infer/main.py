@@ -171,10 +171,7 @@ def _run(
     cancelled: Any = None,
 ) -> InferResult:
     context = load_context(
-        request.context,
-        request.context_uri,
-        SETTINGS.max_context_bytes,
-        SETTINGS.context_url_prefixes,
+        request.context, request.context_uri, SETTINGS.max_context_bytes, service().context_urls
     )
     svc = service()
     sink = svc.sink

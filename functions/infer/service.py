@@ -32,6 +32,7 @@ from functions.infer.conversations import ConversationStore
 from functions.infer.executor import Executor
 from functions.infer.loop import Emit, Run, RunConfig
 from functions.infer.settings import InferSettings
+from functions.urls import Allowlist
 
 _MEMO_RUNS = 256
 _TOKEN_SLACK_S = 60.0
@@ -84,7 +85,12 @@ class InferService:
         self.conversations = ConversationStore(
             settings.conversation_ttl_s, settings.conversation_max_bytes, settings.max_conversations
         )
-        self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
+        self.tools = tools.ToolRunner(  # embedded, the SDK registers its functions here
+            Allowlist.of("RLM_TOOL_URL_PREFIXES", settings.tool_url_prefixes)
+        )
+        self.context_urls = Allowlist.of(
+            "INFER_CONTEXT_URL_PREFIXES", settings.context_url_prefixes
+        )
         self._active: dict[str, threading.Event] = {}  # run id -> set when cancelled
 
     # ----------------------------------------------------------------- runs
@@ -132,7 +138,7 @@ class InferService:
         `ConversationError` when the request's conversation cannot take another turn."""
         config = self.config_for(request)
         for catalog in (config.tools, config.sub_tools):
-            tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
+            tools.check_catalog(catalog, self.tools.functions, self.tools.allowed)
         run_id = run_id or request.run_id or uuid.uuid4().hex[:16]
         stop = threading.Event()
         with self._memo_lock:

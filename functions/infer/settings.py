@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from functions import urls
 from functions.config import ConfigError, env_float, env_int, env_str, env_url
 from functions.infer.compaction import parse_windows
 from functions.infer.routing import Endpoint, parse_endpoints
@@ -126,8 +127,8 @@ class InferSettings:
             compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
             context_windows_json=windows,
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
-            tool_url_prefixes=_prefixes(e.get("RLM_TOOL_URL_PREFIXES", "")),
-            context_url_prefixes=_prefixes(e.get("INFER_CONTEXT_URL_PREFIXES", "")),
+            tool_url_prefixes=_prefixes("RLM_TOOL_URL_PREFIXES", e),
+            context_url_prefixes=_prefixes("INFER_CONTEXT_URL_PREFIXES", e),
             threads=env_int("THREADS", 4 * (os.cpu_count() or 1), 1, e),
         )
 
@@ -143,6 +144,6 @@ def _fraction(name: str, default: float, env: Mapping[str, str]) -> float:
     return value
 
 
-def _prefixes(text: str) -> tuple[str, ...]:
-    """A comma-separated list of URL prefixes."""
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+def _prefixes(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """A comma-separated list of URL prefixes, each checked (`functions.urls`)."""
+    return tuple(p.text for p in urls.parse_prefixes(env.get(name, ""), name))

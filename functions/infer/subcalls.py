@@ -40,16 +40,27 @@ def parse(body: bytes) -> SubcallRequest:
 
 
 def dispatch(service: InferService, token: str, request: SubcallRequest) -> SubcallResponse:
-    """Serve one sub-call; every failure is an `RLMError` whose message the guest reads."""
+    """Serve one sub-call. What the run may not do (`OutOfScope`) and a sub-model that failed
+    are answers with `error` set, which the guest raises as they are: the execute plane never
+    passes on an error response's body. Any other failure is an `RLMError` (an HTTP error)."""
     from functions.infer import metrics
     from functions.infer.llm import LLMError
+    from functions.infer.tokens import OutOfScope
 
     try:
         reply = service.subcall(token, request)
+    except OutOfScope as e:
+        return refusal(e)
     except LLMError as e:
-        raise UpstreamError(f"the sub-model failed: {e}") from None
+        return refusal(UpstreamError(f"the sub-model failed: {e}"))
     metrics.subcalls_total.labels(kind=request.kind).inc(len(request.prompts))
     return reply
+
+
+def refusal(error: RLMError) -> SubcallResponse:
+    return SubcallResponse(
+        responses=[], error=f"sub-call refused ({error.status}): {error.message}"
+    )
 
 
 def serve(
