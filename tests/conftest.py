@@ -96,6 +96,9 @@ def infer_env(scripted_llm, execute_url: str, infer_port: int, **extra: str) -> 
         "RLM_TOOL_URL_PREFIXES": "http://127.0.0.1:*/",
         "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:*/",
         "INFER_CELL_TIMEOUT": "60",
+        # No API keys: these tests are about runs, not callers (tests/test_callers.py serves
+        # infer with keys, as a deployment does).
+        "INFER_AUTH": "none",
         **extra,
     }
 

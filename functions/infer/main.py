@@ -5,11 +5,16 @@
 Routes: POST /infer and POST / (JSON, `Accept: text/event-stream` for progress, or a
 CloudEvent `<prefix>.infer.requested`), POST /subcalls (the sandbox's callbacks),
 POST /v1/chat/completions (OpenAI-compatible), GET /health*, GET /metrics, GET /openapi.json.
+
+Every route but /health* and /subcalls (which takes the sandbox's own tokens) needs a caller's
+API key (`callers.py`), unless the operator chose INFER_AUTH=none; /metrics and /openapi.json
+need an operator's key, or a peer address in INFER_METRICS_CIDRS.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import queue
@@ -29,7 +34,7 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import CancelReply, InferRequest, InferResult
-from functions.errors import NotFound, RLMError
+from functions.errors import Forbidden, NotFound, RLMError
 from functions.http import (
     HEALTH_PATHS,
     answer,
@@ -41,7 +46,8 @@ from functions.http import (
     read_body,
     validate,
 )
-from functions.infer import chat, metrics, subcalls
+from functions.infer import callers, chat, metrics, subcalls
+from functions.infer.callers import Caller, Ticket
 from functions.infer.idempotency import OncePerKey
 from functions.infer.inputs import load_context
 from functions.infer.service import InferService
@@ -51,15 +57,24 @@ log = logging.getLogger("rlm.infer")
 
 try:
     SETTINGS = InferSettings.from_env()
+    GATE = callers.gate_for(SETTINGS.auth, SETTINGS.api_keys_json, SETTINGS.api_keys_file)
 except ConfigError as e:
     sys.exit(f"infer: configuration error: {e}")
 logs.setup()
+if SETTINGS.auth == "none":
+    log.warning(
+        "INFER_AUTH=none: no API key is asked for; anyone who reaches this server may spend "
+        "its model key, up to its ceilings (INFER_MAX_BUDGET_USD per run)"
+    )
+_METRICS_PEERS = tuple(ipaddress.ip_network(c) for c in SETTINGS.metrics_cidrs)
 
 _service: InferService | None = None
 _service_lock = threading.Lock()
 _events: OncePerKey[tuple[str, dict[str, Any]]] = OncePerKey()
 _BODY_SLACK = 1 << 20
 _HEARTBEAT_S = 0.5
+_TICKET_SLACK_S = 120.0  # a run's place among its key's runs outlives its deadline by this
+EVENT_KEY_ATTRIBUTE = "rlmkey"  # a CloudEvent's extension attribute carrying the caller's key
 
 
 def service() -> InferService:
@@ -98,38 +113,75 @@ def _route(request: Request) -> Response:
     if method == "GET" and path in HEALTH_PATHS:
         return json_response({"status": "ok"})
     if method == "GET" and path == "/metrics":
+        _internal_only(request)
         return metrics_response(metrics.REGISTRY, None)
     if method == "GET" and path == "/openapi.json":
         from functions.infer.openapi import document
 
+        _internal_only(request)
         return json_response(document())
     if method == "POST" and path == "/subcalls":
         read = lambda n: read_body(request, n)  # noqa: E731
         return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
     if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
+        caller = GATE.authenticate(request.headers.get("authorization"))
         run_id = path[len("/infer/") : -len("/cancel")]
-        if not service().cancel(run_id):
-            raise NotFound(f"no run {run_id!r} is in progress on this instance")
+        if not service().cancel(run_id, caller):
+            raise NotFound(f"no run {run_id!r} of yours is in progress on this instance")
         return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
+        caller = GATE.authenticate(request.headers.get("authorization"))
         body = validate(chat.ChatRequest, parse_json(_body(request)))
-        return chat.respond(body, lambda r: _run(r, request.headers.get("traceparent")))
+        traceparent = request.headers.get("traceparent")
+        return chat.respond(body, lambda r: _run(*_admit(r, caller), traceparent))
     if method == "POST" and path in ("/", "/infer"):
         if events.is_cloudevent(request.headers):
             return _serve_event(request)
+        caller = GATE.authenticate(request.headers.get("authorization"))
         infer_request = validate(InferRequest, parse_json(_body(request)))
+        admitted, ticket = _admit(infer_request, caller)
         traceparent = request.headers.get("traceparent")
         if "text/event-stream" in request.headers.get("accept", ""):
-            return _stream(infer_request, traceparent)
-        run_id = infer_request.run_id or uuid.uuid4().hex[:16]
-        with _cancelled_on_hang_up(request, run_id):
-            result = _run(infer_request.model_copy(update={"run_id": run_id}), traceparent)
+            return _stream(admitted, ticket, traceparent)
+        with _cancelled_on_hang_up(request, ticket):
+            result = _run(admitted, ticket, traceparent)
         return json_response(result, 502 if result.status == "failed" else 200)
     raise not_found(request, ROUTES)
 
 
+def _internal_only(request: Request) -> None:
+    """/metrics and /openapi.json: for a peer in INFER_METRICS_CIDRS (a scrape that reaches the
+    pod's port directly; Knative's queue-proxy forwards routed requests from 127.0.0.1), else
+    for an operator's key."""
+    try:
+        peer = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        peer = None
+    if peer is not None and any(peer in network for network in _METRICS_PEERS):
+        return
+    caller = GATE.authenticate(request.headers.get("authorization"))
+    if not caller.operator:
+        raise Forbidden(f"{request.path} is for operator keys (or peers in INFER_METRICS_CIDRS)")
+
+
+def _admit(request: InferRequest, caller: Caller) -> tuple[InferRequest, Ticket]:
+    """Check the request against the operator's ceilings (422) and the caller's key (403, 429)
+    before anything is spent; the request as it will run, and the caller's ticket for it."""
+    config = service().config_for(request)
+    run_id = request.run_id or uuid.uuid4().hex[:16]
+    ttl = (
+        config.max_timeout_s or SETTINGS.cell_timeout_s * config.max_iterations
+    ) + _TICKET_SLACK_S
+    ticket = GATE.admit(
+        caller, run_id, config.models, request.max_budget_usd, config.max_budget_usd, ttl
+    )
+    return request.model_copy(
+        update={"run_id": run_id, "max_budget_usd": ticket.budget_usd}
+    ), ticket
+
+
 @contextmanager
-def _cancelled_on_hang_up(request: Request, run_id: str) -> Iterator[None]:
+def _cancelled_on_hang_up(request: Request, ticket: Ticket) -> Iterator[None]:
     """A client that closes its connection while its run goes on cancels the run. gunicorn
     hands the connection's socket to the app; it is looked at, never read, every `_HEARTBEAT_S`."""
     connection = request.environ.get("gunicorn.socket")
@@ -138,7 +190,7 @@ def _cancelled_on_hang_up(request: Request, run_id: str) -> Iterator[None]:
     def watch() -> None:
         while not done.wait(_HEARTBEAT_S):
             if _hung_up(connection):
-                service().cancel(run_id)
+                service().cancel(ticket.run_id)
                 return
 
     if connection is not None:
@@ -166,9 +218,26 @@ def _body(request: Request) -> bytes:
 
 def _run(
     request: InferRequest,
+    ticket: Ticket,
     traceparent: str | None,
     emit: Any = None,
     cancelled: Any = None,
+) -> InferResult:
+    """Run an admitted request; the ticket is settled with what the run spent."""
+    try:
+        result = _run_admitted(request, ticket.caller, traceparent, emit, cancelled)
+    except RLMError:  # refused before any model call (busy, a conversation's turn, ...)
+        ticket.settle(0.0)
+        raise
+    except BaseException:
+        ticket.settle(ticket.reserved_usd)
+        raise
+    ticket.settle(result.total_cost_usd)
+    return result
+
+
+def _run_admitted(
+    request: InferRequest, caller: Caller, traceparent: str | None, emit: Any, cancelled: Any
 ) -> InferResult:
     context = load_context(
         request.context, request.context_uri, SETTINGS.max_context_bytes, service().context_urls
@@ -184,7 +253,7 @@ def _run(
             sink.emit(kind, data)
 
     started = time.monotonic()
-    result = svc.run(request, context, fan_out, traceparent, cancelled)
+    result = svc.run(request, context, fan_out, traceparent, cancelled, caller=caller)
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
     for usage in result.usage.values():
@@ -194,25 +263,25 @@ def _run(
         "run %s",
         result.status,
         extra={"run_id": result.run_id, "depth": 0, "status": result.status,
-               "duration_s": result.execution_time},
+               "duration_s": result.execution_time, "caller": caller.name},
     )  # fmt: skip
     return result
 
 
-def _stream(request: InferRequest, traceparent: str | None) -> Response:
+def _stream(request: InferRequest, ticket: Ticket, traceparent: str | None) -> Response:
     """Server-sent events: the run id first, progress as the run goes, then the result.
 
     A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
     """
-    run_id = request.run_id or uuid.uuid4().hex[:16]
-    request = request.model_copy(update={"run_id": run_id})
+    run_id = ticket.run_id
     updates: queue.Queue[tuple[str, Any]] = queue.Queue()
     updates.put(("run", {"run_id": run_id}))
     gone = threading.Event()
 
     def work() -> None:
         try:
-            result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set)
+            emit = lambda k, d: updates.put((k, d))  # noqa: E731
+            result = _run(request, ticket, traceparent, emit, gone.is_set)
             updates.put(("result", result.model_dump(mode="json")))
         except RLMError as problem:
             updates.put(("error", {"error": problem.message, "status": problem.status}))
@@ -238,13 +307,20 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
 
 
 def _serve_event(request: Request) -> Response:
+    """A CloudEvent. The caller's key is the event's `rlmkey` extension attribute (a Broker
+    carries it from the producer), or else the request's Authorization header."""
+    binary_key = request.headers.get(f"ce-{EVENT_KEY_ATTRIBUTE}")
+    caller = _event_caller(binary_key, request) if binary_key else None  # before the body
     body = _body(request)
     event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
+    if caller is None:
+        key = event.get(EVENT_KEY_ATTRIBUTE)
+        caller = _event_caller(key if isinstance(key, str) else None, request)
 
     def work() -> tuple[str, dict[str, Any]]:
         try:
             infer_request = validate(InferRequest, event.data)
-            result = _run(infer_request, request.headers.get("traceparent"))
+            result = _run(*_admit(infer_request, caller), request.headers.get("traceparent"))
         except RLMError as problem:
             if problem.status == 429:
                 raise
@@ -252,8 +328,13 @@ def _serve_event(request: Request) -> Response:
         kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
         return kind, result.model_dump(mode="json")
 
-    (kind, data), repeat = _events.run(event["id"], work)
+    # one caller's event id is not another's: a replay under another key runs on its own
+    (kind, data), repeat = _events.run(f"{caller.name}/{event['id']}", work)
     if repeat:
         log.info("redelivered event served from memory", extra={"event_id": event["id"]})
     headers, payload = events.reply(kind, events.SOURCE_INFER, data, subject=event["id"])
     return Response(payload, status=200, headers=headers)
+
+
+def _event_caller(key: str | None, request: Request) -> Caller:
+    return GATE.authenticate(f"Bearer {key}" if key else request.headers.get("authorization"))

@@ -27,6 +27,7 @@ from functions.contract import (
 )
 from functions.errors import TooManyRequests, Unprocessable
 from functions.infer import routing, tokens, tools
+from functions.infer.callers import LOCAL, Caller
 from functions.infer.compaction import context_window
 from functions.infer.conversations import ConversationStore
 from functions.infer.executor import Executor
@@ -92,25 +93,27 @@ class InferService:
             "INFER_CONTEXT_URL_PREFIXES", settings.context_url_prefixes
         )
         self._active: dict[str, threading.Event] = {}  # run id -> set when cancelled
+        self._owners: dict[str, str] = {}  # run id -> the caller that started it
 
     # ----------------------------------------------------------------- runs
 
     def config_for(self, request: InferRequest) -> RunConfig:
-        """The run's configuration; `Unprocessable` for a depth above the deployment's MAX_DEPTH."""
+        """The run's configuration within the operator's ceilings: `Unprocessable`, naming the
+        setting, for a request that asks for more than they allow, names a model they do not,
+        or declares tools this process cannot or may not call."""
         s = self.settings
-        if request.max_depth is not None and request.max_depth > s.max_depth:
-            raise Unprocessable(
-                f"max_depth {request.max_depth} is above this deployment's MAX_DEPTH "
-                f"{s.max_depth}: ask for at most {s.max_depth}"
-            )
-        return RunConfig(
+        _at_most("max_depth", request.max_depth, s.max_depth, "MAX_DEPTH")
+        _at_most("max_iterations", request.max_iterations, s.max_iterations, "MAX_ITERATIONS")
+        _at_most("max_budget_usd", request.max_budget_usd, s.max_budget_usd, "INFER_MAX_BUDGET_USD")
+        _at_most("max_timeout_s", request.max_timeout_s, s.max_timeout_s, "INFER_MAX_TIMEOUT")
+        config = RunConfig(
             model=request.model or s.model,
             sub_model=request.sub_model or s.sub_model,
             max_depth=s.max_depth if request.max_depth is None else request.max_depth,
             max_iterations=request.max_iterations or s.max_iterations,
-            max_budget_usd=request.max_budget_usd,
+            max_budget_usd=request.max_budget_usd or s.default_budget_usd,
             max_tokens=request.max_tokens,
-            max_timeout_s=request.max_timeout_s,
+            max_timeout_s=request.max_timeout_s or s.max_timeout_s,
             max_errors=request.max_errors,
             output_chars=s.output_chars,
             cell_timeout_s=s.cell_timeout_s,
@@ -123,6 +126,22 @@ class InferService:
             tools=request.custom_tools or {},
             sub_tools=_inherit(request.custom_sub_tools, request.custom_tools),
         )
+        for model in config.models:
+            self._check_model(model)
+        for catalog in (config.tools, config.sub_tools):
+            tools.check_catalog(catalog, self.tools.functions, self.tools.allowed)
+        return config
+
+    def _check_model(self, model: str) -> None:
+        s = self.settings
+        if s.models is not None and model not in s.models:
+            raise Unprocessable(f"model {model!r} is not one this deployment serves "
+                                f"(INFER_MODELS: {', '.join(s.models)})")  # fmt: skip
+        if not s.allow_unpriced and self.llm.prices.price(model) is None:
+            raise Unprocessable(
+                f"model {model!r} has no price, so no budget would bound it; this deployment "
+                "runs only priced models (LLM_PRICES; INFER_ALLOW_UNPRICED is off)"
+            )
 
     def run(
         self,
@@ -132,21 +151,21 @@ class InferService:
         traceparent: str | None = None,
         cancelled: Callable[[], bool] | None = None,
         run_id: str | None = None,
+        caller: Caller = LOCAL,
     ) -> InferResult:
-        """One root run. Raises `Busy` when this process already runs its maximum,
-        `Unprocessable` for tools it cannot serve or a run id already running, and
-        `ConversationError` when the request's conversation cannot take another turn."""
+        """One root run, owned by `caller`. Raises `Busy` when this process already runs its
+        maximum, `Unprocessable` for a request beyond the ceilings or a run id already running,
+        and `ConversationError` when the request's conversation cannot take another turn."""
         config = self.config_for(request)
-        for catalog in (config.tools, config.sub_tools):
-            tools.check_catalog(catalog, self.tools.functions, self.tools.allowed)
         run_id = run_id or request.run_id or uuid.uuid4().hex[:16]
         stop = threading.Event()
         with self._memo_lock:
             if run_id in self._active:
                 raise Unprocessable(f"run {run_id!r} is already running")
             self._active[run_id] = stop
+            self._owners[run_id] = caller.name
         if not self._runs.acquire(timeout=0.5):
-            self._active.pop(run_id, None)
+            self._forget(run_id)
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
         turn = None
         try:
@@ -171,18 +190,26 @@ class InferService:
         finally:
             carried = self.conversations.end(turn) if turn is not None else None
             self._runs.release()
-            with self._memo_lock:
-                self._active.pop(run_id, None)
+            self._forget(run_id)
         if turn is not None:
             result.conversation_id, result.conversation = turn.conversation_id, carried
         return result
 
-    def cancel(self, run_id: str) -> bool:
-        """Stop a run of this process: its cells end at their next sub-call; False if unknown."""
-        stop = self._active.get(run_id)
-        if stop is not None:
-            stop.set()
-        return stop is not None
+    def cancel(self, run_id: str, caller: Caller | None = None) -> bool:
+        """Stop a run of this process: its cells end at their next sub-call. False if unknown,
+        or if `caller` (None: this process itself) is neither its owner nor an operator."""
+        with self._memo_lock:
+            stop, owner = self._active.get(run_id), self._owners.get(run_id)
+        others = caller is not None and not caller.operator and owner != caller.name
+        if stop is None or others:
+            return False
+        stop.set()
+        return True
+
+    def _forget(self, run_id: str) -> None:
+        with self._memo_lock:
+            self._active.pop(run_id, None)
+            self._owners.pop(run_id, None)
 
     def _stopped(self, run_id: str) -> threading.Event:
         """The cancel flag of a run (or of the root run of a child); a fresh one if unknown."""
@@ -364,6 +391,12 @@ class Busy(TooManyRequests):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"{message}; retry shortly", headers={"Retry-After": "2"})
+
+
+def _at_most(field: str, asked: float | None, ceiling: float | None, setting: str) -> None:
+    if asked is not None and ceiling is not None and asked > ceiling:
+        raise Unprocessable(f"{field} {asked:g} is above this deployment's {setting} "
+                            f"{ceiling:g}: ask for at most {ceiling:g}")  # fmt: skip
 
 
 def _inherit(sub_tools: Any, tools: Any) -> Any:
