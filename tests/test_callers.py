@@ -21,15 +21,24 @@ import pytest
 
 from functions.config import ConfigError
 from functions.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
-from functions.infer.callers import Caller, Gate, KeyRing, LocalCounters, digest_of, parse_keys
+from functions.infer.callers import (
+    Admission,
+    Caller,
+    KeyRing,
+    StoreCounters,
+    digest_of,
+    parse_keys,
+)
+from functions.infer.ledger import MemoryStore, RedisStore
 from functions.infer.settings import InferSettings
 from functions.local import command
 from functions.testing.processes import Served
+from functions.testing.redis_server import PASSWORD, RedisServer
 from functions.testing.scripted_model import repl, scripted_replies
 from tests.conftest import ROOT, free_port, infer_env, serve
 
-KEYS = {name: f"rlm-{name}-{uuid.uuid4().hex}" for name in
-        ("alice", "bob", "carol", "dave", "erin", "frank", "ops", "grace")}  # fmt: skip
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "ops", "grace", "hank", "ivy")
+KEYS = {name: f"rlm-{name}-{uuid.uuid4().hex}" for name in NAMES}
 PRICES = {"scripted-root": [300.0, 300.0], "scripted-sub": [300.0, 300.0],
           "priced-other": [1.0, 1.0]}  # fmt: skip
 SERVED_MODELS = "scripted-root,scripted-sub,priced-other,unpriced-other"
@@ -45,6 +54,8 @@ def key_list(**overrides: dict) -> dict:
         "frank": {},
         "ops": {"operator": True, "max_runs": 0},
         "grace": {},
+        "hank": {"max_day_usd": 1.0},  # these two for the pods sharing a ledger
+        "ivy": {"max_runs": 1},
     }
     entries.update(overrides)
     return {name: {"sha256": digest_of(KEYS[name]), **spec} for name, spec in entries.items()}
@@ -279,20 +290,25 @@ def test_the_keys_models(keyed, llm):
     assert infer(keyed, {**ASK, "models": ["priced-other"]}, "frank").status_code == 200
 
 
-def test_the_keys_day_ceiling(keyed, llm):
-    r = infer(keyed, {**ASK, "max_budget_usd": 2}, "dave")
-    assert r.status_code == 429 and "left today" in r.json()["error"]
-    assert 0 < int(r.headers["retry-after"]) <= 86400
+def spends_part_of_its_day(served: Served, llm, name: str) -> float:
+    """Run once with the whole day's $1 as the budget: what it spent (some, not all: a model
+    call is made only when the budget covers its worst case)."""
     llm.switch.current = FOREVER
-    r = infer(keyed, ASK, "dave")  # reserves what is left of the day: $1
+    r = infer(served, {**ASK, "max_budget_usd": 1.0}, name)
     assert r.status_code == 200, r.text
     spent = r.json()["total_cost_usd"]
-    assert r.json()["stop_code"] == "max_budget_usd" and spent >= 1.0
-    r = infer(keyed, ASK, "dave")
-    assert r.status_code == 429 and "has spent its $1 for today" in r.json()["error"]
+    assert r.json()["stop_code"] == "max_budget_usd" and 0 < spent <= 1.0, r.text
+    return spent
+
+
+def test_the_keys_day_ceiling(keyed, llm):
+    r = infer(keyed, {**ASK, "max_budget_usd": 2}, "dave")
+    assert r.status_code == 429 and "has $1.0000 of its $1 left today" in r.json()["error"]
     assert 0 < int(r.headers["retry-after"]) <= 86400
+    spent = spends_part_of_its_day(keyed, llm, "dave")
     llm.requests.clear()
-    assert infer(keyed, {**ASK, "max_budget_usd": 0.01}, "dave").status_code == 429
+    r = infer(keyed, {**ASK, "max_budget_usd": 1.0}, "dave")  # what it did not spend came back
+    assert r.status_code == 429 and f"has ${1 - spent:.4f} of its $1 left" in r.json()["error"]
     assert llm.requests == []
 
 
@@ -328,6 +344,52 @@ def test_a_changed_key_file_is_read_again(keyed, keys_file, llm):
     finally:
         keys_file.write_text(original)
     assert infer(keyed, ASK, "grace").status_code == 200
+
+
+# ------------------------------------------------------------------------------ two pods
+
+
+@pytest.fixture(scope="module")
+def two_pods(stack, scripted_llm, keys_file, redis, tmp_path_factory) -> Iterator[list[Served]]:
+    """Two keyed infer processes sharing one Redis ledger, as two pods of a deployment."""
+    tmp = tmp_path_factory.mktemp("pods")
+    pods = []
+    for _ in range(2):
+        port = free_port()
+        env = infer_env(scripted_llm, stack.execute.url, port, INFER_AUTH="keys",
+                        INFER_API_KEYS_FILE=str(keys_file), LLM_PRICES=json.dumps(PRICES),
+                        INFER_STORE_URL=redis.url, INFER_STORE_PASSWORD=PASSWORD)  # fmt: skip
+        pods.append(serve("infer", env, tmp, port=port))
+    yield pods
+    for pod in pods:
+        pod.stop()
+
+
+def test_a_keys_day_is_counted_across_pods(two_pods, llm):
+    a, b = two_pods
+    spent = spends_part_of_its_day(a, llm, "hank")
+    llm.requests.clear()
+    r = infer(b, {**ASK, "max_budget_usd": 1.0}, "hank")
+    assert r.status_code == 429 and f"has ${1 - spent:.4f} of its $1 left" in r.json()["error"]
+    assert llm.requests == []
+
+
+def test_a_keys_runs_at_once_are_counted_across_pods(two_pods, llm):
+    a, b = two_pods
+    llm.switch.current = FINAL
+    llm.latency_s = 1.5
+    first: dict = {}
+    worker = threading.Thread(target=lambda: first.update(r=infer(a, ASK, "ivy")))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not llm.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    r = infer(b, ASK, "ivy")
+    assert r.status_code == 429 and "1 runs in progress" in r.json()["error"]
+    worker.join(60)
+    assert first["r"].status_code == 200
+    llm.latency_s = 0.0
+    assert infer(b, ASK, "ivy").status_code == 200
 
 
 # ------------------------------------------------------------------------------ starting
@@ -390,6 +452,7 @@ def test_the_key_list_is_checked_at_start():
         ("[]", "JSON object"),
         ("{", "not JSON"),
         (json.dumps({"bad name!": good}), "key name"),
+        (json.dumps({"anonymous": good}), "not be 'anonymous'"),
         (json.dumps({"a": {"sha256": "xyz"}}), "sha256"),
         (json.dumps({"a": {**good, "max_run_usd": -1}}), "max_run_usd"),
         (json.dumps({"a": {**good, "max_runs": "4"}}), "max_runs"),
@@ -421,8 +484,25 @@ def test_an_unreadable_key_file_refuses_everyone_until_fixed(tmp_path):
     assert ring.authenticate("Bearer k").name == "b"
 
 
-def test_counters_charge_within_a_limit_and_give_back():
-    counters = LocalCounters()
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore()
+    redis = request.getfixturevalue("redis")
+    store = RedisStore(redis.url, PASSWORD)
+    store._redis.flushdb()
+    return store
+
+
+def test_counters_charge_within_a_limit_and_give_back(store):
+    counters = StoreCounters(store)
     assert counters.charge("a", 0.6, limit=1.0)
     assert not counters.charge("a", 0.6, limit=1.0)
     assert counters.charge("a", -0.5)  # a refund is never refused
@@ -430,37 +510,44 @@ def test_counters_charge_within_a_limit_and_give_back():
     assert counters.spent_today("a") == pytest.approx(0.7)
     assert counters.spent_today("b") == 0.0
     assert counters.charge("a", 5.0, day="1999-12-31") and counters.spent_today("a") < 1
+
+
+def test_counters_hold_runs_until_released_or_their_time_runs_out(store):
+    counters = StoreCounters(store)
     assert counters.acquire_run("a", "r1", 1, 60)
     assert counters.acquire_run("a", "r1", 1, 60)  # the same run again is no second place
     assert not counters.acquire_run("a", "r2", 1, 60)
+    assert counters.acquire_run("b", "r2", 1, 60)  # another key's places are its own
     counters.release_run("a", "r1")
-    assert counters.acquire_run("a", "r2", 1, 0.05)
-    time.sleep(0.1)  # a place whose pod died goes by itself
+    counters.release_run("a", "r1")  # twice is no error
+    assert counters.acquire_run("a", "r2", 1, 0.2)
+    assert not counters.acquire_run("a", "r3", 1, 60)
+    time.sleep(0.3)  # the place of a run whose pod died goes by itself
     assert counters.acquire_run("a", "r3", 1, 60)
 
 
-def test_the_gate_reserves_the_day_and_settles_what_was_spent():
-    counters = LocalCounters()
-    gate = Gate(None, counters)
+def test_admission_reserves_the_day_and_settles_what_was_spent():
+    counters = StoreCounters(MemoryStore())
+    admission = Admission(counters)
     dave = Caller("dave", max_day_usd=1.0, max_run_usd=0.8, max_runs=1)
-    ticket = gate.admit(dave, "r1", ["m"], None, 2.0, 60)
+    ticket = admission.admit(dave, "r1", ["m"], None, 2.0, 60)
     assert ticket.budget_usd == 0.8 and counters.spent_today("dave") == 0.8
     with pytest.raises(TooManyRequests, match="runs in progress"):
-        gate.admit(dave, "r2", ["m"], None, 2.0, 60)
+        admission.admit(dave, "r2", ["m"], None, 2.0, 60)
     assert counters.spent_today("dave") == pytest.approx(0.8)  # the refused one gave it back
     ticket.settle(0.25)
     ticket.settle(0.25)  # once only
     assert counters.spent_today("dave") == pytest.approx(0.25)
-    ticket = gate.admit(dave, "r2", ["m"], None, 2.0, 60)
+    ticket = admission.admit(dave, "r2", ["m"], None, 2.0, 60)
     assert ticket.budget_usd == 0.75  # what is left of the day, under the run ceiling
     with pytest.raises(Forbidden, match="per run"):
-        gate.admit(dave, "r3", ["m"], 0.9, 0.9, 60)
+        admission.admit(dave, "r3", ["m"], 0.9, 0.9, 60)
     ticket.settle(0.75)
     with pytest.raises(TooManyRequests, match="spent its") as refused:
-        gate.admit(dave, "r4", ["m"], None, 2.0, 60)
+        admission.admit(dave, "r4", ["m"], None, 2.0, 60)
     assert 0 < int(refused.value.headers["Retry-After"]) <= 86400
     with pytest.raises(Forbidden, match="may not use model"):
-        gate.admit(Caller("c", models=frozenset({"m"})), "r5", ["m", "n"], None, None, 60)
+        admission.admit(Caller("c", models=frozenset({"m"})), "r5", ["m", "n"], None, None, 60)
 
 
 BASE_ENV = {"LLM_API_KEY": "k", "LLM_BASE_URL": "http://127.0.0.1:9/v1", "LLM_MODEL": "gpt-4o",

@@ -15,8 +15,8 @@ optional): USD per run (a larger `max_budget_usd` is 403; the run's budget never
 USD per UTC day (a run reserves its budget against what is left and gives back what it did not
 spend; none left is 429 until midnight), runs at once (more is 429), the models its requests may
 name (403 for another), and `operator` (may read /metrics and /openapi.json). The day's spend
-and the runs in progress are kept by a `Counters`, which must be shared by every infer pod for
-the ceilings to hold across them.
+and the runs in progress are kept in the run ledger's store (`StoreCounters`), so the
+ceilings hold across every infer pod that shares it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from functions.config import ConfigError
 from functions.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
+from functions.infer.ledger import ANONYMOUS, Store
 
 log = logging.getLogger("rlm.infer")
 
@@ -59,8 +60,9 @@ class Caller:
     models: frozenset[str] | None = None
 
 
-# The caller of the embedded mode and of a server with INFER_AUTH=none: the operator itself.
-LOCAL = Caller("local", operator=True)
+# The caller of the embedded mode and of a server with INFER_AUTH=none: the operator itself,
+# the owner the ledger calls anonymous.
+LOCAL = Caller(ANONYMOUS, operator=True)
 
 
 class KeySpec(BaseModel):
@@ -93,8 +95,10 @@ def parse_keys(text: str, source: str) -> list[_Key]:
         raise ConfigError(f'{source} must be a JSON object of keys by name: {{"name": {{...}}}}')
     keys, seen = [], set()
     for name, entry in raw.items():
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise ConfigError(f"{source}: key name {name!r} must match {NAME_PATTERN}")
+        if not re.fullmatch(NAME_PATTERN, name) or name == ANONYMOUS:
+            raise ConfigError(
+                f"{source}: key name {name!r} must match {NAME_PATTERN} and not be {ANONYMOUS!r}"
+            )
         try:
             spec = KeySpec.model_validate(entry)
         except ValidationError as e:
@@ -190,8 +194,8 @@ class KeyRing:
 
 
 class Counters(Protocol):
-    """What each key has spent today and the runs it has in progress. Every infer pod must
-    see the same counts (the run ledger's store, in a cluster); each method is atomic."""
+    """What each key has spent today and the runs it has in progress, the same for every infer
+    pod; each method is atomic."""
 
     def spent_today(self, name: str) -> float:
         """USD charged to `name` on the current UTC day."""
@@ -201,12 +205,12 @@ class Counters(Protocol):
                ) -> bool:  # fmt: skip
         """Add `usd` (negative: give back) to `name`'s spend of `day` (default today, UTC:
         "YYYY-MM-DD"), unless that would take it above `limit`: then change nothing and
-        answer False. Kept for at least two days."""
+        answer False."""
         ...
 
     def acquire_run(self, name: str, run_id: str, limit: int, ttl_s: float) -> bool:
-        """Count run `run_id` as in progress for `name` unless `limit` already are; an entry
-        not released within `ttl_s` (its pod died) stops counting by itself."""
+        """Count run `run_id` as in progress for `name` unless `limit` others already are; a
+        run not released within `ttl_s` (its pod died) stops counting by itself."""
         ...
 
     def release_run(self, name: str, run_id: str) -> None:
@@ -214,53 +218,37 @@ class Counters(Protocol):
         ...
 
 
-class LocalCounters:
-    """`Counters` in this process: for the embedded mode and a server of one process."""
+class StoreCounters:
+    """`Counters` in the run ledger's store: this process's memory, or the Redis that every
+    infer pod shares."""
 
-    def __init__(self) -> None:
-        self._spent: dict[tuple[str, str], float] = {}
-        self._runs: dict[str, dict[str, float]] = {}
-        self._lock = threading.Lock()
+    DAY_KEPT_S = 2 * 86400.0
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return "caller:" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
     def spent_today(self, name: str) -> float:
-        with self._lock:
-            return self._spent.get((name, today()), 0.0)
+        return self.store.counters(f"{self._key(name)}:day:{today()}").get("usd", 0.0)
 
     def charge(self, name: str, usd: float, limit: float | None = None, day: str | None = None
                ) -> bool:  # fmt: skip
-        day = day or today()
-        with self._lock:
-            spent = self._spent.get((name, day), 0.0)
-            if limit is not None and usd > 0 and spent + usd > limit:
-                return False
-            self._spent[(name, day)] = spent + usd
-            if len(self._spent) > 4096:  # drop days long gone
-                recent = {today(), yesterday()}
-                self._spent = {k: v for k, v in self._spent.items() if k[1] in recent}
-            return True
+        caps = {} if limit is None else {"usd": limit}
+        key = f"{self._key(name)}:day:{day or today()}"
+        return self.store.add(key, {"usd": usd}, caps, self.DAY_KEPT_S) is not None
 
     def acquire_run(self, name: str, run_id: str, limit: int, ttl_s: float) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            runs = {r: t for r, t in self._runs.get(name, {}).items() if t > now}
-            if run_id not in runs and len(runs) >= limit:
-                self._runs[name] = runs
-                return False
-            runs[run_id] = now + ttl_s
-            self._runs[name] = runs
-            return True
+        return self.store.hold(f"{self._key(name)}:runs", run_id, limit, ttl_s)
 
     def release_run(self, name: str, run_id: str) -> None:
-        with self._lock:
-            self._runs.get(name, {}).pop(run_id, None)
+        self.store.unhold(f"{self._key(name)}:runs", run_id)
 
 
 def today() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
-
-
-def yesterday() -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
 
 
 def seconds_to_midnight() -> int:
@@ -291,15 +279,22 @@ class Ticket:
             self.counters.release_run(self.caller.name, self.run_id)
 
 
-class Gate:
-    """Authenticates callers (none to check in local mode) and admits their runs."""
+def key_ring(auth: str, keys_json: str, keys_file: str) -> KeyRing | None:
+    """The served function's keys (`INFER_API_KEYS` or `INFER_API_KEYS_FILE`); None in local
+    mode (`INFER_AUTH=none`). `ConfigError` for a list that cannot be read."""
+    return None if auth == "none" else KeyRing(keys_json, keys_file)
 
-    def __init__(self, keys: KeyRing | None, counters: Counters) -> None:
-        self.keys = keys
+
+def authenticate(keys: KeyRing | None, authorization: str | None) -> Caller:
+    """The caller an Authorization header names; in local mode, the operator (`LOCAL`)."""
+    return LOCAL if keys is None else keys.authenticate(authorization)
+
+
+class Admission:
+    """Admits a caller's runs within its key's ceilings."""
+
+    def __init__(self, counters: Counters) -> None:
         self.counters = counters
-
-    def authenticate(self, authorization: str | None) -> Caller:
-        return LOCAL if self.keys is None else self.keys.authenticate(authorization)
 
     def admit(
         self,
@@ -368,9 +363,3 @@ class Gate:
                 headers={"Retry-After": str(_BUSY_RETRY_S)},
             )
         return reserve
-
-
-def gate_for(auth: str, keys_json: str, keys_file: str, counters: Counters | None = None) -> Gate:
-    """The served function's gate: `INFER_AUTH`, `INFER_API_KEYS`, `INFER_API_KEYS_FILE`."""
-    keys = None if auth == "none" else KeyRing(keys_json, keys_file)
-    return Gate(keys, counters or LocalCounters())

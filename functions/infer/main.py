@@ -34,7 +34,7 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import CancelReply, InferRequest, InferResult
-from functions.errors import Forbidden, NotFound, RLMError
+from functions.errors import BadRequest, Conflict, Forbidden, RLMError
 from functions.http import (
     HEALTH_PATHS,
     answer,
@@ -47,9 +47,9 @@ from functions.http import (
     validate,
 )
 from functions.infer import callers, chat, metrics, subcalls
-from functions.infer.callers import Caller, Ticket
-from functions.infer.idempotency import OncePerKey
+from functions.infer.callers import Admission, Caller, Ticket
 from functions.infer.inputs import load_context
+from functions.infer.ledger import event_key
 from functions.infer.service import InferService
 from functions.infer.settings import InferSettings
 
@@ -57,11 +57,11 @@ log = logging.getLogger("rlm.infer")
 
 try:
     SETTINGS = InferSettings.from_env()
-    GATE = callers.gate_for(SETTINGS.auth, SETTINGS.api_keys_json, SETTINGS.api_keys_file)
+    KEYS = callers.key_ring(SETTINGS.auth, SETTINGS.api_keys_json, SETTINGS.api_keys_file)
 except ConfigError as e:
     sys.exit(f"infer: configuration error: {e}")
 logs.setup()
-if SETTINGS.auth == "none":
+if KEYS is None:
     log.warning(
         "INFER_AUTH=none: no API key is asked for; anyone who reaches this server may spend "
         "its model key, up to its ceilings (INFER_MAX_BUDGET_USD per run)"
@@ -69,8 +69,8 @@ if SETTINGS.auth == "none":
 _METRICS_PEERS = tuple(ipaddress.ip_network(c) for c in SETTINGS.metrics_cidrs)
 
 _service: InferService | None = None
+_admission: Admission | None = None
 _service_lock = threading.Lock()
-_events: OncePerKey[tuple[str, dict[str, Any]]] = OncePerKey()
 _BODY_SLACK = 1 << 20
 _HEARTBEAT_S = 0.5
 _TICKET_SLACK_S = 120.0  # a run's place among its key's runs outlives its deadline by this
@@ -79,7 +79,7 @@ EVENT_KEY_ATTRIBUTE = "rlmkey"  # a CloudEvent's extension attribute carrying th
 
 def service() -> InferService:
     """Built on first use, in the worker process (clients and threads do not survive fork)."""
-    global _service
+    global _service, _admission
     with _service_lock:
         if _service is None:
             from functions.infer.wiring import build_service
@@ -95,7 +95,15 @@ def service() -> InferService:
                 from functions.infer.sink import ProgressSink
 
                 _service.sink = ProgressSink(SETTINGS.sink_url)
+            # each key's spend and runs are counted where the runs are: in the ledger's store
+            _admission = Admission(callers.StoreCounters(_service.ledger.store))
         return _service
+
+
+def admission() -> Admission:
+    service()
+    assert _admission is not None
+    return _admission
 
 
 ROUTES = "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
@@ -124,29 +132,36 @@ def _route(request: Request) -> Response:
         read = lambda n: read_body(request, n)  # noqa: E731
         return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
     if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
-        caller = GATE.authenticate(request.headers.get("authorization"))
+        caller = _caller(request)
         run_id = path[len("/infer/") : -len("/cancel")]
-        if not service().cancel(run_id, caller):
-            raise NotFound(f"no run {run_id!r} of yours is in progress on this instance")
+        token = request.headers.get(CANCEL_TOKEN_HEADER)
+        service().cancel(run_id, caller.name, token)
         return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
-        caller = GATE.authenticate(request.headers.get("authorization"))
+        caller = _caller(request)
         body = validate(chat.ChatRequest, parse_json(_body(request)))
         traceparent = request.headers.get("traceparent")
         return chat.respond(body, lambda r: _run(*_admit(r, caller), traceparent))
     if method == "POST" and path in ("/", "/infer"):
         if events.is_cloudevent(request.headers):
             return _serve_event(request)
-        caller = GATE.authenticate(request.headers.get("authorization"))
+        caller = _caller(request)
         infer_request = validate(InferRequest, parse_json(_body(request)))
+        cancel_token = _chosen_cancel_token(request)
         admitted, ticket = _admit(infer_request, caller)
         traceparent = request.headers.get("traceparent")
         if "text/event-stream" in request.headers.get("accept", ""):
             return _stream(admitted, ticket, traceparent)
-        with _cancelled_on_hang_up(request, ticket):
-            result = _run(admitted, ticket, traceparent)
+        with _cancelled_on_hang_up(request, ticket.run_id, caller.name):
+            result = _run(admitted, ticket, traceparent, cancel_token=cancel_token)
         return json_response(result, 502 if result.status == "failed" else 200)
     raise not_found(request, ROUTES)
+
+
+def _caller(request: Request) -> Caller:
+    """Who is asking (the owner of the runs this request starts or reaches): the caller whose
+    API key the Authorization header carries; in local mode (INFER_AUTH=none), the operator."""
+    return callers.authenticate(KEYS, request.headers.get("authorization"))
 
 
 def _internal_only(request: Request) -> None:
@@ -159,8 +174,7 @@ def _internal_only(request: Request) -> None:
         peer = None
     if peer is not None and any(peer in network for network in _METRICS_PEERS):
         return
-    caller = GATE.authenticate(request.headers.get("authorization"))
-    if not caller.operator:
+    if not _caller(request).operator:
         raise Forbidden(f"{request.path} is for operator keys (or peers in INFER_METRICS_CIDRS)")
 
 
@@ -169,19 +183,17 @@ def _admit(request: InferRequest, caller: Caller) -> tuple[InferRequest, Ticket]
     before anything is spent; the request as it will run, and the caller's ticket for it."""
     config = service().config_for(request)
     run_id = request.run_id or uuid.uuid4().hex[:16]
-    ttl = (
-        config.max_timeout_s or SETTINGS.cell_timeout_s * config.max_iterations
-    ) + _TICKET_SLACK_S
-    ticket = GATE.admit(
-        caller, run_id, config.models, request.max_budget_usd, config.max_budget_usd, ttl
-    )
-    return request.model_copy(
-        update={"run_id": run_id, "max_budget_usd": ticket.budget_usd}
-    ), ticket
+    lifetime = config.max_timeout_s or config.cell_timeout_s * (config.max_iterations + 2)
+    ticket = admission().admit(
+        caller, run_id, config.models, request.max_budget_usd, config.max_budget_usd,
+        lifetime + _TICKET_SLACK_S,
+    )  # fmt: skip
+    admitted = request.model_copy(update={"run_id": run_id, "max_budget_usd": ticket.budget_usd})
+    return admitted, ticket
 
 
 @contextmanager
-def _cancelled_on_hang_up(request: Request, ticket: Ticket) -> Iterator[None]:
+def _cancelled_on_hang_up(request: Request, run_id: str, caller: str) -> Iterator[None]:
     """A client that closes its connection while its run goes on cancels the run. gunicorn
     hands the connection's socket to the app; it is looked at, never read, every `_HEARTBEAT_S`."""
     connection = request.environ.get("gunicorn.socket")
@@ -190,7 +202,7 @@ def _cancelled_on_hang_up(request: Request, ticket: Ticket) -> Iterator[None]:
     def watch() -> None:
         while not done.wait(_HEARTBEAT_S):
             if _hung_up(connection):
-                service().cancel(ticket.run_id)
+                service().stop(run_id, caller)
                 return
 
     if connection is not None:
@@ -222,14 +234,18 @@ def _run(
     traceparent: str | None,
     emit: Any = None,
     cancelled: Any = None,
+    on_start: Any = None,
+    cancel_token: str | None = None,
 ) -> InferResult:
-    """Run an admitted request; the ticket is settled with what the run spent."""
+    """Run an admitted request; its ticket is settled with what the run spent."""
     try:
-        result = _run_admitted(request, ticket.caller, traceparent, emit, cancelled)
+        result = _run_admitted(
+            request, ticket.caller, traceparent, emit, cancelled, on_start, cancel_token
+        )
     except RLMError:  # refused before any model call (busy, a conversation's turn, ...)
         ticket.settle(0.0)
         raise
-    except BaseException:
+    except BaseException:  # what the run spent is not known: its whole reservation stays spent
         ticket.settle(ticket.reserved_usd)
         raise
     ticket.settle(result.total_cost_usd)
@@ -237,7 +253,13 @@ def _run(
 
 
 def _run_admitted(
-    request: InferRequest, caller: Caller, traceparent: str | None, emit: Any, cancelled: Any
+    request: InferRequest,
+    caller: Caller,
+    traceparent: str | None,
+    emit: Any,
+    cancelled: Any,
+    on_start: Any,
+    cancel_token: str | None,
 ) -> InferResult:
     context = load_context(
         request.context, request.context_uri, SETTINGS.max_context_bytes, service().context_urls
@@ -253,7 +275,10 @@ def _run_admitted(
             sink.emit(kind, data)
 
     started = time.monotonic()
-    result = svc.run(request, context, fan_out, traceparent, cancelled, caller=caller)
+    result = svc.run(
+        request, context, fan_out, traceparent, cancelled,
+        caller=caller.name, on_start=on_start, cancel_token=cancel_token,
+    )  # fmt: skip
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
     for usage in result.usage.values():
@@ -269,19 +294,22 @@ def _run_admitted(
 
 
 def _stream(request: InferRequest, ticket: Ticket, traceparent: str | None) -> Response:
-    """Server-sent events: the run id first, progress as the run goes, then the result.
+    """Server-sent events: the run id (and its cancel token) first, progress as the run goes,
+    then the result.
 
     A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
     """
-    run_id = ticket.run_id
+    run_id, caller = ticket.run_id, ticket.caller.name
     updates: queue.Queue[tuple[str, Any]] = queue.Queue()
-    updates.put(("run", {"run_id": run_id}))
     gone = threading.Event()
+
+    def started(run_id: str, cancel_token: str) -> None:
+        updates.put(("run", {"run_id": run_id, "cancel_token": cancel_token}))
 
     def work() -> None:
         try:
             emit = lambda k, d: updates.put((k, d))  # noqa: E731
-            result = _run(request, ticket, traceparent, emit, gone.is_set)
+            result = _run(request, ticket, traceparent, emit, gone.is_set, started)
             updates.put(("result", result.model_dump(mode="json")))
         except RLMError as problem:
             updates.put(("error", {"error": problem.message, "status": problem.status}))
@@ -301,14 +329,19 @@ def _stream(request: InferRequest, ticket: Ticket, traceparent: str | None) -> R
                     return
         finally:
             gone.set()  # the client went away, or the run ended
-            service().cancel(run_id)
+            service().stop(run_id, caller)
 
     return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _serve_event(request: Request) -> Response:
-    """A CloudEvent. The caller's key is the event's `rlmkey` extension attribute (a Broker
-    carries it from the producer), or else the request's Authorization header."""
+    """A CloudEvent asking for a run. Its redelivery, to any pod, gets the first answer without
+    a second run; while the first delivery's run is alive, a redelivery is asked to come back
+    later (409); a run whose pod died is resumed from its last checkpoint.
+
+    The caller's key is the event's `rlmkey` extension attribute (the Broker carries it from
+    the producer), else the request's Authorization header. Events are the caller's own: the
+    same source, id and data from another caller is another event."""
     binary_key = request.headers.get(f"ce-{EVENT_KEY_ATTRIBUTE}")
     caller = _event_caller(binary_key, request) if binary_key else None  # before the body
     body = _body(request)
@@ -316,25 +349,56 @@ def _serve_event(request: Request) -> Response:
     if caller is None:
         key = event.get(EVENT_KEY_ATTRIBUTE)
         caller = _event_caller(key if isinstance(key, str) else None, request)
-
-    def work() -> tuple[str, dict[str, Any]]:
+    ledger = service().ledger
+    key = event_key(str(event["source"]), str(event["id"]), event.data, caller.name)
+    state, answered = ledger.claim_event(key, SETTINGS.event_ttl_s)
+    if state == "answered":
+        log.info("redelivered event answered from the ledger", extra={"event_id": key[:16]})
+        kind, data = answered
+    else:
         try:
-            infer_request = validate(InferRequest, event.data)
-            result = _run(*_admit(infer_request, caller), request.headers.get("traceparent"))
-        except RLMError as problem:
-            if problem.status == 429:
-                raise
-            return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
-        kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
-        return kind, result.model_dump(mode="json")
-
-    # one caller's event id is not another's: a replay under another key runs on its own
-    (kind, data), repeat = _events.run(f"{caller.name}/{event['id']}", work)
-    if repeat:
-        log.info("redelivered event served from memory", extra={"event_id": event["id"]})
+            kind, data = _answer_event(event, request, key, caller)
+        except Conflict:
+            raise  # its first delivery still runs
+        except BaseException:
+            if state == "new":
+                ledger.forget_event(key)  # no answer: a redelivery runs it
+            raise
+        ledger.answer_event(key, [kind, data], SETTINGS.event_ttl_s)
     headers, payload = events.reply(kind, events.SOURCE_INFER, data, subject=event["id"])
     return Response(payload, status=200, headers=headers)
 
 
 def _event_caller(key: str | None, request: Request) -> Caller:
-    return GATE.authenticate(f"Bearer {key}" if key else request.headers.get("authorization"))
+    header = f"Bearer {key}" if key else request.headers.get("authorization")
+    return callers.authenticate(KEYS, header)
+
+
+def _answer_event(
+    event: Any, request: Request, key: str, caller: Caller
+) -> tuple[str, dict[str, Any]]:
+    try:
+        infer_request = validate(InferRequest, event.data)
+        if infer_request.run_id is None:  # one event, one run: a redelivery may resume it
+            infer_request = infer_request.model_copy(update={"run_id": f"event-{key[:32]}"})
+        result = _run(*_admit(infer_request, caller), request.headers.get("traceparent"))
+    except RLMError as problem:
+        if problem.status in (409, 429, 503):
+            raise  # the broker redelivers later
+        return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
+    kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
+    return kind, result.model_dump(mode="json")
+
+
+CANCEL_TOKEN_HEADER = "x-rlm-cancel-token"
+
+
+def _chosen_cancel_token(request: Request) -> str | None:
+    """A secret the caller chose to cancel its run with (in local mode, where every caller is
+    the same owner); at least 16 characters."""
+    token = request.headers.get(CANCEL_TOKEN_HEADER)
+    if token is None:
+        return None
+    if not 16 <= len(token) <= 200:
+        raise BadRequest(f"{CANCEL_TOKEN_HEADER} must be 16 to 200 characters of secret")
+    return token

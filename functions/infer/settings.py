@@ -39,7 +39,6 @@ ENV_NAMES = (
     "K_SINK",
     "INFER_CONVERSATION_TTL",
     "INFER_CONVERSATION_MAX_MB",
-    "INFER_MAX_CONVERSATIONS",
     "RLM_COMPACTION_THRESHOLD",
     "LLM_CONTEXT_WINDOWS",
     "RLM_ENDPOINTS",
@@ -55,6 +54,12 @@ ENV_NAMES = (
     "INFER_MAX_TIMEOUT",
     "INFER_MODELS",
     "INFER_ALLOW_UNPRICED",
+    "INFER_STORE_URL",
+    "INFER_STORE_PASSWORD",
+    "INFER_CELL_SUBCALLS",
+    "INFER_MAX_CHILDREN",
+    "LLM_MAX_OUTPUT_TOKENS",
+    "INFER_EVENT_TTL",
 )
 AUTH_MODES = ("keys", "none")
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
@@ -82,7 +87,6 @@ class InferSettings:
     sink_url: str = ""  # K_SINK: progress events go here when set
     conversation_ttl_s: float = 3600.0  # INFER_CONVERSATION_TTL: kept after a conversation's turn
     conversation_max_bytes: int = 512 * MIB  # INFER_CONVERSATION_MAX_MB: state + contexts, each
-    max_conversations: int = 256  # INFER_MAX_CONVERSATIONS: kept by this process
     compaction_threshold: float = 0.85  # RLM_COMPACTION_THRESHOLD: of the root's context window
     context_windows_json: str = ""  # LLM_CONTEXT_WINDOWS: {"model": tokens} over the defaults
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
@@ -100,6 +104,12 @@ class InferSettings:
     max_timeout_s: float | None = None  # INFER_MAX_TIMEOUT: the most, and the default
     models: tuple[str, ...] | None = None  # INFER_MODELS: models a request may name; None: any
     allow_unpriced: bool = True  # INFER_ALLOW_UNPRICED: models with no price may run
+    store_url: str = ""  # INFER_STORE_URL: redis://… the run ledger; empty: in this process
+    store_password: str = ""  # INFER_STORE_PASSWORD: the ledger's password (from a Secret)
+    cell_subcalls: int = 1000  # INFER_CELL_SUBCALLS: sub-call prompts and tool calls per cell
+    max_children: int = 8  # INFER_MAX_CHILDREN: child RLMs one run may have at once
+    llm_max_output_tokens: int = 4096  # LLM_MAX_OUTPUT_TOKENS: a model call's output cap
+    event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
 
     def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -147,13 +157,18 @@ class InferSettings:
             conversation_max_bytes=int(
                 env_float("INFER_CONVERSATION_MAX_MB", 512, 0.000001, e) * MIB
             ),
-            max_conversations=env_int("INFER_MAX_CONVERSATIONS", 256, 1, e),
             compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
             context_windows_json=windows,
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
             tool_url_prefixes=_prefixes("RLM_TOOL_URL_PREFIXES", e),
             context_url_prefixes=_prefixes("INFER_CONTEXT_URL_PREFIXES", e),
             threads=env_int("THREADS", 4 * (os.cpu_count() or 1), 1, e),
+            store_url=_store_url(e),
+            store_password=env_str("INFER_STORE_PASSWORD", "", e),
+            cell_subcalls=env_int("INFER_CELL_SUBCALLS", 1000, 0, e),
+            max_children=env_int("INFER_MAX_CHILDREN", 8, 0, e),
+            llm_max_output_tokens=env_int("LLM_MAX_OUTPUT_TOKENS", 4096, 1, e),
+            event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
         )
         return settings._with_ceilings(e) if served else settings
 
@@ -222,6 +237,13 @@ def _fraction(name: str, default: float, env: Mapping[str, str]) -> float:
     if value >= 1:
         raise ConfigError(f"{name}={value} must be below 1 (a fraction of the context window)")
     return value
+
+
+def _store_url(env: Mapping[str, str]) -> str:
+    url = env_str("INFER_STORE_URL", "", env)
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"INFER_STORE_URL={url!r} must be a redis://, rediss:// or unix:// URL")
+    return url
 
 
 def _prefixes(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
