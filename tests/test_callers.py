@@ -158,7 +158,33 @@ def test_metrics_and_openapi_are_for_operator_keys(keyed):
     r = httpx.get(keyed.url + "/metrics", headers=auth("ops"))
     assert r.status_code == 200 and "rlm_inference_requests_total" in r.text
     assert httpx.get(keyed.url + "/openapi.json", headers=auth("frank")).status_code == 403
-    assert httpx.get(keyed.url + "/openapi.json", headers=auth("ops")).json()["openapi"]
+    document = httpx.get(keyed.url + "/openapi.json", headers=auth("ops")).json()
+    assert document["security"] == [{"apiKey": []}]
+    assert document["paths"]["/health"]["get"]["security"] == []
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_a_keyed_infer_conforms_to_its_document(keyed, llm, mode):
+    """Schemathesis with a caller's key: documented answers only, and (its ignored_auth check)
+    a 401 for each operation sent without the key."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    llm.switch.current = FINAL
+    schema = schemathesis.openapi.from_url(keyed.url + "/openapi.json", headers=auth("ops"))
+
+    @given(case=schema.as_strategy(GenerationMode(mode)))
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck),
+              database=None)  # fmt: skip
+    def check(case) -> None:
+        if isinstance(case.body, dict) and type(case.body.get("max_iterations")) is int:
+            case.body["max_iterations"] = min(case.body["max_iterations"], 2)
+        case.call_and_validate(headers=auth("frank"), timeout=60,
+                               excluded_checks=[positive_data_acceptance])  # fmt: skip
+
+    check()
 
 
 def test_an_operator_key_without_runs_starts_none(keyed, llm):

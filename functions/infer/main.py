@@ -127,7 +127,7 @@ def _route(request: Request) -> Response:
         from functions.infer.openapi import document
 
         _internal_only(request)
-        return json_response(document())
+        return json_response(document(keys=KEYS is not None))
     if method == "POST" and path == "/subcalls":
         read = lambda n: read_body(request, n)  # noqa: E731
         return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
