@@ -92,8 +92,7 @@ class Target:
     """Where to send a request for an allowed URL: the checked address, with the URL's host in
     the Host header and (https) as the TLS server name, so no second lookup can change it."""
 
-    url: str  # as the caller gave it
-    connect_url: str  # the same with the checked address in place of the host
+    connect_url: str  # the URL with the checked address in place of its host
     headers: dict[str, str]
     extensions: dict[str, Any]
 
@@ -263,7 +262,7 @@ class Allowlist:
         host = f"[{address.compressed}]" if address.version == 6 else str(address)
         connect = f"{parsed.scheme}://{host}:{parsed.port}{parsed.path}{parsed.query}"
         extensions = {"sni_hostname": parsed.host} if parsed.scheme == "https" else {}
-        return Target(url, connect, {"Host": parsed.authority()}, extensions)
+        return Target(connect, {"Host": parsed.authority()}, extensions)
 
     def _resolve(self, parsed: Parsed, prefix: Prefix, what: str) -> str:
         key = (parsed.host, parsed.port)

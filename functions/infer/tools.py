@@ -155,7 +155,7 @@ class ToolRunner:
             raise ToolCallError(f"{name} raised {type(e).__name__}: {e}"[:500]) from None
 
     def _post(self, spec: ToolSpec, arguments: dict[str, Any]) -> Any:
-        try:  # checked again at the call: the spec came back through the execute plane
+        try:  # resolved where it is called: the address checked is the one dialled
             target = self.allowed.target(spec.url or "", "url")
         except UrlRefused as e:
             raise ToolCallError(e.message) from None
