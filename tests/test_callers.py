@@ -97,6 +97,27 @@ def infer(served: Served, body: dict, who: str | None = "frank", **kw) -> httpx.
 ASK = {"query": "What is it?", "context": "c"}
 
 
+class Running:
+    """A run started in the background, once the model has heard from it; `.response` after
+    `join`."""
+
+    def __init__(self, served: Served, body: dict, who: str, llm) -> None:
+        self.response: httpx.Response | None = None
+        self._thread = threading.Thread(target=self._run, args=(served, body, who))
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not llm.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _run(self, served: Served, body: dict, who: str) -> None:
+        self.response = infer(served, body, who)
+
+    def join(self) -> httpx.Response:
+        self._thread.join(60)
+        assert self.response is not None
+        return self.response
+
+
 # ------------------------------------------------------------------------------ keys
 
 
@@ -252,18 +273,12 @@ def test_only_the_owner_cancels_a_run(keyed, llm):
     llm.switch.current = FOREVER
     llm.latency_s = 0.3
     run_id = f"owned-{uuid.uuid4().hex[:8]}"
-    done: dict = {}
-    body = {**ASK, "run_id": run_id, "max_budget_usd": 4}
-    worker = threading.Thread(target=lambda: done.update(r=infer(keyed, body, "frank")))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while not llm.requests and time.monotonic() < deadline:
-        time.sleep(0.05)
+    running = Running(keyed, {**ASK, "run_id": run_id, "max_budget_usd": 4}, "frank", llm)
     cancel = keyed.url + f"/infer/{run_id}/cancel"
     assert httpx.post(cancel, headers=auth("alice")).status_code == 404
     assert httpx.post(cancel, headers=auth("frank")).status_code == 202
-    worker.join(60)
-    assert done["r"].json()["stop_reason"] == "cancelled", done["r"].text
+    done = running.join()
+    assert done.json()["stop_reason"] == "cancelled", done.text
 
 
 # ------------------------------------------------------------------------------ ceilings
@@ -341,18 +356,12 @@ def test_the_keys_day_ceiling(keyed, llm):
 def test_the_keys_runs_at_once(keyed, llm):
     llm.switch.current = FINAL
     llm.latency_s = 1.5
-    first: dict = {}
-    worker = threading.Thread(target=lambda: first.update(r=infer(keyed, ASK, "erin")))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while not llm.requests and time.monotonic() < deadline:
-        time.sleep(0.02)
+    first = Running(keyed, ASK, "erin", llm)
     r = infer(keyed, ASK, "erin")
     assert r.status_code == 429 and "1 runs in progress" in r.json()["error"]
     assert int(r.headers["retry-after"]) > 0
     assert infer(keyed, ASK, "frank").status_code == 200  # another key is not held up
-    worker.join(60)
-    assert first["r"].status_code == 200
+    assert first.join().status_code == 200
     llm.latency_s = 0.0
     assert infer(keyed, ASK, "erin").status_code == 200  # the first run's place is free again
 
@@ -404,16 +413,10 @@ def test_a_keys_runs_at_once_are_counted_across_pods(two_pods, llm):
     a, b = two_pods
     llm.switch.current = FINAL
     llm.latency_s = 1.5
-    first: dict = {}
-    worker = threading.Thread(target=lambda: first.update(r=infer(a, ASK, "ivy")))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while not llm.requests and time.monotonic() < deadline:
-        time.sleep(0.02)
+    first = Running(a, ASK, "ivy", llm)
     r = infer(b, ASK, "ivy")
     assert r.status_code == 429 and "1 runs in progress" in r.json()["error"]
-    worker.join(60)
-    assert first["r"].status_code == 200
+    assert first.join().status_code == 200
     llm.latency_s = 0.0
     assert infer(b, ASK, "ivy").status_code == 200
 
