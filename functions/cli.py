@@ -185,6 +185,8 @@ def _serve(args: argparse.Namespace) -> int:
         "INFER_CALLBACK_URL": infer_url,
         "RLM_TOKEN_KEY": os.environ.get("RLM_TOKEN_KEY") or secrets.token_urlsafe(32),
         "LLM_API_KEY": os.environ.get("LLM_API_KEY") or "none",
+        "INFER_AUTH": os.environ.get("INFER_AUTH", "none"),  # local: no callers' API keys
+        "EXECUTE_CALLBACK_ORIGINS": infer_url,  # execute posts sub-calls to this infer only
     }
     from functions.local import command
 

@@ -59,7 +59,7 @@ def stdio(llm, cwd: Path | None = None, **extra: str) -> Client:
     env = {**os.environ, "LLM_BASE_URL": llm.base_url, "LLM_MODEL": "scripted-root",
            "LLM_API_KEY": "k", "LLM_SUB_MODEL": "scripted-sub",
            "LLM_PRICES": '{"scripted-root": [1.0, 2.0], "scripted-sub": [0.5, 1.0]}',
-           "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:", "MAX_ITERATIONS": "6",
+           "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:*/", "MAX_ITERATIONS": "6",
            **extra}  # fmt: skip
     return Client(StdioServerParameters(command=RLM, args=["mcp"], env=env, cwd=cwd))
 

@@ -23,10 +23,11 @@ print("loaded")
 INFER_ENV = {
     "LLM_BASE_URL": "http://127.0.0.1:9/v1",
     "LLM_API_KEY": "sk-test",
-    "LLM_MODEL": "m",
+    "LLM_MODEL": "gpt-4.1-mini",
     "WASM_SERVICE_URL": "http://127.0.0.1:9",
     "INFER_CALLBACK_URL": "http://127.0.0.1:9",
     "RLM_TOKEN_KEY": "k" * 32,
+    "INFER_API_KEYS": '{"ci": {"sha256": "' + "0" * 64 + '"}}',
 }
 
 

@@ -15,6 +15,7 @@ from functions.contract import ToolSpec
 from functions.infer import tokens, tools
 from functions.sdk import RLM
 from functions.testing.scripted_model import repl, scripted_replies
+from functions.urls import Allowlist
 
 
 def backend(model) -> dict[str, str]:
@@ -121,11 +122,12 @@ def test_bind_and_check_arguments():
 
 def test_hostile_parameter_schemas():
     """A tool's schema is the caller's: it is never fetched from, and cannot stall infer."""
+    none = Allowlist.of("RLM_TOOL_URL_PREFIXES", ())
     fetched = {"type": "object", "properties": {"a": {"$ref": "http://169.254.169.254/s"}}}
     with pytest.raises(tools.BadCatalog, match="Retrieval is disabled"):
-        tools.check_catalog({"t": ToolSpec(parameters=fetched, ref="r")}, {"r": len})
+        tools.check_catalog({"t": ToolSpec(parameters=fetched, ref="r")}, {"r": len}, none)
     with pytest.raises(tools.BadCatalog, match=r"the limit is 10$"):
-        tools.check_catalog({"t": ToolSpec(ref="r", description="")}, {"r": len}, (), 10)
+        tools.check_catalog({"t": ToolSpec(ref="r", description="")}, {"r": len}, none, 10)
     backtracking = {"type": "object", "properties": {"a": {"pattern": "^(a|a)*$"}}}
     started = time.monotonic()
     with pytest.raises(tools.ToolCallError, match="does not match"):
@@ -210,11 +212,15 @@ def test_http_tool_without_url_is_refused(stack):
 
 def test_tool_urls_can_be_limited_to_prefixes():
     spec = ToolSpec(url="http://169.254.169.254/latest")
+
+    def allowed(*prefixes: str) -> Allowlist:
+        return Allowlist.of("RLM_TOOL_URL_PREFIXES", prefixes)
+
     with pytest.raises(ValueError, match="RLM_TOOL_URL_PREFIXES"):
-        tools.check_catalog({"t": spec}, {}, ("https://tools.example.com/",))
+        tools.check_catalog({"t": spec}, {}, allowed("https://tools.example.com/"))
     with pytest.raises(ValueError, match="calls no HTTP tools"):
-        tools.check_catalog({"t": spec}, {}, ())  # none allowed until the operator says so
-    tools.check_catalog({"t": spec}, {}, ("http://169.254.169.254/",))
+        tools.check_catalog({"t": spec}, {}, allowed())  # none allowed until the operator says so
+    tools.check_catalog({"t": spec}, {}, allowed("http://169.254.169.254/"))
 
 
 def test_tool_calls_are_in_the_trajectory(llm):

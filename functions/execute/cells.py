@@ -94,7 +94,9 @@ class _Plan:
 class CellRunner:
     def __init__(self, settings: ExecuteSettings, transport: Transport | None = None) -> None:
         self.settings = settings
-        self.transport = transport or HttpTransport(settings.subcall_timeout_s)
+        self.transport = transport or HttpTransport(
+            settings.subcall_timeout_s, settings.callback_origins
+        )
         self.blobs: LRU[bytes] = LRU(settings.cache_bytes // 4)
         self.contexts: LRU[tuple[bytes, str]] = LRU(settings.cache_bytes // 4)
         self.sessions: LRU[Live] = LRU(

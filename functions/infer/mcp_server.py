@@ -138,10 +138,11 @@ TOOLS = {
 # ----------------------------------------------------------------------------- the server
 
 
-Runner = Callable[[InferRequest, Emit, Callable[[], bool], str], InferResult]
+# (request, emit, cancelled, caller): the caller as the surface's `who` gives it
+Runner = Callable[[InferRequest, Emit, Callable[[], bool], Any], InferResult]
 
 
-def _nobody(ctx: Context) -> tuple[str, Callable[[], bool]]:
+def _nobody(ctx: Context) -> tuple[Any, Callable[[], bool]]:
     return ANONYMOUS, lambda: False
 
 
@@ -150,16 +151,17 @@ class Surface:
     """What the stdio and HTTP servers do differently.
 
     `run(request, emit, cancelled, caller)` runs a request whose context is inline or a
-    `context_uri` (it loads that under the operator's prefixes); `stop(run_id, caller)` stops
-    one; `who(ctx)` is the caller of a tool call and whether its client has hung up;
+    `context_uri` (it loads that under the operator's prefixes, within their ceilings);
+    `stop(run_id, caller)` stops one; `who(ctx)` is the caller of a tool call (the owner of
+    its run, as the surface knows callers) and whether its client has hung up;
     `file_roots` the folders a `context_path` may be in (none: no `context_path`).
     """
 
     run: Runner
-    stop: Callable[[str, str], None]
+    stop: Callable[[str, Any], None]
     settings: InferSettings
     file_roots: tuple[Path, ...] = ()
-    who: Callable[[Context], tuple[str, Callable[[], bool]]] = _nobody
+    who: Callable[[Context], tuple[Any, Callable[[], bool]]] = _nobody
     name: str = "rlm"
     limiter: anyio.CapacityLimiter = field(init=False, repr=False)
 
@@ -369,9 +371,8 @@ def serve_stdio() -> int:
 
     def run(request: InferRequest, emit: Emit, cancelled: Callable[[], bool], caller: str):
         context = load_context(
-            request.context, request.context_uri, settings.max_context_bytes,
-            settings.context_url_prefixes,
-        )  # fmt: skip
+            request.context, request.context_uri, settings.max_context_bytes, service.context_urls
+        )
         if request.max_depth is None:
             request = request.model_copy(update={"max_depth": settings.max_depth})
         return service.run(request, context, emit, cancelled=cancelled, caller=caller)

@@ -43,6 +43,7 @@ from functions.infer.ledger import (
 from functions.infer.loop import Emit, Run, RunConfig
 from functions.infer.schemas import AnswerSchema
 from functions.infer.settings import InferSettings
+from functions.urls import Allowlist
 
 _TOKEN_SLACK_S = 30.0  # past a cell's deadline, for its last sub-call to arrive
 LOGGED_CHARS = 4000  # of each sub-call prompt and answer, in the trajectory
@@ -72,28 +73,33 @@ class InferService:
             settings.conversation_max_bytes,
             turn_s=settings.cell_timeout_s * (settings.max_iterations + 2),
         )
-        self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
+        self.tools = tools.ToolRunner(  # embedded, the SDK registers its functions here
+            Allowlist.of("RLM_TOOL_URL_PREFIXES", settings.tool_url_prefixes)
+        )
+        self.context_urls = Allowlist.of(
+            "INFER_CONTEXT_URL_PREFIXES", settings.context_url_prefixes
+        )
         self._progress: dict[RunKey, _SubcallProgress] = {}  # runs with a listener, here
 
     # ----------------------------------------------------------------- runs
 
     def config_for(self, request: InferRequest) -> RunConfig:
-        """The run's configuration; `Unprocessable` for a depth above the deployment's MAX_DEPTH
-        or an output schema that cannot be used."""
+        """The run's configuration within the operator's ceilings: `Unprocessable`, naming the
+        setting, for a request that asks for more than they allow, names a model they do not,
+        declares tools this process cannot or may not call, or an output schema it cannot use."""
         s = self.settings
-        if request.max_depth is not None and request.max_depth > s.max_depth:
-            raise Unprocessable(
-                f"max_depth {request.max_depth} is above this deployment's MAX_DEPTH "
-                f"{s.max_depth}: ask for at most {s.max_depth}"
-            )
-        return RunConfig(
+        _at_most("max_depth", request.max_depth, s.max_depth, "MAX_DEPTH")
+        _at_most("max_iterations", request.max_iterations, s.max_iterations, "MAX_ITERATIONS")
+        _at_most("max_budget_usd", request.max_budget_usd, s.max_budget_usd, "INFER_MAX_BUDGET_USD")
+        _at_most("max_timeout_s", request.max_timeout_s, s.max_timeout_s, "INFER_MAX_TIMEOUT")
+        config = RunConfig(
             model=request.model or s.model,
             sub_model=request.sub_model or s.sub_model,
             max_depth=s.max_depth if request.max_depth is None else request.max_depth,
             max_iterations=request.max_iterations or s.max_iterations,
-            max_budget_usd=request.max_budget_usd,
+            max_budget_usd=request.max_budget_usd or s.default_budget_usd,
             max_tokens=request.max_tokens,
-            max_timeout_s=request.max_timeout_s,
+            max_timeout_s=request.max_timeout_s or s.max_timeout_s,
             max_errors=request.max_errors,
             output_chars=s.output_chars,
             cell_timeout_s=s.cell_timeout_s,
@@ -112,6 +118,24 @@ class InferService:
             else AnswerSchema.of(request.output_schema, s.max_schema_bytes),
             schema_repairs=s.schema_repairs,
         )
+        for model in config.models:
+            self._check_model(model)
+        for catalog in (config.tools, config.sub_tools):
+            tools.check_catalog(
+                catalog, self.tools.functions, self.tools.allowed, s.max_schema_bytes
+            )
+        return config
+
+    def _check_model(self, model: str) -> None:
+        s = self.settings
+        if s.models is not None and model not in s.models:
+            raise Unprocessable(f"model {model!r} is not one this deployment serves "
+                                f"(INFER_MODELS: {', '.join(s.models)})")  # fmt: skip
+        if not s.allow_unpriced and self.llm.prices.price(model) is None:
+            raise Unprocessable(
+                f"model {model!r} has no price, so no budget would bound it; this deployment "
+                "runs only priced models (LLM_PRICES; INFER_ALLOW_UNPRICED is off)"
+            )
 
     def run(
         self,
@@ -133,11 +157,6 @@ class InferService:
         cannot serve, `ConversationError` when the conversation cannot take another turn,
         `LedgerUnavailable` when the ledger cannot be reached."""
         config = self.config_for(request)
-        for catalog in (config.tools, config.sub_tools):
-            tools.check_catalog(
-                catalog, self.tools.functions, self.settings.tool_url_prefixes,
-                self.settings.max_schema_bytes,
-            )  # fmt: skip
         root = RunKey(caller, run_id or request.run_id or uuid.uuid4().hex[:16])
         if not self._runs.acquire(timeout=0.5):
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
@@ -404,6 +423,12 @@ class Busy(TooManyRequests):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"{message}; retry shortly", headers={"Retry-After": "2"})
+
+
+def _at_most(field: str, asked: float | None, ceiling: float | None, setting: str) -> None:
+    if asked is not None and ceiling is not None and asked > ceiling:
+        raise Unprocessable(f"{field} {asked:g} is above this deployment's {setting} "
+                            f"{ceiling:g}: ask for at most {ceiling:g}")  # fmt: skip
 
 
 def _inherit(sub_tools: Any, tools: Any) -> Any:
