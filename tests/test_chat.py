@@ -118,10 +118,10 @@ def test_extra_body_sub_model_depth_and_trajectory(stack, llm):
     )
     done = client(stack).chat.completions.create(
         model="rlm", messages=[QUESTION],
-        extra_body={"sub_model": "scripted-other", "max_depth": 0, "trajectory": True},
+        extra_body={"sub_model": "scripted-root", "max_depth": 0, "trajectory": True},
     )  # fmt: skip
     assert done.choices[0].message.content == "5"
-    assert [r.model for r in llm.sub_requests()] == ["scripted-other"]
+    assert [r.model for r in llm.sub_requests()] == ["scripted-root"]  # not LLM_SUB_MODEL
     kinds = [e["kind"] for e in done.model_extra["rlm"]["trajectory"]]
     assert "cell" in kinds and kinds[-1] == "final"
     with pytest.raises(openai.UnprocessableEntityError, match="MAX_DEPTH"):

@@ -20,6 +20,7 @@ from mcp import Client, StdioServerParameters
 
 from functions.testing.haystack import haystack
 from functions.testing.scripted_model import repl, scripted_replies, typed_answers
+from tests.test_callers import KEYS, keyed, keys_file  # noqa: F401
 from tests.test_cancel import (  # noqa: F401
     SLOW_S,
     slow_subcalls,
@@ -290,3 +291,35 @@ def test_http_mcp_refuses_what_it_cannot_serve(stack, llm):
                    headers={"content-type": "application/json", "accept": accept})  # fmt: skip
     assert 400 <= r.status_code < 500 and "Traceback" not in r.text
     assert httpx.get(stack.infer.url + "/health", timeout=5).status_code == 200
+
+
+def test_http_runs_are_the_key_holders_and_need_a_key(keyed, llm):  # noqa: F811
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    def client(key: str | None) -> Client:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        transport = streamable_http_client(
+            keyed.url + "/mcp", http_client=httpx2.AsyncClient(headers=headers, timeout=60)
+        )
+        return Client(transport)
+
+    async def main() -> dict:
+        async with client(KEYS["frank"]) as frank:
+            done = await frank.call_tool("ask", {"question": "q", "context": "c"})
+            assert not done.is_error, done.content
+            outcome = done.structured_content
+            over = await frank.call_tool("ask", {"question": "q", "max_budget_usd": 50})
+            assert over.is_error and "INFER_MAX_BUDGET_USD" in over.content[0].text
+        return outcome
+
+    for key in (None, "sk-not-ours"):  # refused before the MCP app sees the request
+        headers = {"accept": "application/json, text/event-stream"}
+        headers |= {"authorization": f"Bearer {key}"} if key else {}
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        r = httpx.post(keyed.url + "/mcp", json=ping, headers=headers)
+        assert r.status_code == 401 and "error" in r.json()
+
+    llm.switch.current = scripted_replies([repl("FINAL('42')")])
+    outcome = anyio.run(main)
+    assert outcome["answer"] == "42" and outcome["total_cost_usd"] > 0

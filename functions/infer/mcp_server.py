@@ -19,6 +19,7 @@ the client cancels (a cancel notification, or a closed response stream) stops it
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -362,11 +363,12 @@ def serve_stdio() -> int:
     (LLM_BASE_URL, LLM_MODEL, LLM_API_KEY, and the infer settings). A `context_path` must be
     under RLM_MCP_FILE_ROOTS, by default the folder it started in (an agent's project)."""
     from functions import logs
+    from functions.config import env_int
     from functions.infer.inputs import load_context
     from functions.sdk import RLM
 
     logs.setup()  # stderr: stdout carries the protocol
-    rlm = RLM()
+    rlm = RLM(max_iterations=env_int("MAX_ITERATIONS", 30, 1, os.environ))  # the operator's
     service, settings = rlm.service, rlm.settings
 
     def run(request: InferRequest, emit: Emit, cancelled: Callable[[], bool], caller: str):

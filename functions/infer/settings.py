@@ -180,7 +180,7 @@ class InferSettings:
             event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
             max_schema_bytes=env_int("INFER_MAX_SCHEMA_KB", 64, 1, e) * 1024,
             schema_repairs=env_int("INFER_SCHEMA_REPAIRS", 1, 0, e),
-            mcp_file_roots=_prefixes(e.get("RLM_MCP_FILE_ROOTS", "")),
+            mcp_file_roots=_items(e.get("RLM_MCP_FILE_ROOTS", "")),
         )
         return settings._with_ceilings(e) if served else settings
 
@@ -256,6 +256,11 @@ def _store_url(env: Mapping[str, str]) -> str:
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"INFER_STORE_URL={url!r} must be a redis://, rediss:// or unix:// URL")
     return url
+
+
+def _items(text: str) -> tuple[str, ...]:
+    """A comma-separated list."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _prefixes(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
