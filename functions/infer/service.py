@@ -35,6 +35,7 @@ from functions.infer.settings import InferSettings
 _MEMO_RUNS = 256
 _TOKEN_SLACK_S = 60.0
 LOGGED_CHARS = 4000  # of each sub-call prompt and answer, in the trajectory
+PREVIEW_CHARS = 300  # of each sub-call prompt and answer, in a `subcall` progress event
 
 
 class Memo:
@@ -85,6 +86,7 @@ class InferService:
         )
         self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
         self._active: dict[str, threading.Event] = {}  # run id -> set when cancelled
+        self._emits: dict[str, Emit] = {}  # root run id -> its progress callback
 
     # ----------------------------------------------------------------- runs
 
@@ -138,8 +140,11 @@ class InferService:
             if run_id in self._active:
                 raise ValueError(f"run {run_id!r} is already running")
             self._active[run_id] = stop
+            if emit is not None:
+                self._emits[run_id] = emit
         if not self._runs.acquire(timeout=0.5):
             self._active.pop(run_id, None)
+            self._emits.pop(run_id, None)
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
         turn = None
         try:
@@ -167,6 +172,7 @@ class InferService:
             self._runs.release()
             with self._memo_lock:
                 self._active.pop(run_id, None)
+                self._emits.pop(run_id, None)
         if turn is not None:
             result.conversation_id, result.conversation = turn.conversation_id, carried
         return result
@@ -235,10 +241,13 @@ class InferService:
         usage: UsageByModel = {}
         lock = threading.Lock()
         recursive = request.kind == "rlm" and claims.depth < claims.max_depth
+        report = self._progress(claims, request.kind, model, len(request.prompts))
+        finished = [0]
 
         def one(prompt: str) -> tuple[str, list[dict[str, Any]] | None]:
             if stop.is_set():
                 raise _Cancelled
+            started = time.monotonic()
             if recursive:
                 text, used, trajectory = self._child(claims, prompt, model, request.tools)
             else:
@@ -246,7 +255,17 @@ class InferService:
                 text, used, trajectory = completion.text, {completion.model: completion.usage}, None
             with lock:
                 merge_usage(usage, used)
+                finished[0] += 1
+                done = finished[0]
+            report("subcall", {
+                "done": done, "prompt": prompt[:PREVIEW_CHARS], "prompt_chars": len(prompt),
+                "response": text[:PREVIEW_CHARS], "response_chars": len(text),
+                "seconds": round(time.monotonic() - started, 4),
+                "usage": {m: u.model_dump() for m, u in used.items()},
+            })  # fmt: skip
             return text, trajectory
+
+        report("subcalls", {})
 
         workers = max(1, min(len(request.prompts), self.settings.subcall_concurrency))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="subcall")
@@ -277,6 +296,21 @@ class InferService:
             },
         )
         return SubcallResponse(responses=responses, usage=usage)
+
+    def _progress(
+        self, claims: tokens.TokenClaims, kind: str, model: str, total: int
+    ) -> Callable[[str, dict[str, Any]], None]:
+        """How a batch reports to its root run's progress: `subcalls` when it starts, then a
+        `subcall` as each call completes (any order), with previews of its prompt and answer."""
+        emit = self._emits.get(claims.run_id.split(".")[0])
+        common = {"run_id": claims.run_id, "depth": claims.depth, "kind": kind,
+                  "model": model, "total": total}  # fmt: skip
+
+        def report(event: str, data: dict[str, Any]) -> None:
+            if emit is not None:
+                emit(event, {**common, **data})
+
+        return report
 
     def _tool(self, claims: tokens.TokenClaims, request: SubcallRequest) -> SubcallResponse:
         """A caller's tool; its failures are answers the guest raises, not HTTP errors."""
