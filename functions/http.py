@@ -14,44 +14,22 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from functions.contract import has_lone_surrogate
+from functions.errors import BadRequest, NotFound, PayloadTooLarge, RLMError, Unprocessable
 
 M = TypeVar("M", bound=BaseModel)
 
 HEALTH_PATHS = ("/health", "/health/liveness", "/health/readiness")
 
 
-class HttpProblem(Exception):
-    """An answer other than 200, with a message that says what to fix."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        detail: Any = None,
-        headers: dict[str, str] | None = None,
-        body: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
-        self.headers = headers or {}
-        self.body = body
-
-    def response(self) -> Response:
-        body = self.body or {"error": self.message}
-        if self.detail is not None:
-            body.setdefault("detail", self.detail)
-        return json_response(body, self.status, self.headers)
-
-
 def answer(route: Callable[[Request], Response], request: Request, log: logging.Logger) -> Response:
     """Run a function's router: problems become their 4xx/5xx, a bug a 500 with no traceback."""
     try:
         response = route(request)
-    except HttpProblem as problem:
-        response = problem.response()
+    except RLMError as problem:
+        response = problem_response(problem)
     except Exception:
         log.exception("internal error")
-        response = HttpProblem(500, f"internal error in {log.name}; see its logs").response()
+        response = problem_response(RLMError(f"internal error in {log.name}; see its logs"))
     if response.status_code >= 400 or request.method != "POST":
         _unbuffered(response)
     return response
@@ -70,6 +48,10 @@ def _unbuffered(response: Response) -> None:
         response.headers.pop("Content-Length", None)
 
 
+def problem_response(problem: RLMError) -> Response:
+    return json_response(problem.problem(), problem.status, problem.headers)
+
+
 def json_response(
     body: BaseModel | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
@@ -81,29 +63,29 @@ def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, refused with 413 past `max_bytes` before it is all read."""
     length = request.content_length
     if length is not None and length > max_bytes:
-        raise HttpProblem(413, f"request body is {length} bytes; the limit is {max_bytes}")
+        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_bytes}")
     data = request.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise HttpProblem(413, f"request body is over the limit of {max_bytes} bytes")
+        raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
     return data
 
 
 def parse_json(data: bytes) -> Any:
     if not data:
-        raise HttpProblem(400, "request body is empty: send a JSON object")
+        raise BadRequest("request body is empty: send a JSON object")
     try:
         value = json.loads(data.decode("utf-8"))
         lone_surrogate = has_lone_surrogate(data, value)
     except UnicodeDecodeError as e:
-        raise HttpProblem(400, f"request body is not valid UTF-8 (byte {e.start})") from None
+        raise BadRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise HttpProblem(
-            400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        raise BadRequest(
+            f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
     except RecursionError:
-        raise HttpProblem(400, "request body is nested too deeply") from None
+        raise BadRequest("request body is nested too deeply") from None
     if lone_surrogate:
-        raise HttpProblem(400, f"request body {LONE_SURROGATE}")
+        raise BadRequest(f"request body {LONE_SURROGATE}")
     return value
 
 
@@ -113,14 +95,14 @@ LONE_SURROGATE = "has a \\ud800-\\udfff escape without its pair: send valid Unic
 def validate(model: type[M], value: Any) -> M:
     """Build the model, or a 422 naming every field that is wrong and why."""
     if not isinstance(value, dict):
-        raise HttpProblem(422, f"expected a JSON object, got {type(value).__name__}")
+        raise Unprocessable(f"expected a JSON object, got {type(value).__name__}")
     try:
         return model.model_validate(value, strict=True)  # JSON types as documented: no coercion
     except ValidationError as e:
         problems = [_describe(err) for err in e.errors()]
-        raise HttpProblem(422, "; ".join(problems[:5]), detail=problems) from None
+        raise Unprocessable("; ".join(problems[:5]), detail=problems) from None
     except RecursionError:
-        raise HttpProblem(422, "request body is nested too deeply") from None
+        raise Unprocessable("request body is nested too deeply") from None
 
 
 def _describe(err: Any) -> str:
@@ -138,10 +120,8 @@ def metrics_response(registry: CollectorRegistry, refresh: Callable[[], None] | 
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-def not_found(request: Request, routes: str) -> HttpProblem:
-    return HttpProblem(
-        404, f"no route {request.method} {request.path}; this function serves {routes}"
-    )
+def not_found(request: Request, routes: str) -> NotFound:
+    return NotFound(f"no route {request.method} {request.path}; this function serves {routes}")
 
 
 def json_errors(routes: str) -> None:
@@ -150,8 +130,7 @@ def json_errors(routes: str) -> None:
     import functions_framework
 
     def unrouted(error: Exception) -> Response:
-        problem = HttpProblem(404, f"no such route; this function serves {routes}")
-        response = problem.response()
+        response = problem_response(NotFound(f"no such route; this function serves {routes}"))
         _unbuffered(response)
         return response
 

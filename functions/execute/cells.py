@@ -34,6 +34,7 @@ from functions.contract import (
     context_bytes,
     sha256_hex,
 )
+from functions.errors import Conflict, Unavailable, Unprocessable
 from functions.execute import metrics
 from functions.execute.cache import LRU
 from functions.execute.sandbox import TRAP_CANCELLED, TRAP_DEADLINE, TRAP_FUEL, Interpreter
@@ -46,18 +47,24 @@ _TRUNCATED = "\n[... {stream} truncated: more than {limit} bytes were written ..
 _SESSION_OVERHEAD = 48 << 20  # what an idle interpreter costs the pod, roughly
 
 
-class MissingRefs(Exception):
+class MissingRefs(Conflict):
+    """A ref this pod does not hold came without its data: the caller re-sends with data."""
+
     def __init__(self, missing: list[str]) -> None:
-        super().__init__(f"this pod does not hold {' and '.join(missing)}: re-send with data")
+        message = f"this pod does not hold {' and '.join(missing)}: re-send with data"
+        super().__init__(message, body={"missing": missing, "error": message})
         self.missing = missing
 
 
-class BadCell(ValueError):
-    """The request is well-formed JSON but cannot be run as given (422)."""
+class BadCell(Unprocessable, ValueError):
+    """The request is well-formed JSON but cannot be run as given."""
 
 
-class Saturated(Exception):
+class Saturated(Unavailable):
     """Every slot is busy; the caller retries after a pause."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; retry shortly")
 
 
 @dataclass

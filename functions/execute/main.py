@@ -17,13 +17,13 @@ from flask import Request, Response
 
 from functions import events, logs
 from functions.config import ConfigError
-from functions.contract import ExecuteRequest, Missing
+from functions.contract import ExecuteRequest
+from functions.errors import RLMError, Unavailable
 from functions.execute import metrics
 from functions.execute.cells import BadCell, CellRunner, MissingRefs, Saturated
 from functions.execute.settings import ExecuteSettings
 from functions.http import (
     HEALTH_PATHS,
-    HttpProblem,
     answer,
     json_errors,
     json_response,
@@ -81,7 +81,7 @@ def _route(request: Request) -> Response:
     if request.method == "GET" and path in HEALTH_PATHS:
         runner()
         if path == "/health/readiness" and not _ready.is_set():
-            raise HttpProblem(503, "the sandbox is still loading", headers={"Retry-After": "1"})
+            raise Unavailable("the sandbox is still loading")
         return json_response({"status": "ok", "ready": _ready.is_set()})
     if request.method == "GET" and path == "/metrics":
         metrics.live_sessions.set(len(runner().sessions))
@@ -100,19 +100,18 @@ def _route(request: Request) -> Response:
 
 
 def run_cell(cell: ExecuteRequest, traceparent: str | None = None):
-    """Run a validated request; refusals become HttpProblems."""
+    """Run a validated request; refusals raise their `RLMError`."""
     try:
         response = runner().run(cell, traceparent)
-    except MissingRefs as e:
+    except MissingRefs:
         metrics.requests_total.labels(outcome="missing").inc()
-        body = Missing(missing=e.missing, error=str(e)).model_dump()  # type: ignore[arg-type]
-        raise HttpProblem(409, str(e), body=body) from None
-    except BadCell as e:
+        raise
+    except BadCell:
         metrics.requests_total.labels(outcome="invalid").inc()
-        raise HttpProblem(422, str(e)) from None
-    except Saturated as e:
+        raise
+    except Saturated:
         metrics.requests_total.labels(outcome="saturated").inc()
-        raise HttpProblem(503, f"{e}; retry shortly", headers={"Retry-After": "1"}) from None
+        raise
     outcome = "trapped" if response.trapped else "error" if response.error else "ok"
     metrics.requests_total.labels(outcome=outcome).inc()
     if response.error and not response.trapped:
@@ -127,10 +126,7 @@ def run_cell(cell: ExecuteRequest, traceparent: str | None = None):
 
 def _serve_event(request: Request) -> Response:
     body = read_body(request, SETTINGS.max_request_bytes)
-    try:
-        event = events.parse(dict(request.headers), body, events.EXECUTE_REQUESTED)
-    except events.BadEvent as e:
-        raise HttpProblem(400, str(e)) from None
+    event = events.parse(dict(request.headers), body, events.EXECUTE_REQUESTED)
     try:
         cell = validate(ExecuteRequest, event.data)
         result = run_cell(cell, request.headers.get("traceparent"))
@@ -140,7 +136,7 @@ def _serve_event(request: Request) -> Response:
             result.model_dump(mode="json"),
             subject=event["id"],
         )
-    except HttpProblem as problem:
+    except RLMError as problem:
         if problem.status == 503:
             raise  # the broker redelivers later
         headers, data = events.reply(

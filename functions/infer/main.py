@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import queue
 import select
 import socket
@@ -29,10 +28,10 @@ from flask import Request, Response
 
 from functions import events, logs
 from functions.config import ConfigError
-from functions.contract import CancelReply, InferRequest, InferResult, SubcallRequest
+from functions.contract import CancelReply, InferRequest, InferResult
+from functions.errors import BadRequest, Conflict, RLMError
 from functions.http import (
     HEALTH_PATHS,
-    HttpProblem,
     answer,
     json_errors,
     json_response,
@@ -42,11 +41,10 @@ from functions.http import (
     read_body,
     validate,
 )
-from functions.infer import chat, metrics, tokens
-from functions.infer.conversations import ConversationError
-from functions.infer.idempotency import OncePerKey
-from functions.infer.inputs import ContextError, load_context
-from functions.infer.service import Busy, InferService
+from functions.infer import chat, metrics, subcalls
+from functions.infer.inputs import load_context
+from functions.infer.ledger import ANONYMOUS, event_key
+from functions.infer.service import InferService
 from functions.infer.settings import InferSettings
 
 log = logging.getLogger("rlm.infer")
@@ -59,7 +57,6 @@ logs.setup()
 
 _service: InferService | None = None
 _service_lock = threading.Lock()
-_events: OncePerKey[tuple[str, dict[str, Any]]] = OncePerKey()
 _BODY_SLACK = 1 << 20
 _HEARTBEAT_S = 0.5
 
@@ -69,30 +66,15 @@ def service() -> InferService:
     global _service
     with _service_lock:
         if _service is None:
-            from functions.infer.executor import RemoteExecutor
-            from functions.infer.llm import LLM
-            from functions.infer.routing import routed
+            from functions.infer.wiring import build_service
 
-            llm = LLM(
-                base_url=SETTINGS.base_url,
-                api_key=SETTINGS.api_key,
-                timeout_s=SETTINGS.llm_timeout_s,
-                max_retries=SETTINGS.llm_max_retries,
-                prices_json=SETTINGS.prices_json,
-            )
-            s, prices = SETTINGS, llm.prices
-            llm = routed(llm, s.endpoints, lambda url, key: LLM(
-                url, key, s.llm_timeout_s, s.llm_max_retries, prices=prices))  # fmt: skip
-            executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
-            threads = int(os.environ.get("THREADS") or 4 * (os.cpu_count() or 1))
-            bound = SETTINGS.run_bound(threads)
+            bound = SETTINGS.run_bound()
             if bound < SETTINGS.max_runs:
                 log.warning(
                     "INFER_MAX_RUNS=%d lowered to %d: THREADS=%d leaves room for that many runs "
-                    "and their sub-call callbacks", SETTINGS.max_runs, bound, threads,
+                    "and their sub-call callbacks", SETTINGS.max_runs, bound, SETTINGS.threads,
                 )  # fmt: skip
-            settings = dataclasses.replace(SETTINGS, max_runs=bound)
-            _service = InferService(settings, llm, executor)
+            _service = build_service(dataclasses.replace(SETTINGS, max_runs=bound))
             if SETTINGS.sink_url:
                 from functions.infer.sink import ProgressSink
 
@@ -121,11 +103,12 @@ def _route(request: Request) -> Response:
 
         return json_response(document())
     if method == "POST" and path == "/subcalls":
-        return _subcalls(request)
+        read = lambda n: read_body(request, n)  # noqa: E731
+        return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
     if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
         run_id = path[len("/infer/") : -len("/cancel")]
-        if not service().cancel(run_id):
-            raise HttpProblem(404, f"no run {run_id!r} is in progress on this instance")
+        token = request.headers.get(CANCEL_TOKEN_HEADER)
+        service().cancel(run_id, _caller(request), token)
         return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
         body = validate(chat.ChatRequest, parse_json(_body(request)))
@@ -136,16 +119,20 @@ def _route(request: Request) -> Response:
         infer_request = validate(InferRequest, parse_json(_body(request)))
         traceparent = request.headers.get("traceparent")
         if "text/event-stream" in request.headers.get("accept", ""):
-            return _stream(infer_request, traceparent)
+            return _stream(infer_request, traceparent, _caller(request))
         run_id = infer_request.run_id or uuid.uuid4().hex[:16]
-        with _cancelled_on_hang_up(request, run_id):
-            result = _run(infer_request.model_copy(update={"run_id": run_id}), traceparent)
+        caller = _caller(request)
+        with _cancelled_on_hang_up(request, run_id, caller):
+            result = _run(
+                infer_request.model_copy(update={"run_id": run_id}), traceparent,
+                caller=caller, cancel_token=_chosen_cancel_token(request),
+            )  # fmt: skip
         return json_response(result, 502 if result.status == "failed" else 200)
     raise not_found(request, ROUTES)
 
 
 @contextmanager
-def _cancelled_on_hang_up(request: Request, run_id: str) -> Iterator[None]:
+def _cancelled_on_hang_up(request: Request, run_id: str, caller: str) -> Iterator[None]:
     """A client that closes its connection while its run goes on cancels the run. gunicorn
     hands the connection's socket to the app; it is looked at, never read, every `_HEARTBEAT_S`."""
     connection = request.environ.get("gunicorn.socket")
@@ -154,7 +141,7 @@ def _cancelled_on_hang_up(request: Request, run_id: str) -> Iterator[None]:
     def watch() -> None:
         while not done.wait(_HEARTBEAT_S):
             if _hung_up(connection):
-                service().cancel(run_id)
+                service().stop(run_id, caller)
                 return
 
     if connection is not None:
@@ -185,16 +172,16 @@ def _run(
     traceparent: str | None,
     emit: Any = None,
     cancelled: Any = None,
+    caller: str = ANONYMOUS,
+    on_start: Any = None,
+    cancel_token: str | None = None,
 ) -> InferResult:
-    try:
-        context = load_context(
-            request.context,
-            request.context_uri,
-            SETTINGS.max_context_bytes,
-            SETTINGS.context_url_prefixes,
-        )
-    except ContextError as e:
-        raise HttpProblem(422, str(e)) from None
+    context = load_context(
+        request.context,
+        request.context_uri,
+        SETTINGS.max_context_bytes,
+        SETTINGS.context_url_prefixes,
+    )
     svc = service()
     sink = svc.sink
 
@@ -206,14 +193,10 @@ def _run(
             sink.emit(kind, data)
 
     started = time.monotonic()
-    try:
-        result = svc.run(request, context, fan_out, traceparent, cancelled)
-    except Busy as e:
-        raise HttpProblem(429, f"{e}; retry shortly", headers={"Retry-After": "2"}) from None
-    except ConversationError as e:
-        raise HttpProblem(e.status, str(e)) from None
-    except ValueError as e:  # tools it cannot serve, a run id already running
-        raise HttpProblem(422, str(e)) from None
+    result = svc.run(
+        request, context, fan_out, traceparent, cancelled,
+        caller=caller, on_start=on_start, cancel_token=cancel_token,
+    )  # fmt: skip
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
     for usage in result.usage.values():
@@ -228,22 +211,26 @@ def _run(
     return result
 
 
-def _stream(request: InferRequest, traceparent: str | None) -> Response:
-    """Server-sent events: the run id first, progress as the run goes, then the result.
+def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Response:
+    """Server-sent events: the run id (and its cancel token) first, progress as the run goes,
+    then the result.
 
     A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
     """
     run_id = request.run_id or uuid.uuid4().hex[:16]
     request = request.model_copy(update={"run_id": run_id})
     updates: queue.Queue[tuple[str, Any]] = queue.Queue()
-    updates.put(("run", {"run_id": run_id}))
     gone = threading.Event()
+
+    def started(run_id: str, cancel_token: str) -> None:
+        updates.put(("run", {"run_id": run_id, "cancel_token": cancel_token}))
 
     def work() -> None:
         try:
-            result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set)
+            result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set,
+                          caller, started)  # fmt: skip
             updates.put(("result", result.model_dump(mode="json")))
-        except HttpProblem as problem:
+        except RLMError as problem:
             updates.put(("error", {"error": problem.message, "status": problem.status}))
 
     threading.Thread(target=work, daemon=True).start()
@@ -261,48 +248,65 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
                     return
         finally:
             gone.set()  # the client went away, or the run ended
-            service().cancel(run_id)
+            service().stop(run_id, caller)
 
     return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _subcalls(request: Request) -> Response:
-    from functions.infer.llm import LLMError
-
-    auth = request.headers.get("authorization", "")
-    if not auth.lower().startswith("bearer "):
-        raise HttpProblem(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    body = validate(SubcallRequest, parse_json(read_body(request, 64 << 20)))
-    try:
-        reply = service().subcall(auth[7:].strip(), body)
-    except tokens.TokenError as e:
-        raise HttpProblem(getattr(e, "status", 401), str(e)) from None
-    except LLMError as e:  # the guest reads this message in the exception it gets
-        raise HttpProblem(502, f"the sub-model failed: {e}") from None
-    metrics.subcalls_total.labels(kind=body.kind).inc(len(body.prompts))
-    return json_response(reply)
-
-
 def _serve_event(request: Request) -> Response:
+    """A CloudEvent asking for a run. Its redelivery, to any pod, gets the first answer without
+    a second run; while the first delivery's run is alive, a redelivery is asked to come back
+    later (409); a run whose pod died is resumed from its last checkpoint."""
     body = _body(request)
-    try:
-        event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
-    except events.BadEvent as e:
-        raise HttpProblem(400, str(e)) from None
-
-    def work() -> tuple[str, dict[str, Any]]:
+    event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
+    ledger = service().ledger
+    key = event_key(str(event["source"]), str(event["id"]), event.data)
+    state, answered = ledger.claim_event(key, SETTINGS.event_ttl_s)
+    if state == "answered":
+        log.info("redelivered event answered from the ledger", extra={"event_id": key[:16]})
+        kind, data = answered
+    else:
         try:
-            infer_request = validate(InferRequest, event.data)
-            result = _run(infer_request, request.headers.get("traceparent"))
-        except HttpProblem as problem:
-            if problem.status == 429:
-                raise
-            return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
-        kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
-        return kind, result.model_dump(mode="json")
-
-    (kind, data), repeat = _events.run(event["id"], work)
-    if repeat:
-        log.info("redelivered event served from memory", extra={"event_id": event["id"]})
+            kind, data = _answer_event(event, request, key)
+        except Conflict:
+            raise  # its first delivery still runs
+        except BaseException:
+            if state == "new":
+                ledger.forget_event(key)  # no answer: a redelivery runs it
+            raise
+        ledger.answer_event(key, [kind, data], SETTINGS.event_ttl_s)
     headers, payload = events.reply(kind, events.SOURCE_INFER, data, subject=event["id"])
     return Response(payload, status=200, headers=headers)
+
+
+def _answer_event(event: Any, request: Request, key: str) -> tuple[str, dict[str, Any]]:
+    try:
+        infer_request = validate(InferRequest, event.data)
+        if infer_request.run_id is None:  # one event, one run: a redelivery may resume it
+            infer_request = infer_request.model_copy(update={"run_id": f"event-{key[:32]}"})
+        result = _run(infer_request, request.headers.get("traceparent"), caller=_caller(request))
+    except RLMError as problem:
+        if problem.status in (409, 429, 503):
+            raise  # the broker redelivers later
+        return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
+    kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
+    return kind, result.model_dump(mode="json")
+
+
+CANCEL_TOKEN_HEADER = "x-rlm-cancel-token"
+
+
+def _chosen_cancel_token(request: Request) -> str | None:
+    """A secret the caller chose to cancel its run with (in local mode, where every caller is
+    the same owner); at least 16 characters."""
+    token = request.headers.get(CANCEL_TOKEN_HEADER)
+    if token is None:
+        return None
+    if not 16 <= len(token) <= 200:
+        raise BadRequest(f"{CANCEL_TOKEN_HEADER} must be 16 to 200 characters of secret")
+    return token
+
+
+def _caller(request: Request) -> str:
+    """Who is asking: the owner of the runs this request starts or reaches."""
+    return ANONYMOUS

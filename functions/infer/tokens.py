@@ -18,6 +18,8 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from functions.errors import Forbidden, Unauthorized
+
 MAX_TOKEN_CHARS = 8192
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}")  # 43 chars: a 32-byte digest
 KINDS = ("llm", "rlm", "tool")
@@ -26,22 +28,23 @@ KINDS = ("llm", "rlm", "tool")
 class TokenClaims(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    run_id: str = Field(min_length=1)
+    run_id: str = Field(min_length=1)  # the run whose cell carries it (the root or a child)
+    owner: str = Field(min_length=1)  # the caller who started the root run
+    root: str = Field(min_length=1)  # the root run's id: its budget pays, its cancel stops
     depth: int = Field(ge=0)  # the depth of the run whose cells carry this token
     max_depth: int = Field(ge=0)
     exp: int  # unix seconds; the token is refused from this second on
     models: list[str]  # the models sub-calls may name; empty: any
     nonce: str = Field(min_length=1)  # one per cell (and marks a replayed cell)
+    prompts: int = Field(ge=0)  # the most sub-call prompts (and tool calls) of the cell
     sub_model: str | None = None  # the default model of sub-calls
     by_depth: dict[str, str] = Field(default_factory=dict)  # depth -> default model there
     tools: dict[str, str] = Field(default_factory=dict)  # tool name -> sha256 of its spec
     sub_tools: str = ""  # sha256 of the children's tool catalog
 
 
-class TokenError(Exception):
-    """A sub-call token was refused. `status` is the HTTP status to answer with."""
-
-    status = 401
+class TokenError(Unauthorized):
+    """A sub-call token was refused."""
 
 
 class InvalidToken(TokenError):
@@ -52,10 +55,8 @@ class ExpiredToken(TokenError):
     """Well signed, but past its `exp`."""
 
 
-class OutOfScope(TokenError):
+class OutOfScope(Forbidden, TokenError):
     """Well signed and current, but it does not cover this sub-call."""
-
-    status = 403
 
 
 def _b64(data: bytes) -> str:
@@ -81,7 +82,9 @@ def mint(key: bytes, claims: TokenClaims) -> str:
     return f"{payload}.{_b64(_signature(key, payload))}"
 
 
-def verify(key: bytes, token: str, now: float | None = None) -> TokenClaims:
+def verify(
+    key: bytes, token: str, now: float | None = None, check_expiry: bool = True
+) -> TokenClaims:
     """The claims of a token signed with `key`; raises `InvalidToken` or `ExpiredToken`."""
     _check_key(key)
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not _SHAPE.fullmatch(token):
@@ -99,7 +102,7 @@ def verify(key: bytes, token: str, now: float | None = None) -> TokenClaims:
         claims = TokenClaims.model_validate(json.loads(_unb64(payload)))
     except (ValueError, ValidationError, binascii.Error, RecursionError):
         raise InvalidToken("invalid sub-call token") from None
-    if (time.time() if now is None else now) >= claims.exp:
+    if check_expiry and (time.time() if now is None else now) >= claims.exp:
         raise ExpiredToken("sub-call token has expired")
     return claims
 
