@@ -12,7 +12,7 @@ from typing import Any
 from functions.infer.service import CHILD_QUERY
 from functions.sdk import RLM
 from functions.testing.haystack import haystack
-from functions.testing.scripted_model import ChatRequest, ScriptedModel, repl
+from functions.testing.scripted_model import ModelRequest, ScriptedModel, repl
 
 PRICES = '{"scripted-root": [1.25, 10.0], "scripted-sub": [0.25, 2.0]}'
 CITIES = ["Lisbon", "Porto", "Braga", "Faro", "Coimbra", "Aveiro"]
@@ -59,7 +59,7 @@ answer["ready"] = True
 )
 
 
-def three_turn_policy(request: ChatRequest) -> str:
+def three_turn_policy(request: ModelRequest) -> str:
     if not request.is_root:
         return "Porto" if "city" in request.last else "yes"
     if CHILD_QUERY in request.messages[1]["content"]:  # the child RLM that checks
@@ -74,7 +74,7 @@ def three_turn_policy(request: ChatRequest) -> str:
     return [PROBE, BROKEN, FIXED][min(request.turn, 2)]
 
 
-def fifty_turn_policy(request: ChatRequest) -> str:
+def fifty_turn_policy(request: ModelRequest) -> str:
     """Reads the log a slice a turn and never finds what it is asked (the final request
     gets the answer the model can give)."""
     if not request.is_root:
@@ -108,7 +108,7 @@ answer["ready"] = bool(found)
 )
 
 
-def many_subcall_policy(request: ChatRequest) -> str:
+def many_subcall_policy(request: ModelRequest) -> str:
     if not request.is_root:
         found = re.search(r"magic number is (\d+)", request.last)
         return found.group(1) if found else "NONE"
@@ -120,7 +120,7 @@ def many_subcall_policy(request: ChatRequest) -> str:
 @dataclass(frozen=True)
 class Scenario:
     question: str
-    policy: Callable[[ChatRequest], str]
+    policy: Callable[[ModelRequest], str]
     context: Callable[[], Any]
     options: dict[str, Any]
 
