@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from functions.infer.parsing import segments
+from functions.reading import Used, mapping, num, text, whole
 
 T = TypeVar("T")
 
@@ -118,6 +119,7 @@ class Progress:
         # The state changes under this lock, and the live panel reads it under the same one
         # (from rich's refresh thread, which holds rich's own locks): so nothing here calls
         # into rich while holding it.
+        data = mapping(data)  # a deployed infer's events are a server's JSON: read with care
         with self._lock:
             shown = handle(data)
             finished = kind == "final" and self.state.final is not None
@@ -135,19 +137,20 @@ class Progress:
 
     def _on_turn(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
-        if data.get("depth", 0):
+        if whole(data.get("depth")):
             return out
         s = self.state
-        s.turn, s.reply, s.code, s.cells = data.get("iteration", s.turn + 1), "", "", 0
+        s.turn = whole(data.get("iteration")) or s.turn + 1
+        s.reply, s.code, s.cells = "", "", 0
         s.now_doing("waiting for the model")
         return out
 
     def _on_reply(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
-        if data.get("depth", 0):
+        if whole(data.get("depth")):
             return out
         s = self.state
-        s.reply = str(data.get("text") or f"({data.get('chars', 0):,} characters)")
+        s.reply = text(data.get("text")) or f"({whole(data.get('chars')):,} characters)"
         s.now_doing("read the reply")
         if self.verbose:
             out.append(self._reply_panel(s.turn, s.reply))
@@ -155,10 +158,10 @@ class Progress:
 
     def _on_code(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
-        if data.get("depth", 0):
+        if whole(data.get("depth")):
             return out
         s = self.state
-        s.code, s.batch_done, s.batch_total = str(data.get("code", "")), 0, 0
+        s.code, s.batch_done, s.batch_total = text(data.get("code")), 0, 0
         s.cells += 1
         s.cell_started = time.monotonic()
         s.now_doing("running the cell")
@@ -171,7 +174,7 @@ class Progress:
     def _on_subcalls(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
         s = self.state
-        s.batch_total += int(data.get("total", 0))
+        s.batch_total += whole(data.get("total"))
         s.now_doing("waiting for sub-calls")
         return out
 
@@ -180,20 +183,21 @@ class Progress:
         s = self.state
         s.batch_done += 1
         s.subcalls += 1
-        if not data.get("depth", 0):
-            for usage in (data.get("usage") or {}).values():
-                s.pending_tokens += usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
-                s.pending_cost += usage.get("cost_usd", 0.0)
+        if not whole(data.get("depth")):
+            used = Used()
+            used.add_usage(mapping(data.get("usage")))
+            s.pending_tokens += used.tokens
+            s.pending_cost += used.cost
         if self.verbose:
             out.append(self._subcall_lines(data))
         return out
 
     def _on_output(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
-        if data.get("depth", 0):
+        if whole(data.get("depth")):
             return out
         s = self.state
-        s.root_subcalls += int(data.get("subcalls", 0))
+        s.root_subcalls += whole(data.get("subcalls"))
         s.now_doing("cell done")
         if self.verbose:
             out.append(self._output_panel(data))
@@ -203,33 +207,33 @@ class Progress:
 
     def _on_usage(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
-        if data.get("depth", 0):
+        if whole(data.get("depth")):
             return out
-        usage = [u for u in data.values() if isinstance(u, dict)]
+        total = Used()
+        total.add_usage({k: v for k, v in data.items() if isinstance(v, dict)})
         s = self.state
-        s.tokens = sum(u.get("input_tokens", 0) + u.get("output_tokens", 0) for u in usage)
-        s.cost = sum(u.get("cost_usd", 0.0) for u in usage)
+        s.tokens, s.cost = total.tokens, total.cost
         s.pending_tokens, s.pending_cost = 0, 0.0
         return out
 
     def _on_compaction(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
-        if data.get("depth", 0):
+        if whole(data.get("depth")):
             return out
         out.append(Text(
-            f"turn {data.get('iteration', '?')}: the conversation was summarized "
-            f"({data.get('tokens_before', 0):,} → {data.get('tokens_after', 0):,} tokens)",
+            f"turn {whole(data.get('iteration'))}: the conversation was summarized "
+            f"({whole(data.get('tokens_before')):,} → {whole(data.get('tokens_after')):,} tokens)",
             style="magenta",
         ))  # fmt: skip
         return out
 
     def _on_final(self, data: dict[str, Any]) -> list[RenderableType]:
         out: list[RenderableType] = []
-        if data.get("depth", 0):
+        if whole(data.get("depth")):
             return out
         s = self.state
         s.final = data
-        s.now_doing(str(data.get("status", "done")))
+        s.now_doing(text(data.get("status")) or "done")
         if self.verbose:
             out.append(self._summary(data))
         out.append(self.outcome(data))
@@ -239,23 +243,22 @@ class Progress:
 
     def outcome(self, final: dict[str, Any]) -> Text:
         """One line: how the run ended and what it used."""
-        status = str(final.get("status", "unknown"))
-        code = final.get("stop_code")
+        status = text(final.get("status")) or "unknown"
+        code = text(final.get("stop_code"))
         mark, style = {"completed": ("✔", "green"), "stopped": ("■", "yellow")}.get(
             status, ("✘", "red")
         )
         head = status if not code else f"{status} ({code})"
-        turns = final.get("iterations", self.state.turn)
         parts = [
-            _plural(turns, "turn"),
+            _plural(whole(final.get("iterations")) or self.state.turn, "turn"),
             _plural(self._subcall_count(), "sub-call"),
-            f"{final.get('total_tokens', 0):,} tokens",
-            f"${final.get('total_cost_usd', 0.0):.4f}",
-            f"{final.get('execution_time', 0.0):.1f} s",
+            f"{whole(final.get('total_tokens')):,} tokens",
+            f"${num(final.get('total_cost_usd')):.4f}",
+            f"{num(final.get('execution_time')):.1f} s",
         ]
         line = Text(f"{mark} {head}", style=f"bold {style}")
         line.append(" · " + " · ".join(parts))
-        why = final.get("stop_reason") or final.get("error")
+        why = text(final.get("stop_reason")) or text(final.get("error"))
         if why and status != "completed":
             line.append(f"\n  {why}", style=style)
         return line
@@ -338,71 +341,70 @@ class Progress:
                      border_style="magenta")  # fmt: skip
 
     def _output_panel(self, data: dict[str, Any]) -> RenderableType:
-        out = Text(str(data.get("stdout") or ""))
-        if data.get("stderr"):
-            out.append(str(data["stderr"]), style="red")
-        elif data.get("error"):
-            out.append(str(data["error"]), style="red")
+        out = Text(text(data.get("stdout")))
+        error = text(data.get("stderr")) or text(data.get("error"))
+        if error:
+            out.append(error, style="red")
         out.rstrip()  # in place
         if not out:
             out = Text("(printed nothing)", style="dim")
         out = _clip_lines(out, REPLY_LINES, keep="end")
         title = "error" if data.get("error") else "output"
-        subs = int(data.get("subcalls", 0))
+        subs = whole(data.get("subcalls"))
         if subs:
-            title += f" · {subs} sub-call{'s' if subs != 1 else ''}"
+            title += " · " + _plural(subs, "sub-call")
         if not self.live:
             return Group(Text(f"── {title}"), Text(_indent(out.plain)))
         return Panel(out, title=title, title_align="left",
                      border_style="red" if data.get("error") else "green")  # fmt: skip
 
     def _subcall_lines(self, data: dict[str, Any]) -> Text:
-        kind = str(data.get("kind", "llm"))
-        head = Text(f"  ↳ {kind}_query {data.get('done', '?')}/{data.get('total', '?')}",
-                    style="cyan")  # fmt: skip
-        head.append(f" · {data.get('model', '')}", style="dim")
-        if data.get("depth"):
-            head.append(f" · depth {data['depth']}", style="dim")
-        if data.get("seconds") is not None:
-            head.append(f" · {data['seconds']:.2f} s", style="dim")
+        kind = text(data.get("kind")) or "llm"
+        done, total = whole(data.get("done")), whole(data.get("total"))
+        head = Text(f"  ↳ {kind}_query {done}/{total}", style="cyan")
+        head.append(f" · {text(data.get('model'))}", style="dim")
+        if whole(data.get("depth")):
+            head.append(f" · depth {whole(data.get('depth'))}", style="dim")
+        head.append(f" · {num(data.get('seconds')):.2f} s", style="dim")
         room = max(40, min(PREVIEW, self.console.width - 13))
         head.append("\n    prompt  ", style="dim")
-        head.append(_one_line(str(data.get("prompt", "")), room))
+        head.append(_one_line(text(data.get("prompt")), room))
         head.append("\n    answer  ", style="dim")
-        head.append(_one_line(str(data.get("response", "")), room), style="bold")
+        head.append(_one_line(text(data.get("response")), room), style="bold")
         return head
 
     def _cell_line(self, data: dict[str, Any]) -> Text:
         s = self.state
         seconds = time.monotonic() - s.cell_started
-        subs = int(data.get("subcalls", 0))
+        subs = whole(data.get("subcalls"))
         line = Text(f"turn {s.turn}: ", style="bold")
         if data.get("error"):
             line.append("cell failed: ", style="red")
-            line.append(_one_line(str(data["error"]), 120), style="red")
+            line.append(_one_line(text(data.get("error")), 120), style="red")
         else:
-            printed = str(data.get("stdout") or "").strip()
+            printed = text(data.get("stdout")).strip()
             line.append(f"cell done in {seconds:.1f} s")
             if printed:
                 line.append(": ")
                 line.append(_one_line(printed.splitlines()[-1], 100), style="dim")
         if subs:
-            line.append(f" · {subs} sub-call{'s' if subs != 1 else ''}", style="cyan")
+            line.append(" · " + _plural(subs, "sub-call"), style="cyan")
         return line
 
     def _summary(self, final: dict[str, Any]) -> RenderableType:
         table = Table(box=box.SIMPLE_HEAD if self.live else None, show_footer=True,
                       title="usage" if self.live else None)  # fmt: skip
-        usage = final.get("usage") or {}
-        totals = [sum(u.get(k, 0) for u in usage.values()) for k in
-                  ("calls", "input_tokens", "output_tokens", "cost_usd")]  # fmt: skip
+        usage = {text(m): mapping(u) for m, u in mapping(final.get("usage")).items()}
+        columns = ("calls", "input_tokens", "output_tokens")
+        totals = [sum(whole(u.get(k)) for u in usage.values()) for k in columns]
+        cost = sum(num(u.get("cost_usd")) for u in usage.values())
         table.add_column("model", footer="total")
-        for name, total in zip(("calls", "input", "output"), totals, strict=False):
+        for name, total in zip(("calls", "input", "output"), totals, strict=True):
             table.add_column(name, justify="right", footer=f"{total:,}")
-        table.add_column("cost", justify="right", footer=f"${totals[3]:.4f}")
+        table.add_column("cost", justify="right", footer=f"${cost:.4f}")
         for model, u in usage.items():
-            counts = [f"{u.get(k, 0):,}" for k in ("calls", "input_tokens", "output_tokens")]
-            table.add_row(escape(model), *counts, f"${u.get('cost_usd', 0.0):.4f}")
+            counts = [f"{whole(u.get(k)):,}" for k in columns]
+            table.add_row(escape(model), *counts, f"${num(u.get('cost_usd')):.4f}")
         return table
 
     def _print(self, renderable: RenderableType) -> None:

@@ -278,3 +278,18 @@ def test_warm_with_an_empty_cache_says_what_it_is_doing_and_how_long(tmp_path):
     again = subprocess.run([sys.executable, "-m", "functions.cli", "warm", str(cache)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert "loaded from the cache" in again.stdout and again.stderr == ""
+
+
+def test_malformed_events_are_passed_over():
+    """Events from a deployed infer are a server's JSON: wrong shapes change nothing."""
+    console = Console(file=io.StringIO(), force_terminal=False, width=100)
+    progress = Progress(console=console, verbose=True)
+    with progress:
+        for kind, data in [("subcalls", {"total": "many"}), ("turn", {"iteration": [1]}),
+                           ("usage", {"m": {"input_tokens": "x"}}), ("subcall", None),
+                           ("output", {"subcalls": {}}), ("code", {"code": 5}),
+                           ("final", {"status": "completed", "iterations": "two"})]:  # fmt: skip
+            progress(kind, data)
+        progress("turn", {"iteration": 2, "depth": 0})
+    assert progress.state.turn == 2
+    assert "Traceback" not in console.file.getvalue()

@@ -24,17 +24,8 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
 from functions.infer.parsing import segments
-from functions.viewer.run import (
-    Cell,
-    Run,
-    SubCall,
-    Turn,
-    load_trajectory,
-    num,
-    runs_of,
-    text,
-    whole,
-)
+from functions.reading import num, text, whole
+from functions.viewer.run import Cell, Run, SubCall, Turn, load_trajectory, runs_of
 
 __all__ = ["load_trajectory", "render"]
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from functions.reading import Used, items, mapping, num, text, whole
+
 
 def load_trajectory(path: Path) -> list[dict[str, Any]]:
     """The entries of a JSONL trajectory; `ValueError` naming the line that is not one."""
@@ -32,47 +34,6 @@ def load_trajectory(path: Path) -> list[dict[str, Any]]:
     if not entries:
         raise ValueError("it holds no entries")
     return entries
-
-
-# ----------------------------------------------------------------------------- safe reads
-
-
-def num(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def whole(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def text(value: Any) -> str:
-    return value if isinstance(value, str) else "" if value is None else str(value)
-
-
-def mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def items(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-@dataclass
-class Used:
-    """Tokens, cost and seconds."""
-
-    tokens: int = 0
-    cost: float = 0.0
-    seconds: float = 0.0
-
-    def add_usage(self, usage: Any) -> None:
-        """One usage record ({input_tokens, output_tokens, cost_usd}) or one per model."""
-        usage = mapping(usage)
-        records = [usage] if "input_tokens" in usage else list(usage.values())
-        for record in records:
-            record = mapping(record)
-            self.tokens += whole(record.get("input_tokens")) + whole(record.get("output_tokens"))
-            self.cost += num(record.get("cost_usd"))
 
 
 @dataclass
