@@ -119,7 +119,11 @@ class Terminal:
         subprocess.run([TMUX, "new-session", "-d", "-s", self.name, "-x", str(columns),
                         "-y", str(rows), "-c", str(folder), "env", *settings,
                         "bash", "--norc", "--noprofile"], check=True)  # fmt: skip
-        self.wait_until(lambda screen: screen.strip() == "$")
+        try:
+            self.wait_until(lambda screen: screen.strip() == "$")
+        except AssertionError:
+            self.close()
+            raise
 
     def type(self, command: str) -> None:
         """Type `command` on a cleared screen."""
@@ -244,7 +248,7 @@ def test_the_live_display_on_a_terminal(tmp_path):
 def test_verbose_on_a_terminal_shows_the_whole_run(tmp_path):
     (tmp_path / "haystack.txt").write_text(haystack(300_000, 4242))
     with ScriptedModel(needle_policy) as model:
-        terminal = Terminal(tmp_path, model_env(model), rows=60)
+        terminal = Terminal(tmp_path, model_env(model), rows=84)
         try:
             terminal.type("rlm ask 'What is the magic number?' -c haystack.txt --verbose "
                           "--max-iterations 5")  # fmt: skip
