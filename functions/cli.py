@@ -101,6 +101,8 @@ def _ask(args: argparse.Namespace) -> int:
             raise UsageError(LLM_SETTINGS_HINT)
     fields = _request_fields(args)
     checked_request(args.question, fields)
+    if args.trajectory:
+        _writable(Path(args.trajectory), "--trajectory")
     context = _read_context(args.context)
     progress = None
     if not args.quiet:
@@ -117,9 +119,10 @@ def _ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        if progress is None and result.get("status") != "completed":
+        if progress is None and result.get("status") != "completed":  # else the display said
+            code = f" ({result['stop_code']})" if result.get("stop_code") else ""
             why = result.get("stop_reason") or result.get("error")
-            print(f"rlm: run {result.get('status')}: {why}", file=sys.stderr)
+            print(f"rlm: run {result.get('status')}{code}: {why}", file=sys.stderr)
         if result.get("answer") is not None:
             print(result["answer"])
     return EXIT_CODES.get(result.get("status", ""), 1)
@@ -210,6 +213,14 @@ def _quiet() -> Any:
     return warnings_to(lambda message: print(f"warning: {message}", file=sys.stderr))
 
 
+def _writable(path: Path, flag: str) -> None:
+    """Refuse a file the run's end could not write, before the run spends anything."""
+    try:
+        path.open("a").close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+
+
 def _write_trajectory(path: Path, entries: list[dict[str, Any]]) -> None:
     try:
         with path.open("w", encoding="utf-8") as f:
@@ -285,6 +296,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     # The stand-in costs nothing; say so, rather than warn that it has no price.
     os.environ["LLM_PRICES"] = json.dumps({STAND_IN_NAME: [0.0, 0.0]})
+    if args.trajectory:
+        _writable(Path(args.trajectory), "--trajectory")
     needle = 4_000_000 + secrets.randbelow(999_999)
     context = haystack(args.size, needle)
     print(

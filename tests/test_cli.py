@@ -87,6 +87,12 @@ def test_values_the_request_refuses_name_their_flag(llm):
         assert done.returncode == 2 and words in one_line(done.stderr), done.stderr
     done = rlm("ask", "", env=env)
     assert done.returncode == 2 and "the question: " in one_line(done.stderr)
+    done = rlm("ask", "q", "--trajectory", "/nonexistent/run.jsonl", env=env)
+    assert done.returncode == 2
+    assert (
+        one_line(done.stderr)
+        == "rlm: --trajectory /nonexistent/run.jsonl: No such file or directory"
+    )
     assert llm.requests == []  # refused before any model call
 
 
@@ -136,6 +142,19 @@ def test_ask_embedded_against_the_scripted_server(llm, tmp_path):
     result = json.loads(done.stdout)
     assert result["answer"] == "99" and result["status"] == "completed"
     assert all(line.startswith("warning: ") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_a_run_stopped_by_a_limit_says_which_and_exits_3(llm):
+    env = {**llm_env(llm), "LLM_PRICES": '{"scripted-root": [1000.0, 1000.0]}'}
+    args = ("ask", "magic?", "--context", "-", "--max-budget", "0.01")
+    done = rlm(*args, env=env, stdin=haystack(20_000, 7))
+    assert done.returncode == 3, done.stderr
+    no_control_codes(done.stderr)
+    assert "■ stopped (max_budget_usd) · 1 turn" in done.stderr
+    assert "\n  max_budget_usd: " in done.stderr  # the reason, under the outcome
+    done = rlm(*args, "-q", env=env, stdin=haystack(20_000, 7))
+    assert done.returncode == 3
+    assert one_line(done.stderr).startswith("rlm: run stopped (max_budget_usd): max_budget_usd")
 
 
 def test_warnings_are_lines_of_their_own(llm, tmp_path):
