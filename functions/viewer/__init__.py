@@ -74,7 +74,7 @@ def _run(run: Run, index: int, count: int, title: str) -> str:
         if run.question
         else "<h1 class='question missing'>The question is not recorded in this trajectory</h1>"
     )
-    facts = [("model", run.model or "?")]
+    facts = [("model", run.model or "not recorded")]
     if run.sub_models and run.sub_models != [run.model]:
         facts.append(("sub-calls to", ", ".join(run.sub_models)))
     facts += [
@@ -86,7 +86,7 @@ def _run(run: Run, index: int, count: int, title: str) -> str:
     ]
     facts_html = "".join(f"<span>{_e(k)} <b>{_e(v)}</b></span>" for k, v in facts)
     marks = {"completed": "✔", "forced": "⚑", "stopped": "■", "failed": "✘", "unfinished": "…"}
-    label = "partial answer" if outcome.kind in ("stopped", "failed") else "answer"
+    label = "answer so far" if outcome.kind in ("stopped", "failed") else "answer"
     if outcome.kind == "forced":
         label = "forced answer"
     answer = (
@@ -118,7 +118,8 @@ def _run(run: Run, index: int, count: int, title: str) -> str:
         f"<div class='run' id='{ident}'>{header}<div class='layout'>"
         f"<nav class='turns' aria-label='turns'><div class='navhead'><span>"
         f"{_count(len(run.turns), 'turn')}</span></div>{nav}{keys}</nav>"
-        f"<main>{turns or _nothing()}</main></div></div>"
+        f"<main>{turns or _nothing('No turns: the run ended before the model first replied.')}"
+        "</main></div></div>"
     )
 
 
@@ -384,8 +385,8 @@ def _clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
-def _nothing() -> str:
-    return "<div class='empty'>Nothing to show.</div>"
+def _nothing(why: str = "Nothing to show.") -> str:
+    return f"<div class='empty'>{_e(why)}</div>"
 
 
 def _e(value: Any) -> str:
