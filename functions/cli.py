@@ -119,7 +119,8 @@ def _ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        if progress is None and result.get("status") != "completed":  # else the display said
+        ended = result.get("status") != "completed" or result.get("stop_code")
+        if progress is None and ended:  # else the display said
             code = f" ({result['stop_code']})" if result.get("stop_code") else ""
             why = result.get("stop_reason") or result.get("error")
             print(f"rlm: run {result.get('status')}{code}: {why}", file=sys.stderr)

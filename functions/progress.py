@@ -248,6 +248,8 @@ class Progress:
         mark, style = {"completed": ("✔", "green"), "stopped": ("■", "yellow")}.get(
             status, ("✘", "red")
         )
+        if status == "completed" and code:  # answered, but only when made to (the turn limit)
+            mark, style = "⚑", "yellow"
         head = status if not code else f"{status} ({code})"
         parts = [
             _plural(whole(final.get("iterations")) or self.state.turn, "turn"),
@@ -259,7 +261,7 @@ class Progress:
         line = Text(f"{mark} {head}", style=f"bold {style}")
         line.append(" · " + " · ".join(parts))
         why = text(final.get("stop_reason")) or text(final.get("error"))
-        if why and status != "completed":
+        if why and (status != "completed" or code):
             line.append(f"\n  {why}", style=style)
         return line
 

@@ -20,6 +20,7 @@ import pytest
 
 from functions.testing.haystack import haystack
 from functions.testing.processes import process_tree
+from functions.testing.scripted_model import repl
 from tests.conftest import ROOT, free_port
 
 NO_LLM = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
@@ -129,7 +130,7 @@ def test_ask_embedded_against_the_scripted_server(llm, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2718"
     kinds = [json.loads(line)["kind"] for line in trajectory.read_text().splitlines()]
-    assert kinds[-1] == "final" and "llm" in kinds and "cell" in kinds
+    assert kinds[:2] == ["run", "llm"] and kinds[-1] == "final"
     # Off a terminal: plain lines, a cell a line, then how the run ended.
     no_control_codes(done.stderr)
     assert "turn 1: running: print(type(context))" in done.stderr
@@ -155,6 +156,21 @@ def test_a_run_stopped_by_a_limit_says_which_and_exits_3(llm):
     done = rlm(*args, "-q", env=env, stdin=haystack(20_000, 7))
     assert done.returncode == 3
     assert one_line(done.stderr).startswith("rlm: run stopped (max_budget_usd): max_budget_usd")
+
+
+def test_an_answer_given_only_at_the_turn_limit_is_not_shown_as_a_plain_success(llm):
+    def policy(request):
+        if not request.is_root:
+            return "x"
+        return "FINAL(at the limit)" if "no turns left" in request.last else repl("print(1)")
+
+    llm.switch.current = policy
+    done = rlm("ask", "q", "--context", "-", "--max-iterations", "2", env=llm_env(llm),
+               stdin="abc")  # fmt: skip
+    assert done.stdout == "at the limit\n"
+    assert "⚑ completed (max_iterations) · 2 turns" in done.stderr
+    assert "max_iterations: answered in the final request after 2 turns" in done.stderr
+    assert "✔" not in done.stderr
 
 
 def test_warnings_are_lines_of_their_own(llm, tmp_path):

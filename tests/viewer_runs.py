@@ -152,11 +152,7 @@ def run(name: str, monkeypatch: Any) -> tuple[list[dict[str, Any]], Any]:
             result = rlm.completion(scenario.context(), root_prompt=scenario.question)
         first = model.root_requests()[0]
     trajectory = list(result.metadata["trajectory"])
-    if trajectory[0].get("kind") != "run":  # the entry the loop writes first (issue #15)
-        trajectory.insert(0, {
-            "run_id": trajectory[0]["run_id"], "depth": 0, "t": 0.0, "kind": "run",
-            "query": scenario.question, "model": "scripted-root",
-            "system_prompt": first.messages[0]["content"],
-            "first_user_message": first.messages[1]["content"],
-        })  # fmt: skip
+    start = trajectory[0]
+    assert start["kind"] == "run" and start["query"] == scenario.question
+    assert start["system_prompt"] == first.messages[0]["content"]
     return trajectory, result

@@ -84,11 +84,13 @@ def _run(run: Run, index: int, count: int, title: str) -> str:
         ("cost", f"${used.cost:.4f}"),
         ("time", _seconds(used.seconds)),
     ]
+    if run.limits:
+        facts.append(("limits", run.limits))
     facts_html = "".join(f"<span>{_e(k)} <b>{_e(v)}</b></span>" for k, v in facts)
     marks = {"completed": "✔", "forced": "⚑", "stopped": "■", "failed": "✘", "unfinished": "…"}
     label = "answer so far" if outcome.kind in ("stopped", "failed") else "answer"
     if outcome.kind == "forced":
-        label = "forced answer"
+        label = "answer at the limit"
     answer = (
         f"<pre class='answer'>{_e(outcome.answer)}</pre>"
         if outcome.answer is not None
@@ -352,7 +354,7 @@ def _child(run: Run, depth: int) -> str:
 
 
 def _badge(kind: str, label: str | None = None) -> str:
-    return f"<span class='badge b-{kind}'>{_e(label or kind)}</span>"
+    return f"<span class='badge b-{kind}'>{_e(label or kind.replace('-', ' '))}</span>"
 
 
 def _highlight(code: str) -> str:

@@ -102,11 +102,20 @@ class Turn:
             found.append("child")
         if self.notes:
             found.append("compaction")
+        if self.reply is not None and self.reply.get("final_request"):
+            found.append("final-request")
+        if self.reply is not None and self.reply.get("finish_reason") == "length":
+            found.append("cut-off")
         return found
 
     @property
     def subcall_count(self) -> int:
         return sum(len(c.subcalls) for c in self.cells)
+
+
+LIMITS = (("max_iterations", "{:,.0f} turns"), ("max_depth", "depth {:.0f}"),
+          ("max_budget_usd", "${:,.2f}"), ("max_tokens", "{:,.0f} tokens"),
+          ("max_timeout_s", "{:,.0f} s"), ("max_errors", "{:.0f} errors"))  # fmt: skip
 
 
 @dataclass
@@ -134,6 +143,17 @@ class Run:
         if self.start and self.start.get("model"):
             return text(self.start["model"])
         return next((text(t.reply.get("model")) for t in self.turns if t.reply), "")
+
+    @property
+    def limits(self) -> str:
+        """The limits the run was given, as its `run` entry records them."""
+        start = self.start or {}
+        shown = []
+        for name, form in LIMITS:
+            value = start.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                shown.append(form.format(value))
+        return " · ".join(shown)
 
     @property
     def sub_models(self) -> list[str]:
@@ -172,8 +192,9 @@ class Run:
         answer = None if answer is None else text(answer)
         if status == "completed" and not code:
             return Outcome("completed", "Completed", "", answer)
-        if status == "completed":  # an answer the model was made to give (older trajectories)
-            return Outcome("forced", f"Answer forced · {code}", reason, answer)
+        if status == "completed":  # an answer, but only when the run was made to give one
+            how = "Answered in the final request" if final.get("final_request") else "Completed"
+            return Outcome("forced", f"{how} · {code}", reason, answer)
         if status == "stopped":
             return Outcome("stopped", f"Stopped · {code or 'stopped'}", reason, answer)
         why = text(final.get("error")) or reason
