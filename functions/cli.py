@@ -121,9 +121,8 @@ def _ask(args: argparse.Namespace) -> int:
     else:
         ended = result.get("status") != "completed" or result.get("stop_code")
         if progress is None and ended:  # else the display said
-            code = f" ({result['stop_code']})" if result.get("stop_code") else ""
             why = result.get("stop_reason") or result.get("error")
-            print(f"rlm: run {result.get('status')}{code}: {why}", file=sys.stderr)
+            print(f"rlm: run {result.get('status')}: {why}", file=sys.stderr)
         if result.get("answer") is not None:
             print(result["answer"])
     return EXIT_CODES.get(result.get("status", ""), 1)

@@ -155,7 +155,7 @@ def test_a_run_stopped_by_a_limit_says_which_and_exits_3(llm):
     assert "\n  max_budget_usd: " in done.stderr  # the reason, under the outcome
     done = rlm(*args, "-q", env=env, stdin=haystack(20_000, 7))
     assert done.returncode == 3
-    assert one_line(done.stderr).startswith("rlm: run stopped (max_budget_usd): max_budget_usd")
+    assert one_line(done.stderr).startswith("rlm: run stopped: max_budget_usd: spent $")
 
 
 def test_an_answer_given_only_at_the_turn_limit_is_not_shown_as_a_plain_success(llm):
