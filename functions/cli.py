@@ -95,10 +95,8 @@ def _ask(args: argparse.Namespace) -> int:
     from functions.progress import Progress
 
     if not args.endpoint:
-        args.base_url = args.base_url or os.environ.get("LLM_BASE_URL")
-        args.model = args.model or os.environ.get("LLM_MODEL")
-        if not args.base_url or not args.model:
-            raise UsageError(LLM_SETTINGS_HINT)
+        args.settings = _llm_settings(args)
+        args.base_url, args.model = args.settings.base_url, args.settings.model
     fields = _request_fields(args)
     checked_request(args.question, fields)
     if args.trajectory:
@@ -128,6 +126,22 @@ def _ask(args: argparse.Namespace) -> int:
     return EXIT_CODES.get(result.get("status", ""), 1)
 
 
+def _llm_settings(args: argparse.Namespace) -> Any:
+    """The embedded run's settings: the environment's, with the flags over them."""
+    from functions.config import ConfigError
+    from functions.infer.settings import InferSettings
+
+    given = {"LLM_BASE_URL": args.base_url, "LLM_MODEL": args.model}
+    env = {**os.environ, **{k: v for k, v in given.items() if v}}
+    env["LLM_API_KEY"] = env.get("LLM_API_KEY") or "none"  # a local server needs none
+    try:
+        return InferSettings.from_env(env, served=False)
+    except ConfigError as e:
+        if "LLM_BASE_URL" in str(e) or "LLM_MODEL" in str(e):
+            raise UsageError(LLM_SETTINGS_HINT) from None
+        raise UsageError(str(e)) from None
+
+
 def _header(args: argparse.Namespace, context: Any) -> dict[str, str]:
     """What `--verbose` shows before the run starts."""
     where = args.endpoint or f"embedded, {args.base_url}"
@@ -135,7 +149,9 @@ def _header(args: argparse.Namespace, context: Any) -> dict[str, str]:
     header = {
         "question": args.question if len(args.question) < 200 else args.question[:199] + "…",
         "model": args.model or "(the endpoint's default)",
-        "sub-model": args.sub_model or os.environ.get("LLM_SUB_MODEL") or "(the root model)",
+        "sub-model": args.sub_model
+        or (args.settings.sub_model if not args.endpoint else None)
+        or "(the root model)",
         "where": where,
         "context": f"{args.context or '(none)'} · {type(context).__name__} of {size:,}",
     }
@@ -152,7 +168,7 @@ def _ask_embedded(
     from functions.sdk import RLM
 
     backend = {"base_url": args.base_url, "model_name": args.model,
-               "api_key": os.environ.get("LLM_API_KEY", "none")}  # fmt: skip
+               "api_key": args.settings.api_key}  # fmt: skip
     rlm = RLM(backend, max_depth=args.max_depth)
     try:
         _load_sandbox(progress)
@@ -245,7 +261,9 @@ def _load_sandbox(progress: Any = None, cache_dir: str | None = None) -> dict[st
 def _warm(args: argparse.Namespace) -> int:
     import time
 
-    cache_dir = args.cache_dir or os.environ.get("WASI_PYTHON_CACHE", "")
+    from functions.execute.settings import ExecuteSettings
+
+    cache_dir = args.cache_dir or ExecuteSettings.from_env().wasm_cache_dir
     if cache_dir:
         try:
             os.makedirs(cache_dir, mode=0o700, exist_ok=True)
