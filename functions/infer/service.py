@@ -47,6 +47,7 @@ from functions.urls import Allowlist
 
 _TOKEN_SLACK_S = 30.0  # past a cell's deadline, for its last sub-call to arrive
 LOGGED_CHARS = 4000  # of each sub-call prompt and answer, in the trajectory
+PREVIEW_CHARS = 300  # of each sub-call prompt and answer, in a `subcall` progress event
 
 
 class InferService:
@@ -79,7 +80,9 @@ class InferService:
         self.context_urls = Allowlist.of(
             "INFER_CONTEXT_URL_PREFIXES", settings.context_url_prefixes
         )
-        self._progress: dict[RunKey, _SubcallProgress] = {}  # runs with a listener, here
+        # The progress callbacks of the root runs this process serves, for their sub-calls
+        # served here too (on another pod a run's sub-calls report nothing).
+        self._emits: dict[RunKey, Emit] = {}
 
     # ----------------------------------------------------------------- runs
 
@@ -171,7 +174,7 @@ class InferService:
             raise
         turn, status, beating = None, "failed", _Heartbeat(self.ledger, root)
         if emit is not None:
-            self._progress[root] = _SubcallProgress(emit, root.run_id)
+            self._emits[root] = emit
         try:
             if on_start is not None:
                 on_start(root.run_id, secret)
@@ -198,7 +201,7 @@ class InferService:
                 result.trajectory = run.trajectory
         finally:
             beating.stop()
-            self._progress.pop(root, None)
+            self._emits.pop(root, None)
             carried = self.conversations.end(turn) if turn is not None else None
             self._runs.release()
             with contextlib.suppress(LedgerUnavailable):  # the record expires by itself
@@ -290,12 +293,13 @@ class InferService:
         lock = threading.Lock()
         recursive = request.kind == "rlm" and claims.depth < claims.max_depth
         stop = threading.Event()
-        progress = self._progress.get(root, _NO_PROGRESS)
-        progress.add(len(request.prompts))
+        report = self._progress(root, claims, request.kind, model, len(request.prompts))
+        finished = [0]
 
         def one(prompt: str) -> tuple[str, list[dict[str, Any]] | None]:
             if stop.is_set():
                 raise _Cancelled
+            started = time.monotonic()
             if recursive:
                 text, used, trajectory = self._child(claims, root, prompt, model, request.tools)
             else:
@@ -303,8 +307,17 @@ class InferService:
                 text, used, trajectory = completion.text, {completion.model: completion.usage}, None
             with lock:
                 merge_usage(usage, used)
-            progress.done()
+                finished[0] += 1
+                done = finished[0]
+            report("subcall", {
+                "done": done, "prompt": prompt[:PREVIEW_CHARS], "prompt_chars": len(prompt),
+                "response": text[:PREVIEW_CHARS], "response_chars": len(text),
+                "seconds": round(time.monotonic() - started, 4),
+                "usage": {m: u.model_dump() for m, u in used.items()},
+            })  # fmt: skip
             return text, trajectory
+
+        report("subcalls", {})
 
         workers = max(1, min(len(request.prompts), self.settings.subcall_concurrency))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="subcall")
@@ -337,6 +350,21 @@ class InferService:
             },
         )
         return SubcallResponse(responses=responses, usage=usage)
+
+    def _progress(
+        self, root: RunKey, claims: tokens.TokenClaims, kind: str, model: str, total: int
+    ) -> Callable[[str, dict[str, Any]], None]:
+        """How a batch reports to its root run's progress: `subcalls` when it starts, then a
+        `subcall` as each call completes (any order), with previews of its prompt and answer."""
+        emit = self._emits.get(root)
+        common = {"run_id": claims.run_id, "depth": claims.depth, "kind": kind,
+                  "model": model, "total": total}  # fmt: skip
+
+        def report(event: str, data: dict[str, Any]) -> None:
+            if emit is not None:
+                emit(event, {**common, **data})
+
+        return report
 
     def _tool(
         self, claims: tokens.TokenClaims, root: RunKey, request: SubcallRequest
@@ -455,32 +483,6 @@ class _Heartbeat:
         self._done.set()
 
 
-class _SubcallProgress:
-    """A run's sub-calls asked and answered so far, told to its listener as they change (when
-    its sub-calls come back to the process running it)."""
-
-    def __init__(self, emit: Emit | None, run_id: str) -> None:
-        self._emit, self._run_id = emit, run_id
-        self._lock = threading.Lock()
-        self._total = self._done = 0
-
-    def add(self, count: int) -> None:
-        self._tell(count, 0)
-
-    def done(self) -> None:
-        self._tell(0, 1)
-
-    def _tell(self, asked: int, answered: int) -> None:
-        if self._emit is None:
-            return
-        with self._lock:  # told in order: a listener never sees the count go back
-            self._total += asked
-            self._done += answered
-            data = {"run_id": self._run_id, "depth": 0, "done": self._done, "total": self._total}
-            self._emit("subcalls", data)
-
-
-_NO_PROGRESS = _SubcallProgress(None, "")
 _CANCEL_POLL_S = 0.25  # how often a waiting batch looks at the run's cancel flag
 
 
