@@ -312,6 +312,7 @@ def _stream(request: InferRequest, ticket: Ticket, traceparent: str | None) -> R
     def frames() -> Iterator[str]:
         updates = _updates(request, ticket, traceparent)
         try:
+            next(updates)  # started: the run event comes first
             for kind, data in updates:
                 if kind == "idle":
                     yield ": keep-alive\n\n"
