@@ -14,14 +14,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from functions.contract import has_lone_surrogate
+from functions.errors import RLMError
 
 M = TypeVar("M", bound=BaseModel)
 
 HEALTH_PATHS = ("/health", "/health/liveness", "/health/readiness")
 
 
-class HttpProblem(Exception):
-    """An answer other than 200, with a message that says what to fix."""
+class HttpProblem(RLMError):
+    """An `RLMError` whose status is given where it is raised, with a message that says what to
+    fix. A refusal with a name of its own is a subclass of `RLMError` instead."""
 
     def __init__(
         self,
@@ -31,27 +33,24 @@ class HttpProblem(Exception):
         headers: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
-        self.headers = headers or {}
-        self.body = body
+        super().__init__(message, detail=detail, headers=headers, body=body)
+        self.status = status
 
-    def response(self) -> Response:
-        body = self.body or {"error": self.message}
-        if self.detail is not None:
-            body.setdefault("detail", self.detail)
-        return json_response(body, self.status, self.headers)
+
+def problem_response(error: RLMError) -> Response:
+    """The answer for `error`: its status, its headers, its problem body."""
+    return json_response(error.problem(), error.status, error.headers)
 
 
 def answer(route: Callable[[Request], Response], request: Request, log: logging.Logger) -> Response:
     """Run a function's router: problems become their 4xx/5xx, a bug a 500 with no traceback."""
     try:
         response = route(request)
-    except HttpProblem as problem:
-        response = problem.response()
+    except RLMError as problem:
+        response = problem_response(problem)
     except Exception:
         log.exception("internal error")
-        response = HttpProblem(500, f"internal error in {log.name}; see its logs").response()
+        response = problem_response(HttpProblem(500, f"internal error in {log.name}; see its logs"))
     if response.status_code >= 400 or request.method != "POST":
         _unbuffered(response)
     return response
@@ -150,8 +149,9 @@ def json_errors(routes: str) -> None:
     import functions_framework
 
     def unrouted(error: Exception) -> Response:
-        problem = HttpProblem(404, f"no such route; this function serves {routes}")
-        response = problem.response()
+        response = problem_response(
+            HttpProblem(404, f"no such route; this function serves {routes}")
+        )
         _unbuffered(response)
         return response
 

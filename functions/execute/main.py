@@ -17,9 +17,10 @@ from flask import Request, Response
 
 from functions import events, logs
 from functions.config import ConfigError
-from functions.contract import ExecuteRequest, Missing
+from functions.contract import ExecuteRequest
+from functions.errors import BadCell, MissingRefs, RLMError, Saturated
 from functions.execute import metrics
-from functions.execute.cells import BadCell, CellRunner, MissingRefs, Saturated
+from functions.execute.cells import CellRunner
 from functions.execute.settings import ExecuteSettings
 from functions.http import (
     HEALTH_PATHS,
@@ -99,20 +100,17 @@ def _route(request: Request) -> Response:
     raise not_found(request, ROUTES)
 
 
+# The outcome label each refusal counts under; the refusal itself is the answer (409/422/503).
+REFUSALS = {MissingRefs: "missing", BadCell: "invalid", Saturated: "saturated"}
+
+
 def run_cell(cell: ExecuteRequest, traceparent: str | None = None):
-    """Run a validated request; refusals become HttpProblems."""
+    """Run a validated request; a refusal is counted and raised as it is."""
     try:
         response = runner().run(cell, traceparent)
-    except MissingRefs as e:
-        metrics.requests_total.labels(outcome="missing").inc()
-        body = Missing(missing=e.missing, error=str(e)).model_dump()  # type: ignore[arg-type]
-        raise HttpProblem(409, str(e), body=body) from None
-    except BadCell as e:
-        metrics.requests_total.labels(outcome="invalid").inc()
-        raise HttpProblem(422, str(e)) from None
-    except Saturated as e:
-        metrics.requests_total.labels(outcome="saturated").inc()
-        raise HttpProblem(503, f"{e}; retry shortly", headers={"Retry-After": "1"}) from None
+    except (MissingRefs, BadCell, Saturated) as e:
+        metrics.requests_total.labels(outcome=REFUSALS[type(e)]).inc()
+        raise
     outcome = "trapped" if response.trapped else "error" if response.error else "ok"
     metrics.requests_total.labels(outcome=outcome).inc()
     if response.error and not response.trapped:
@@ -140,7 +138,7 @@ def _serve_event(request: Request) -> Response:
             result.model_dump(mode="json"),
             subject=event["id"],
         )
-    except HttpProblem as problem:
+    except RLMError as problem:
         if problem.status == 503:
             raise  # the broker redelivers later
         headers, data = events.reply(
