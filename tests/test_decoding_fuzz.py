@@ -25,8 +25,10 @@ from functions.contract import (
     SubcallRequest,
     context_ref,
     has_lone_surrogate,
+    sha256_hex,
 )
-from functions.execute.cells import BadCell, unpack_state
+from functions.errors import BadCell
+from functions.execute.cells import unpack_state
 from functions.http import HttpProblem, parse_json, validate
 from functions.infer.chat import ChatRequest
 
@@ -138,14 +140,19 @@ packed = st.one_of(
 
 
 @FUZZ
-@given(data=packed)
-def test_state_data_unpacks_or_is_refused(data) -> None:
+@given(data=packed, right_ref=st.booleans())
+def test_state_data_unpacks_or_is_refused(data, right_ref) -> None:
     try:
-        blob = unpack_state(data, limit=50_000)
+        expected = zlib.decompress(base64.b64decode(data, validate=True))
+    except (ValueError, zlib.error):
+        expected = None
+    ref = sha256_hex(expected) if expected is not None and right_ref else "0" * 64
+    try:
+        blob = unpack_state(data, 50_000, ref)
     except BadCell as e:
         assert "state.data" in str(e)
         return
-    assert len(blob) <= 50_000
+    assert blob == expected and len(blob) <= 50_000
 
 
 @FUZZ

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from functions.contract import ContextRef, Conversation, StateRef, context_bytes
+from functions.contract import ContextRef, Conversation, StateRef, context_bytes, new_scope
 from functions.infer.executor import ExecuteError, ReplSession
 
 _TOMBSTONES = 4096  # ids remembered after they go, to say why
@@ -48,6 +48,7 @@ class Turn:
     refs: list[str] = field(default_factory=list)  # the contexts' sha256 refs, in order
     added_bytes: int = 0  # this turn's context
     state: StateRef | None = None  # the state after the turn, set by `close`
+    scope: str = field(default_factory=new_scope)  # its session's owner on the execute plane
 
     @property
     def index(self) -> int:
@@ -55,7 +56,9 @@ class Turn:
 
     @property
     def session_id(self) -> str:
-        return f"conv-{self.conversation_id}"
+        """The conversation's session, with a part only this process can make (the scope's
+        hash): a caller who knows or chooses the conversation id cannot name it."""
+        return f"conv-{self.conversation_id}-{hashlib.sha256(self.scope.encode()).hexdigest()[:16]}"
 
     def note(self) -> str:
         """Added to the first user message of a later turn: what the REPL holds from before."""
@@ -95,6 +98,7 @@ class _Conversation:
     state: StateRef | None = None
     expires: float = 0.0
     busy: bool = False
+    scope: str = field(default_factory=new_scope)  # never in the record a caller keeps
 
     @property
     def size(self) -> int:
@@ -145,7 +149,7 @@ class ConversationStore:
             conversation.busy = True
             self._items.move_to_end(conversation.id)
             return Turn(conversation.id, [*conversation.contexts, context], conversation.state,
-                        [*conversation.refs, ref], added)  # fmt: skip
+                        [*conversation.refs, ref], added, scope=conversation.scope)  # fmt: skip
 
     def end(self, turn: Turn) -> Conversation | None:
         """Keep what the turn left (when it left a state), and start the expiry clock again.

@@ -6,6 +6,7 @@ the infer plane's sub-call endpoint, which `Run` reaches only through the tokens
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from functions.contract import (
     ToolCatalog,
     UsageByModel,
     merge_usage,
+    new_scope,
     total_usage,
 )
 from functions.errors import StopCode
@@ -97,7 +99,11 @@ class Run:
         turn = self.turn
         session = ReplSession(
             executor=self.executor,
-            session_id=turn.session_id if turn else f"{self.run_id}-d{self.depth}",
+            # A caller may choose the run id: the session id adds a part no one can guess.
+            session_id=turn.session_id
+            if turn
+            else f"{self.run_id}-d{self.depth}-{secrets.token_hex(8)}",
+            scope=turn.scope if turn else new_scope(),
             context=context,
             limits=Limits(deadline_s=self.config.cell_timeout_s),
             mint_callback=lambda replay: self.mint_callback(self, replay),
