@@ -6,8 +6,10 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
+from functions.errors import RLMError
 
-class ConfigError(ValueError):
+
+class ConfigError(RLMError, ValueError):
     """A setting is missing or malformed; the message names it and says what it should be."""
 
 

@@ -14,6 +14,7 @@ from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent, from_http
 
 from functions.contract import has_lone_surrogate
+from functions.errors import BadRequest
 from functions.http import LONE_SURROGATE
 
 PREFIX = "dev.rlm"
@@ -40,7 +41,7 @@ EMITTED = (
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 
 
-class BadEvent(ValueError):
+class BadEvent(BadRequest):
     """A request that claims to be a CloudEvent but is not a valid one."""
 
 

@@ -14,32 +14,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from functions.contract import has_lone_surrogate
-from functions.errors import RLMError
+from functions.errors import BadRequest, NotFound, PayloadTooLarge, RLMError, Unprocessable
 
 M = TypeVar("M", bound=BaseModel)
 
 HEALTH_PATHS = ("/health", "/health/liveness", "/health/readiness")
-
-
-class HttpProblem(RLMError):
-    """An `RLMError` whose status is given where it is raised, with a message that says what to
-    fix. A refusal with a name of its own is a subclass of `RLMError` instead."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        detail: Any = None,
-        headers: dict[str, str] | None = None,
-        body: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message, detail=detail, headers=headers, body=body)
-        self.status = status
-
-
-def problem_response(error: RLMError) -> Response:
-    """The answer for `error`: its status, its headers, its problem body."""
-    return json_response(error.problem(), error.status, error.headers)
 
 
 def answer(route: Callable[[Request], Response], request: Request, log: logging.Logger) -> Response:
@@ -50,7 +29,7 @@ def answer(route: Callable[[Request], Response], request: Request, log: logging.
         response = problem_response(problem)
     except Exception:
         log.exception("internal error")
-        response = problem_response(HttpProblem(500, f"internal error in {log.name}; see its logs"))
+        response = problem_response(RLMError(f"internal error in {log.name}; see its logs"))
     if response.status_code >= 400 or request.method != "POST":
         _unbuffered(response)
     return response
@@ -69,6 +48,10 @@ def _unbuffered(response: Response) -> None:
         response.headers.pop("Content-Length", None)
 
 
+def problem_response(problem: RLMError) -> Response:
+    return json_response(problem.problem(), problem.status, problem.headers)
+
+
 def json_response(
     body: BaseModel | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
@@ -80,29 +63,29 @@ def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, refused with 413 past `max_bytes` before it is all read."""
     length = request.content_length
     if length is not None and length > max_bytes:
-        raise HttpProblem(413, f"request body is {length} bytes; the limit is {max_bytes}")
+        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_bytes}")
     data = request.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise HttpProblem(413, f"request body is over the limit of {max_bytes} bytes")
+        raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
     return data
 
 
 def parse_json(data: bytes) -> Any:
     if not data:
-        raise HttpProblem(400, "request body is empty: send a JSON object")
+        raise BadRequest("request body is empty: send a JSON object")
     try:
         value = json.loads(data.decode("utf-8"))
         lone_surrogate = has_lone_surrogate(data, value)
     except UnicodeDecodeError as e:
-        raise HttpProblem(400, f"request body is not valid UTF-8 (byte {e.start})") from None
+        raise BadRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise HttpProblem(
-            400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        raise BadRequest(
+            f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
     except RecursionError:
-        raise HttpProblem(400, "request body is nested too deeply") from None
+        raise BadRequest("request body is nested too deeply") from None
     if lone_surrogate:
-        raise HttpProblem(400, f"request body {LONE_SURROGATE}")
+        raise BadRequest(f"request body {LONE_SURROGATE}")
     return value
 
 
@@ -112,14 +95,14 @@ LONE_SURROGATE = "has a \\ud800-\\udfff escape without its pair: send valid Unic
 def validate(model: type[M], value: Any) -> M:
     """Build the model, or a 422 naming every field that is wrong and why."""
     if not isinstance(value, dict):
-        raise HttpProblem(422, f"expected a JSON object, got {type(value).__name__}")
+        raise Unprocessable(f"expected a JSON object, got {type(value).__name__}")
     try:
         return model.model_validate(value, strict=True)  # JSON types as documented: no coercion
     except ValidationError as e:
         problems = [_describe(err) for err in e.errors()]
-        raise HttpProblem(422, "; ".join(problems[:5]), detail=problems) from None
+        raise Unprocessable("; ".join(problems[:5]), detail=problems) from None
     except RecursionError:
-        raise HttpProblem(422, "request body is nested too deeply") from None
+        raise Unprocessable("request body is nested too deeply") from None
 
 
 def _describe(err: Any) -> str:
@@ -137,10 +120,8 @@ def metrics_response(registry: CollectorRegistry, refresh: Callable[[], None] | 
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-def not_found(request: Request, routes: str) -> HttpProblem:
-    return HttpProblem(
-        404, f"no route {request.method} {request.path}; this function serves {routes}"
-    )
+def not_found(request: Request, routes: str) -> NotFound:
+    return NotFound(f"no route {request.method} {request.path}; this function serves {routes}")
 
 
 def json_errors(routes: str) -> None:
@@ -149,9 +130,7 @@ def json_errors(routes: str) -> None:
     import functions_framework
 
     def unrouted(error: Exception) -> Response:
-        response = problem_response(
-            HttpProblem(404, f"no such route; this function serves {routes}")
-        )
+        response = problem_response(NotFound(f"no such route; this function serves {routes}"))
         _unbuffered(response)
         return response
 

@@ -21,18 +21,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from functions import sdk_options
-from functions.contract import Callback, InferRequest, SubcallRequest, SubcallResponse
+from functions.config import ConfigError
+from functions.contract import InferRequest
 from functions.infer.loop import Emit
 from functions.infer.settings import InferSettings
+
+if TYPE_CHECKING:
+    from functions.infer.service import InferService
 
 DEFAULT_QUERY = "The task is written in `context`: read it and carry it out."
 
@@ -77,26 +80,24 @@ class RLM:
         endpoints: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         kwargs = dict(backend_kwargs or {})
-        env = os.environ
-        base_url = kwargs.get("base_url") or env.get("LLM_BASE_URL", "")
-        api_key = kwargs.get("api_key") or env.get("LLM_API_KEY", "")
-        model = kwargs.get("model_name") or env.get("LLM_MODEL", "")
-        missing = [n for n, v in (("LLM_BASE_URL", base_url), ("LLM_MODEL", model)) if not v]
-        if missing:
-            raise ValueError(
-                f"no LLM configured: set {', '.join(missing)} (and LLM_API_KEY), or pass "
-                "backend_kwargs={'base_url', 'model_name', 'api_key'}"
-            )
-        self.settings = InferSettings.from_env(
-            {**env, "LLM_BASE_URL": base_url, "LLM_API_KEY": api_key or "none",
-             "LLM_MODEL": model}, served=False,
-        )  # fmt: skip
+        given = {"LLM_BASE_URL": kwargs.get("base_url"), "LLM_API_KEY": kwargs.get("api_key"),
+                 "LLM_MODEL": kwargs.get("model_name")}  # fmt: skip
+        env = {**os.environ, **{k: v for k, v in given.items() if v}}
+        env.setdefault("LLM_API_KEY", "none")  # a local server needs none
+        try:
+            self.settings = InferSettings.from_env(env, served=False)
+        except ConfigError as e:
+            raise ConfigError(
+                f"no LLM configured ({e}): set LLM_BASE_URL, LLM_MODEL (and LLM_API_KEY), or "
+                "pass backend_kwargs={'base_url', 'model_name', 'api_key'}"
+            ) from None
         # The caller is the operator here: its max_depth (else MAX_DEPTH, else 1) is the ceiling
         # as well as the default.
         if max_depth is not None:
             self.settings = replace(self.settings, max_depth=max_depth)
-        if "INFER_CONVERSATION_TTL" not in env:  # in a process of its own, a conversation stays
-            self.settings = replace(self.settings, conversation_ttl_s=float("inf"))
+        extra = sdk_options.endpoints(endpoints, other_backend_kwargs, other_backends)
+        if extra:
+            self.settings = replace(self.settings, endpoints={**self.settings.endpoints, **extra})
         self.request_defaults = {
             "max_depth": self.settings.max_depth,
             "max_iterations": max_iterations,
@@ -116,7 +117,6 @@ class RLM:
         self.on_event = on_event
         self._callback_server: ThreadingHTTPServer | None = None
         self._running: set[str] = set()
-        self._endpoints = sdk_options.endpoints(endpoints, other_backend_kwargs, other_backends)
         if other_backend_kwargs and not sub_model:
             self.request_defaults["sub_model"] = other_backend_kwargs[0].get("model_name")
         self.service = self._build(environment, environment_kwargs or {})
@@ -124,38 +124,24 @@ class RLM:
             sdk_options.register_tools(self.service.tools, custom_tools, custom_sub_tools)
         )
 
-    def _build(self, environment: str, options: dict[str, Any]) -> Any:
-        from functions.infer.llm import LLM
-        from functions.infer.routing import routed
-        from functions.infer.service import InferService
+    def _build(self, environment: str, options: dict[str, Any]) -> InferService:
+        from functions.infer.wiring import build_service
 
-        s = self.settings
-        llm = LLM(s.base_url, s.api_key, s.llm_timeout_s, s.llm_max_retries, s.prices_json)
-        prices = llm.prices
-        llm = routed(llm, self._endpoints, lambda url, key: LLM(url, key, prices=prices))
         if environment == "wasm":
-            from functions.execute.cells import CellRunner
-            from functions.execute.settings import ExecuteSettings
-            from functions.infer.executor import LocalExecutor
-
-            holder: dict[str, Any] = {}
-            runner = CellRunner(ExecuteSettings.from_env(), _InProcess(holder))
-            service = InferService(s, llm, LocalExecutor(runner), "http://embedded")
-            holder["service"] = service
-            return service
+            return build_service(self.settings)
         if environment == "remote":
             from functions.infer.executor import RemoteExecutor
+            from functions.infer.subcalls import callback_server
 
             if "url" not in options:
                 raise ValueError("environment='remote' needs environment_kwargs={'url': ...}")
+            executor = RemoteExecutor(options["url"], self.settings.cell_timeout_s + 30)
             host = options.get("callback_host", "127.0.0.1")
-            holder = {}
-            self._callback_server = _serve_callbacks(holder, host, options.get("callback_port", 0))
-            port = self._callback_server.server_address[1]
-            callback = options.get("callback_url") or f"http://{host}:{port}"
-            executor = RemoteExecutor(options["url"], s.cell_timeout_s + 30)
-            service = InferService(s, llm, executor, callback)
-            holder["service"] = service
+            service = build_service(self.settings, executor, options.get("callback_url"))
+            self._callback_server = callback_server(service, host, options.get("callback_port", 0))
+            if not options.get("callback_url"):
+                port = self._callback_server.server_address[1]
+                service.callback_url = f"http://{host}:{port}/subcalls"
             return service
         raise ValueError(f"environment must be 'wasm' or 'remote', not {environment!r}")
 
@@ -238,54 +224,3 @@ class RLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _InProcess:
-    """The sandbox's sub-call transport when embedded: straight into the service."""
-
-    def __init__(self, holder: dict[str, Any]) -> None:
-        self.holder = holder
-
-    def __call__(
-        self, callback: Callback, request: SubcallRequest, headers: dict[str, str]
-    ) -> SubcallResponse:
-        from functions.execute.sandbox import SubcallRefused
-        from functions.infer.llm import LLMError
-        from functions.infer.tokens import TokenError
-
-        try:
-            return self.holder["service"].subcall(callback.token, request)
-        except (TokenError, LLMError) as e:
-            raise SubcallRefused(str(e)) from None
-
-
-def _serve_callbacks(holder: dict[str, Any], host: str, port: int) -> ThreadingHTTPServer:
-    """A small /subcalls endpoint for a remote execute plane to call back into this process."""
-    from functions.infer.tokens import TokenError
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            token = self.headers.get("authorization", "")[7:]
-            try:
-                body = SubcallRequest.model_validate_json(
-                    self.rfile.read(int(self.headers.get("content-length", 0)))
-                )
-                reply, status = holder["service"].subcall(token, body).model_dump_json(), 200
-            except TokenError as e:
-                reply, status = json.dumps({"error": str(e)}), e.status
-            except ValueError as e:
-                reply, status = json.dumps({"error": str(e)}), 422
-            data = reply.encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server

@@ -95,7 +95,7 @@ def infer_env(scripted_llm, execute_url: str, infer_port: int, **extra: str) -> 
         "THREADS": "16",
         "RLM_TOOL_URL_PREFIXES": "http://127.0.0.1:",
         "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:",
-        "EXECUTION_TIMEOUT": "60",
+        "INFER_CELL_TIMEOUT": "60",
         **extra,
     }
 

@@ -13,7 +13,7 @@ from functions.infer.compaction import SUMMARY_REQUEST
 from functions.infer.conversations import ConversationError, ConversationStore
 from functions.sdk import RLM
 from functions.testing.processes import Served
-from functions.testing.scripted_model import ChatRequest, repl
+from functions.testing.scripted_model import ModelRequest, repl
 from functions.viewer import render
 from tests.conftest import free_port, infer_env, serve
 from tests.test_sdk import backend
@@ -27,7 +27,7 @@ RECALL = repl(
 )
 
 
-def conversation_policy(request: ChatRequest) -> str:
+def conversation_policy(request: ModelRequest) -> str:
     """Question 1 keeps a variable; a later question answers from it and from context_0."""
     if not request.is_root:
         return "sub"
@@ -166,7 +166,7 @@ if step >= 7:
 )
 
 
-def long_run_policy(request: ChatRequest) -> str:
+def long_run_policy(request: ModelRequest) -> str:
     """Seven cells of 3,000 printed characters each; the REPL counts, so a summary loses nothing."""
     if not request.is_root:
         return "sub"

@@ -27,9 +27,9 @@ from functions.contract import (
     has_lone_surrogate,
     sha256_hex,
 )
-from functions.errors import BadCell
+from functions.errors import BadCell, RLMError
 from functions.execute.cells import unpack_state
-from functions.http import HttpProblem, parse_json, validate
+from functions.http import parse_json, validate
 from functions.infer.chat import ChatRequest
 
 FUZZ = settings(max_examples=100, deadline=None)
@@ -188,7 +188,7 @@ request_bodies = st.one_of(
 def test_request_bodies_decode_or_get_a_4xx(model, body) -> None:
     try:
         value = parse_json(body)
-    except HttpProblem as problem:
+    except RLMError as problem:
         assert problem.status == 400 and problem.message
         return
     assert not has_lone_surrogate(body, value)
@@ -198,13 +198,13 @@ def test_request_bodies_decode_or_get_a_4xx(model, body) -> None:
 def _model_or_problem(model: Any, value: Any) -> Any:
     try:
         return validate(model, value)
-    except HttpProblem as problem:
+    except RLMError as problem:
         assert problem.status == 422 and problem.message
         return None
 
 
 def test_lone_surrogates_are_refused_and_pairs_kept() -> None:
-    with pytest.raises(HttpProblem, match="without its pair") as e:
+    with pytest.raises(RLMError, match="without its pair") as e:
         parse_json(b'{"code": "print(1)", "context": {"s": "\\ud800"}}')
     assert e.value.status == 400
     assert parse_json(b'{"s": "\\ud83d\\ude00"}') == {"s": "\U0001f600"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import threading
@@ -12,14 +11,15 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from functions.infer.llm import LLM, AsyncLLM, Backoff, DeadlineReached, LLMError
-from functions.testing.scripted_model import ChatRequest, Fault, ScriptedModel
+from functions.infer.llm import LLM, Backoff, DeadlineReached, LLMError
+from functions.infer.pricing import PriceTable
+from functions.testing.scripted_model import Fault, ModelRequest, ScriptedModel
 
 PRICES = '{"priced": [1.0, 2.0]}'
 FAST = {"backoff_s": 0.005, "max_backoff_s": 0.02}
 
 
-def echo(request: ChatRequest) -> str:
+def echo(request: ModelRequest) -> str:
     """Answers with the number in the prompt, so concurrent callers can check they got theirs."""
     found = re.search(r"\d+", request.last)
     return f"answer {found.group() if found else '?'}"
@@ -41,7 +41,7 @@ def model(server: ScriptedModel) -> Iterator[ScriptedModel]:
 
 
 def client(model: ScriptedModel, **options: object) -> LLM:
-    settings = {"timeout_s": 5.0, "max_retries": 4, "prices_json": PRICES, **FAST, **options}
+    settings = {"timeout_s": 5.0, "max_retries": 4, "prices": PriceTable(PRICES), **FAST, **options}
     return LLM(model.base_url, "sk-test", **settings)  # type: ignore[arg-type]
 
 
@@ -94,7 +94,7 @@ def test_a_long_retry_after_is_not_waited_for(model: ScriptedModel) -> None:
     with pytest.raises(LLMError, match="retry after 30 s") as e:
         ask(client(model, max_retry_after_s=5))
     assert time.monotonic() - started < 2
-    assert e.value.status == 429 and e.value.attempts == 1
+    assert e.value.provider_status == 429 and e.value.attempts == 1
 
 
 def test_server_errors_are_retried(model: ScriptedModel) -> None:
@@ -108,7 +108,7 @@ def test_out_of_retries_is_a_clear_error_with_the_cause(model: ScriptedModel) ->
     with pytest.raises(LLMError) as e:
         ask(client(model, max_retries=2))
     error = e.value
-    assert error.attempts == 3 and error.status == 500 and error.model == "priced"
+    assert error.attempts == 3 and error.provider_status == 500 and error.model == "priced"
     assert "after 3 tries (out of retries)" in str(error) and "HTTP 500" in str(error)
     assert isinstance(error.__cause__, openai.InternalServerError)
     assert model.received == 3
@@ -127,7 +127,7 @@ def test_always_slow_ends_in_a_timeout_error(model: ScriptedModel) -> None:
     with pytest.raises(LLMError, match="timed out") as e:
         ask(client(model, timeout_s=0.1, max_retries=1))
     assert isinstance(e.value.__cause__, openai.APITimeoutError)
-    assert e.value.status is None
+    assert e.value.provider_status is None
 
 
 def test_a_dropped_connection_is_retried(model: ScriptedModel) -> None:
@@ -140,7 +140,7 @@ def test_nobody_listening_is_a_connection_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    llm = LLM(f"http://127.0.0.1:{port}/v1", "sk", timeout_s=1, max_retries=1, **FAST)
+    llm = LLM(f"http://127.0.0.1:{port}/v1", "sk", 1, 1, prices=PriceTable(), **FAST)
     with pytest.raises(LLMError, match="connection failed") as e:
         ask(llm)
     assert isinstance(e.value.__cause__, openai.APIConnectionError)
@@ -152,7 +152,7 @@ def test_client_errors_are_not_retried(model: ScriptedModel, status: int) -> Non
     model.inject(Fault(status=status))
     with pytest.raises(LLMError, match="refused") as e:
         ask(client(model))
-    assert e.value.status == status and e.value.attempts == 1
+    assert e.value.provider_status == status and e.value.attempts == 1
     assert model.received == 1
 
 
@@ -160,7 +160,7 @@ def test_a_wrong_key_is_not_retried(model: ScriptedModel) -> None:
     model.api_key = "sk-right"
     with pytest.raises(LLMError) as e:
         ask(client(model))
-    assert e.value.status == 401
+    assert e.value.provider_status == 401
     assert model.received == 1
     assert "sk-test" not in str(e.value)
 
@@ -218,8 +218,11 @@ def test_backoff_grows_with_jitter_and_a_cap() -> None:
     assert backoff.wait(0, 3.0) == 3.0
 
 
-def test_from_settings() -> None:
+def test_model_client_from_settings() -> None:
+    """One client per endpoint, every one with the settings' timeout, retries and prices."""
+    from functions.infer.routing import Endpoint
     from functions.infer.settings import InferSettings
+    from functions.infer.wiring import model_client
 
     settings = InferSettings(
         api_key="sk",
@@ -228,44 +231,10 @@ def test_from_settings() -> None:
         llm_timeout_s=7,
         llm_max_retries=2,
         prices_json=PRICES,
+        endpoints={"other": Endpoint("http://127.0.0.1:10/v1", "sk2", ("local",))},
     )
-    llm = LLM.from_settings(settings)
-    assert llm.timeout_s == 7 and llm.backoff.max_retries == 2
-    assert llm.prices.price("priced") == (1.0, 2.0)
-
-
-def test_async_client(model: ScriptedModel) -> None:
-    model.latency_s = 0.5
-    model.inject(Fault(status=500), Fault(drop=True))
-
-    async def main() -> list[str]:
-        llm = AsyncLLM(model.base_url, "sk-test", timeout_s=5, prices_json=PRICES, **FAST)
-        try:
-            replies = await asyncio.gather(
-                *(
-                    llm.complete([{"role": "user", "content": f"q {i}"}], "priced")
-                    for i in range(10)
-                )
-            )
-        finally:
-            await llm.close()
-        return [r.text for r in replies]
-
-    started = time.monotonic()
-    assert asyncio.run(main()) == [f"answer {i}" for i in range(10)]
-    assert time.monotonic() - started < 3.0  # concurrent, not 10 x 0.5 s
-
-
-def test_async_client_gives_up_like_the_sync_one(model: ScriptedModel) -> None:
-    model.inject(Fault(status=500), times=5)
-
-    async def main() -> None:
-        llm = AsyncLLM(model.base_url, "sk-test", max_retries=1, **FAST)
-        try:
-            await llm.complete([{"role": "user", "content": "q"}], "priced")
-        finally:
-            await llm.close()
-
-    with pytest.raises(LLMError) as e:
-        asyncio.run(main())
-    assert e.value.attempts == 2
+    llm = model_client(settings)
+    for client in (llm.default, llm.by_model["local"]):
+        assert client.timeout_s == 7 and client.backoff.max_retries == 2
+        assert client.prices.price("priced") == (1.0, 2.0)
+    assert llm.by_model["local"].base_url == "http://127.0.0.1:10/v1"

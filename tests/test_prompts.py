@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from functions.infer import prompts
 from functions.infer.parsing import find_code_blocks, find_final
-from functions.testing.scripted_model import ChatRequest
+from functions.testing.scripted_model import ModelRequest
 
 
 def test_system_prompt_teaches_the_repl() -> None:
@@ -39,7 +39,7 @@ def test_system_prompt_teaches_the_repl() -> None:
 
 def test_the_system_prompt_is_what_the_scripted_model_recognizes_as_a_root() -> None:
     text = prompts.system_prompt(1, 0, None, 20_000)
-    assert ChatRequest("m", [{"role": "system", "content": text}]).is_root
+    assert ModelRequest("m", [{"role": "system", "content": text}]).is_root
 
 
 def test_the_example_block_is_not_mistaken_for_an_answer() -> None:

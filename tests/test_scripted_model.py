@@ -20,8 +20,8 @@ import pytest
 from functions.infer.parsing import Final, find_code_blocks, find_final
 from functions.testing.scripted_model import (
     STAND_IN_NAME,
-    ChatRequest,
     Fault,
+    ModelRequest,
     ScriptedModel,
     answer_from_prompt,
     needle_policy,
@@ -130,7 +130,7 @@ def test_errors_are_openai_shaped(model: ScriptedModel) -> None:
     assert httpx.post(f"{base}/embeddings", json={}).status_code == 404
     assert httpx.get(f"{base}/nothing").status_code == 404
 
-    def broken(request: ChatRequest) -> str:
+    def broken(request: ModelRequest) -> str:
         raise KeyError("oops")
 
     model.policy = broken
@@ -197,31 +197,31 @@ def test_fixed_latency(model: ScriptedModel) -> None:
 
 
 def test_sub_model_answers_from_the_prompt() -> None:
-    ask = lambda text: answer_from_prompt(ChatRequest("m", [{"role": "user", "content": text}]))  # noqa: E731
+    ask = lambda text: answer_from_prompt(ModelRequest("m", [{"role": "user", "content": text}]))  # noqa: E731
     assert ask("blah\nnote: the magic number is 4711\nblah") == "4711"
     assert ask("nothing to see") == "NONE"
     parts = [{"type": "text", "text": "the magic number is 8"}]
-    assert answer_from_prompt(ChatRequest("m", [{"role": "user", "content": parts}])) == "8"
+    assert answer_from_prompt(ModelRequest("m", [{"role": "user", "content": parts}])) == "8"
 
 
 def test_root_detection_and_turns() -> None:
-    root = ChatRequest("m", [SYSTEM, {"role": "user", "content": "q"}])
+    root = ModelRequest("m", [SYSTEM, {"role": "user", "content": "q"}])
     assert root.is_root and root.turn == 0
-    later = ChatRequest("m", [*root.messages, {"role": "assistant", "content": "a"}])
+    later = ModelRequest("m", [*root.messages, {"role": "assistant", "content": "a"}])
     assert later.turn == 1
-    assert not ChatRequest("m", [{"role": "user", "content": "REPL"}]).is_root
-    assert not ChatRequest("m", []).is_root
+    assert not ModelRequest("m", [{"role": "user", "content": "REPL"}]).is_root
+    assert not ModelRequest("m", []).is_root
 
 
 def test_needle_policy_plays_the_root_turn_by_turn() -> None:
     messages = [SYSTEM, {"role": "user", "content": "What is the magic number?"}]
-    probe = needle_policy(ChatRequest("m", messages))
+    probe = needle_policy(ModelRequest("m", messages))
     [code] = find_code_blocks(probe)
     assert "type(context)" in code and "len(context)" in code
     assert find_final(probe) is None
 
     messages += [{"role": "assistant", "content": probe}, {"role": "user", "content": "str"}]
-    search = needle_policy(ChatRequest("m", messages))
+    search = needle_policy(ModelRequest("m", messages))
     [code] = find_code_blocks(search)
     assert "llm_query_batched(" in code and "100_000" in code
     assert "Find the magic number in this text. Reply with just the number or NONE." in code
@@ -231,9 +231,9 @@ def test_needle_policy_plays_the_root_turn_by_turn() -> None:
         {"role": "assistant", "content": search},
         {"role": "user", "content": "REPL output:\n4 chunks searched; found: ['321']"},
     ]
-    assert find_final(needle_policy(ChatRequest("m", messages))) == Final("text", "321")
+    assert find_final(needle_policy(ModelRequest("m", messages))) == Final("text", "321")
     messages[-1] = {"role": "user", "content": "4 chunks searched; found: []"}
-    assert find_final(needle_policy(ChatRequest("m", messages))) == Final("text", "NONE")
+    assert find_final(needle_policy(ModelRequest("m", messages))) == Final("text", "NONE")
 
 
 @pytest.mark.parametrize("shape", ["str", "list"])
@@ -254,7 +254,7 @@ def test_the_needle_search_code_finds_the_needle(model: ScriptedModel, shape: st
             return list(pool.map(one, prompts))
 
     turns = [SYSTEM, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    [code] = find_code_blocks(needle_policy(ChatRequest("m", turns)))
+    [code] = find_code_blocks(needle_policy(ModelRequest("m", turns)))
     namespace = {
         "context": context,
         "llm_query_batched": llm_query_batched,

@@ -62,3 +62,53 @@ def test_no_llm_configured_is_a_clear_error(monkeypatch):
         RLM()
     with pytest.raises(ValueError, match="environment must be"):
         RLM({"base_url": "http://127.0.0.1:9/v1", "model_name": "m"}, environment="docker")
+
+
+def _guest_saw(request) -> str:
+    """The root's second turn: answer with what the first cell printed."""
+    seen = [line for line in request.last.splitlines() if line.startswith("GOT ")]
+    return f"FINAL({seen[0] if seen else 'nothing printed'})"
+
+
+@pytest.mark.parametrize("environment", ["wasm", "remote"])
+def test_a_failing_sub_model_reaches_the_guest_as_that(
+    llm, execute_server, monkeypatch, environment
+):
+    """Embedded, remote or served, the guest reads why its sub-call failed: the same message."""
+    from functions.testing.scripted_model import repl, scripted_replies
+
+    def broken(request):
+        raise RuntimeError("sub-model down")
+
+    cell = "try:\n    llm_query('q')\nexcept Exception as e:\n    print('GOT', e)"
+    llm.switch.current = scripted_replies([repl(cell), _guest_saw], sub_answer=broken)
+    monkeypatch.setenv("LLM_MAX_RETRIES", "0")
+    options = {"url": execute_server.url} if environment == "remote" else None
+    with RLM(backend(llm), environment=environment, environment_kwargs=options) as rlm:
+        result = rlm.completion("ctx", root_prompt="q")
+    assert result.response.startswith("GOT "), result.response
+    assert "(502): the sub-model failed" in result.response, result.response
+    assert "could not reach" not in result.response
+
+
+def test_the_callback_server_refuses_an_oversized_body_unread(llm, execute_server):
+    import socket
+
+    from functions.infer.subcalls import MAX_BODY_BYTES
+
+    with RLM(backend(llm), environment="remote",
+             environment_kwargs={"url": execute_server.url}) as rlm:  # fmt: skip
+        host, port = rlm._callback_server.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(
+                b"POST /subcalls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode()
+                + b"{"
+            )
+            reply = b""
+            while chunk := s.recv(4096):  # the server answers and closes, the body unread
+                reply += chunk
+            reply = reply.decode()
+    assert reply.startswith("HTTP/1.0 413") or reply.startswith("HTTP/1.1 413"), reply
+    assert "limit" in reply

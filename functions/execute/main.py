@@ -18,13 +18,12 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import ExecuteRequest
-from functions.errors import BadCell, MissingRefs, RLMError, Saturated
+from functions.errors import BadCell, MissingRefs, RLMError, Saturated, Unavailable
 from functions.execute import metrics
 from functions.execute.cells import CellRunner
 from functions.execute.settings import ExecuteSettings
 from functions.http import (
     HEALTH_PATHS,
-    HttpProblem,
     answer,
     json_errors,
     json_response,
@@ -82,7 +81,7 @@ def _route(request: Request) -> Response:
     if request.method == "GET" and path in HEALTH_PATHS:
         runner()
         if path == "/health/readiness" and not _ready.is_set():
-            raise HttpProblem(503, "the sandbox is still loading", headers={"Retry-After": "1"})
+            raise Unavailable("the sandbox is still loading")
         return json_response({"status": "ok", "ready": _ready.is_set()})
     if request.method == "GET" and path == "/metrics":
         metrics.live_sessions.set(len(runner().sessions))
@@ -125,10 +124,7 @@ def run_cell(cell: ExecuteRequest, traceparent: str | None = None):
 
 def _serve_event(request: Request) -> Response:
     body = read_body(request, SETTINGS.max_request_bytes)
-    try:
-        event = events.parse(dict(request.headers), body, events.EXECUTE_REQUESTED)
-    except events.BadEvent as e:
-        raise HttpProblem(400, str(e)) from None
+    event = events.parse(dict(request.headers), body, events.EXECUTE_REQUESTED)
     try:
         cell = validate(ExecuteRequest, event.data)
         result = run_cell(cell, request.headers.get("traceparent"))

@@ -16,7 +16,8 @@ from flask import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from functions.contract import InferRequest, InferResult
-from functions.http import HttpProblem, json_response
+from functions.errors import Unprocessable, UpstreamError
+from functions.http import json_response
 
 
 class ChatMessage(BaseModel):
@@ -43,11 +44,11 @@ def text_of(message: ChatMessage) -> str:
 def to_infer_request(body: ChatRequest) -> InferRequest:
     users = [i for i, m in enumerate(body.messages) if m.role == "user"]
     if not users:
-        raise HttpProblem(422, "messages: no user message to answer")
+        raise Unprocessable("messages: no user message to answer")
     last = users[-1]
     query = text_of(body.messages[last])
     if not query.strip():
-        raise HttpProblem(422, "messages: the last user message is empty")
+        raise Unprocessable("messages: the last user message is empty")
     earlier = [f"[{m.role}]\n{text_of(m)}" for m in body.messages[:last]]
     model = body.model
     if model == "rlm":
@@ -60,7 +61,7 @@ def to_infer_request(body: ChatRequest) -> InferRequest:
 def respond(body: ChatRequest, run: Callable[[InferRequest], InferResult]) -> Response:
     result = run(to_infer_request(body))
     if result.status == "failed":
-        raise HttpProblem(502, f"the RLM run failed: {result.error}")
+        raise UpstreamError(f"the RLM run failed: {result.error}")
     content = result.answer or f"[stopped: {result.stop_reason}]"
     created = int(time.time())
     ident = f"chatcmpl-{result.run_id}"

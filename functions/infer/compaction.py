@@ -59,9 +59,14 @@ def continue_message(count: int) -> str:
     )
 
 
+def text_tokens(text: str) -> int:
+    """A model's token count for `text`, estimated where the server reports none."""
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
 def estimate_tokens(messages: list[Message]) -> int:
     """About how many tokens `messages` take: four characters a token, plus a few per message."""
-    return sum(len(m.get("content") or "") // CHARS_PER_TOKEN + 4 for m in messages)
+    return sum(text_tokens(m.get("content") or "") + 3 for m in messages)
 
 
 def context_window(model: str, windows: Mapping[str, int]) -> int:

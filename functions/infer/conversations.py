@@ -25,17 +25,41 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from functions.contract import ContextRef, Conversation, StateRef, context_bytes, new_scope
+from functions.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    RLMError,
+    TooManyRequests,
+    Unprocessable,
+)
 from functions.infer.executor import ExecuteError, ReplSession
 
 _TOMBSTONES = 4096  # ids remembered after they go, to say why
 
 
-class ConversationError(Exception):
-    """The conversation cannot take this turn; `status` is the HTTP status to answer with."""
+class ConversationError(RLMError):
+    """The conversation cannot take this turn."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+
+class ConversationBusy(ConversationError, Conflict):
+    pass
+
+
+class ConversationUnknown(ConversationError, NotFound):
+    pass
+
+
+class ConversationTooLarge(ConversationError, PayloadTooLarge):
+    pass
+
+
+class BadConversation(ConversationError, Unprocessable):
+    pass
+
+
+class TooManyConversations(ConversationError, TooManyRequests):
+    pass
 
 
 @dataclass
@@ -141,11 +165,11 @@ class ConversationStore:
             else:
                 self._unknown(conversation_id)
             if conversation.busy:
-                raise ConversationError(
-                    409, f"conversation {conversation.id} has a turn running; wait for its result"
+                raise ConversationBusy(
+                    f"conversation {conversation.id} has a turn running; wait for its result"
                 )
             if conversation.size + added > self.max_bytes:
-                raise ConversationError(413, self._too_large(conversation.id))
+                raise ConversationTooLarge(self._too_large(conversation.id))
             conversation.busy = True
             self._items.move_to_end(conversation.id)
             return Turn(conversation.id, [*conversation.contexts, context], conversation.state,
@@ -166,7 +190,7 @@ class ConversationStore:
                 conversation.context_bytes += turn.added_bytes
                 conversation.state = turn.state
             if conversation.size > self.max_bytes:
-                too_large = ConversationError(413, self._too_large(conversation.id))
+                too_large = ConversationTooLarge(self._too_large(conversation.id))
                 self._drop(conversation.id, too_large)
                 return None
             return Conversation(
@@ -192,14 +216,12 @@ class ConversationStore:
         contexts, size = [], 0
         for index, held in enumerate(carried.contexts):
             if held.data is None:
-                raise ConversationError(
-                    422, f"conversation.contexts[{index}] has no data: send each context's data"
+                raise BadConversation(
+                    f"conversation.contexts[{index}] has no data: send each context's data"
                 )
             data = context_bytes(held.data)
             if hashlib.sha256(data).hexdigest() != held.ref:
-                raise ConversationError(
-                    422, f"conversation.contexts[{index}].data does not match its ref"
-                )
+                raise BadConversation(f"conversation.contexts[{index}].data does not match its ref")
             contexts.append(held.data)
             size += len(data)
         while len(self._items) >= self.max_conversations:
@@ -222,8 +244,8 @@ class ConversationStore:
     def _evict_one(self) -> None:
         idle = next((c for c in self._items.values() if not c.busy), None)
         if idle is None:
-            raise ConversationError(
-                429, f"this infer process holds {self.max_conversations} conversations, all "
+            raise TooManyConversations(
+                f"this infer process holds {self.max_conversations} conversations, all "
                 "running a turn (INFER_MAX_CONVERSATIONS); retry shortly",
             )  # fmt: skip
         self._drop(idle.id, self._expired(idle.id))
@@ -241,8 +263,7 @@ class ConversationStore:
             self._gone.popitem(last=False)
 
     def _expired(self, conversation_id: str) -> ConversationError:
-        return ConversationError(
-            404,
+        return ConversationUnknown(
             f"conversation {conversation_id} expired or unknown: a conversation lasts "
             f"{self.ttl_s:g} s after its last turn (INFER_CONVERSATION_TTL), on the infer process "
             "that served it; send `conversation` from its last result (each context with its "

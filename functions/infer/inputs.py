@@ -8,8 +8,10 @@ from typing import Any
 
 import httpx
 
+from functions.errors import Unprocessable
 
-class ContextError(ValueError):
+
+class ContextError(Unprocessable):
     """The context cannot be had: the message says why and what to send instead."""
 
 

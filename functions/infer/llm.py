@@ -8,7 +8,6 @@ comes first. Then `LLMError` says what happened, with the last error as its caus
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import logging
 import math
@@ -21,6 +20,8 @@ from typing import Any
 import openai
 
 from functions.contract import ModelUsage
+from functions.errors import UpstreamError
+from functions.infer.compaction import text_tokens
 from functions.infer.pricing import PriceTable
 
 log = logging.getLogger("rlm.llm")
@@ -30,7 +31,7 @@ _RETRIED_STATUS = frozenset({408, 409, 429})
 _MIN_ATTEMPT_S = 0.05  # an attempt with less time than this left is not started
 
 
-class LLMError(Exception):
+class LLMError(UpstreamError):
     """The model could not be reached, refused, or answered nonsense (after any retries)."""
 
     def __init__(
@@ -39,12 +40,12 @@ class LLMError(Exception):
         *,
         model: str = "",
         attempts: int = 1,
-        status: int | None = None,
+        provider_status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.model = model
         self.attempts = attempts
-        self.status = status  # the endpoint's last HTTP status, if it answered at all
+        self.provider_status = provider_status  # the endpoint's last HTTP status, if any
 
 
 class DeadlineReached(LLMError):
@@ -76,7 +77,7 @@ class Backoff:
 
 
 class _Attempts:
-    """The retry loop's decisions, shared by the sync and async clients."""
+    """The retry loop's decisions for one call."""
 
     def __init__(self, model: str, backoff: Backoff, deadline: float | None, timeout_s: float):
         self.model = model
@@ -99,7 +100,10 @@ class _Attempts:
 
     def _error(self, why: str, status: int | None, kind: type[LLMError] = LLMError) -> LLMError:
         return kind(
-            f"model {self.model!r} {why}", model=self.model, attempts=self.count, status=status
+            f"model {self.model!r} {why}",
+            model=self.model,
+            attempts=self.count,
+            provider_status=status,
         )
 
     def wait_after(self, error: Exception) -> float:
@@ -173,10 +177,6 @@ def _describe(error: Exception) -> str:
     return (f"HTTP {status}: {text}" if status else text)[:300]
 
 
-def _estimate_tokens(text: str) -> int:
-    return len(text) // 4 + 1
-
-
 def _completion(response: Any, model: str, messages: Messages, prices: PriceTable) -> Completion:
     choices = getattr(response, "choices", None)
     if not choices:
@@ -190,8 +190,8 @@ def _completion(response: Any, model: str, messages: Messages, prices: PriceTabl
     if used is not None and used.prompt_tokens is not None:
         input_tokens, output_tokens = used.prompt_tokens, used.completion_tokens or 0
     else:  # some servers omit usage; an estimate keeps token and USD budgets working
-        input_tokens = sum(_estimate_tokens(str(m.get("content") or "")) for m in messages)
-        output_tokens = _estimate_tokens(text)
+        input_tokens = sum(text_tokens(str(m.get("content") or "")) for m in messages)
+        output_tokens = text_tokens(text)
     usage = ModelUsage(
         calls=1,
         input_tokens=input_tokens,
@@ -202,41 +202,28 @@ def _completion(response: Any, model: str, messages: Messages, prices: PriceTabl
     return Completion(text, model, usage, served, getattr(choice, "finish_reason", None))
 
 
-class _Client:
+class LLM:
+    """A chat-completions client with retries. Thread-safe: one per process, shared by runs."""
+
     def __init__(
         self,
         base_url: str,
         api_key: str,
         timeout_s: float = 120.0,
         max_retries: int = 4,
-        prices_json: str = "",
+        *,
+        prices: PriceTable,
         backoff_s: float = 0.5,
         max_backoff_s: float = 20.0,
-        *,
-        prices: PriceTable | None = None,
         max_retry_after_s: float = 120.0,
     ) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
         self.backoff = Backoff(max_retries, backoff_s, max_backoff_s, max_retry_after_s)
-        self.prices = prices if prices is not None else PriceTable(prices_json)
-        self.client = self._sdk(
+        self.prices = prices
+        self.client = openai.OpenAI(
             base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
-
-    _sdk: Any = None
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> Any:
-        """From an `InferSettings`."""
-        s = settings
-        return cls(s.base_url, s.api_key, s.llm_timeout_s, s.llm_max_retries, s.prices_json)
-
-
-class LLM(_Client):
-    """A chat-completions client with retries. Thread-safe: one per process, shared by runs."""
-
-    _sdk = openai.OpenAI
 
     def complete(self, messages: Messages, model: str, deadline: float | None = None) -> Completion:
         """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too."""
@@ -254,27 +241,3 @@ class LLM(_Client):
 
     def close(self) -> None:
         self.client.close()
-
-
-class AsyncLLM(_Client):
-    """`LLM` for asyncio code: the same retries, sleeping without blocking the event loop."""
-
-    _sdk = openai.AsyncOpenAI
-
-    async def complete(
-        self, messages: Messages, model: str, deadline: float | None = None
-    ) -> Completion:
-        attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
-        while True:
-            timeout = attempts.timeout()
-            try:
-                response = await self.client.chat.completions.create(
-                    model=model, messages=list(messages), timeout=timeout
-                )
-            except openai.OpenAIError as e:
-                await asyncio.sleep(attempts.wait_after(e))
-                continue
-            return _completion(response, model, messages, self.prices)
-
-    async def close(self) -> None:
-        await self.client.close()

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from functions.contract import (
     Callback,
@@ -36,6 +36,18 @@ if TYPE_CHECKING:
     from functions.infer.conversations import Turn
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+
+class Grants(Protocol):
+    """What lets a run's cells call back into infer: the service that serves sub-calls."""
+
+    def grant(self, run: Run, replay: bool) -> Callback | None:
+        """The callback (URL and token) a cell of `run` sends; `replay` for a rebuilt one."""
+        ...
+
+    def served(self, callback: Callback) -> list[dict[str, Any]]:
+        """The sub-calls served under `callback`, for the trajectory (taken once)."""
+        ...
 
 
 @dataclass
@@ -74,12 +86,12 @@ class BudgetStop(Exception):
 
 @dataclass
 class Run:
-    """One RLM run. `mint_callback(run, replay)` gives the callback each cell sends."""
+    """One RLM run. `grants` gives the callback each cell sends."""
 
     config: RunConfig
     llm: Any  # functions.infer.llm.LLM
     executor: Executor
-    mint_callback: Callable[[Run, bool], Callback | None]
+    grants: Grants
     depth: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     emit: Emit | None = None
@@ -88,9 +100,7 @@ class Run:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     cancelled: Callable[[], bool] = lambda: False
-    # (run_id, cell nonce) -> the sub-calls that cell made, when this process served them
-    subcall_log: Callable[[str, str], list[dict[str, Any]]] = lambda _run, _cell: []
-    cell_nonce: str = ""
+    callback: Callback | None = None  # the current cell's
     turn: Turn | None = None  # a question of a persistent conversation
 
     # ----------------------------------------------------------------- public
@@ -106,7 +116,7 @@ class Run:
             scope=turn.scope if turn else new_scope(),
             context=context,
             limits=Limits(deadline_s=self.config.cell_timeout_s),
-            mint_callback=lambda replay: self.mint_callback(self, replay),
+            mint_callback=self._grant,
             contexts=turn.contexts if turn else None,
             context_refs=turn.refs if turn else None,
             base=turn.base if turn else None,
@@ -264,7 +274,7 @@ class Run:
             error=response.error.model_dump() if response.error else None,
             answer=response.answer.model_dump() if response.answer else None,
             subcalls=response.subcalls.model_dump(),
-            subcall_log=self.subcall_log(self.run_id, self.cell_nonce),
+            subcall_log=self.grants.served(self.callback) if self.callback else [],
             trapped=response.trapped,
             seconds=round(time.monotonic() - started, 4),
             execution_time=response.execution_time,
@@ -279,6 +289,12 @@ class Run:
             },
         )
         return response
+
+    def _grant(self, replay: bool) -> Callback | None:
+        callback = self.grants.grant(self, replay)
+        if not replay:
+            self.callback = callback
+        return callback
 
     def _final_from_text(
         self, reply: str, session: ReplSession, iteration: int, has_code: bool

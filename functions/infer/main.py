@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import queue
 import select
 import socket
@@ -29,10 +28,10 @@ from flask import Request, Response
 
 from functions import events, logs
 from functions.config import ConfigError
-from functions.contract import CancelReply, InferRequest, InferResult, SubcallRequest
+from functions.contract import CancelReply, InferRequest, InferResult
+from functions.errors import NotFound, RLMError
 from functions.http import (
     HEALTH_PATHS,
-    HttpProblem,
     answer,
     json_errors,
     json_response,
@@ -42,11 +41,10 @@ from functions.http import (
     read_body,
     validate,
 )
-from functions.infer import chat, metrics, tokens
-from functions.infer.conversations import ConversationError
+from functions.infer import chat, metrics, subcalls
 from functions.infer.idempotency import OncePerKey
-from functions.infer.inputs import ContextError, load_context
-from functions.infer.service import Busy, InferService
+from functions.infer.inputs import load_context
+from functions.infer.service import InferService
 from functions.infer.settings import InferSettings
 
 log = logging.getLogger("rlm.infer")
@@ -69,30 +67,15 @@ def service() -> InferService:
     global _service
     with _service_lock:
         if _service is None:
-            from functions.infer.executor import RemoteExecutor
-            from functions.infer.llm import LLM
-            from functions.infer.routing import routed
+            from functions.infer.wiring import build_service
 
-            llm = LLM(
-                base_url=SETTINGS.base_url,
-                api_key=SETTINGS.api_key,
-                timeout_s=SETTINGS.llm_timeout_s,
-                max_retries=SETTINGS.llm_max_retries,
-                prices_json=SETTINGS.prices_json,
-            )
-            s, prices = SETTINGS, llm.prices
-            llm = routed(llm, s.endpoints, lambda url, key: LLM(
-                url, key, s.llm_timeout_s, s.llm_max_retries, prices=prices))  # fmt: skip
-            executor = RemoteExecutor(SETTINGS.execute_url, SETTINGS.cell_timeout_s + 30)
-            threads = int(os.environ.get("THREADS") or 4 * (os.cpu_count() or 1))
-            bound = SETTINGS.run_bound(threads)
+            bound = SETTINGS.run_bound()
             if bound < SETTINGS.max_runs:
                 log.warning(
                     "INFER_MAX_RUNS=%d lowered to %d: THREADS=%d leaves room for that many runs "
-                    "and their sub-call callbacks", SETTINGS.max_runs, bound, threads,
+                    "and their sub-call callbacks", SETTINGS.max_runs, bound, SETTINGS.threads,
                 )  # fmt: skip
-            settings = dataclasses.replace(SETTINGS, max_runs=bound)
-            _service = InferService(settings, llm, executor)
+            _service = build_service(dataclasses.replace(SETTINGS, max_runs=bound))
             if SETTINGS.sink_url:
                 from functions.infer.sink import ProgressSink
 
@@ -121,11 +104,12 @@ def _route(request: Request) -> Response:
 
         return json_response(document())
     if method == "POST" and path == "/subcalls":
-        return _subcalls(request)
+        read = lambda n: read_body(request, n)  # noqa: E731
+        return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
     if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
         run_id = path[len("/infer/") : -len("/cancel")]
         if not service().cancel(run_id):
-            raise HttpProblem(404, f"no run {run_id!r} is in progress on this instance")
+            raise NotFound(f"no run {run_id!r} is in progress on this instance")
         return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
         body = validate(chat.ChatRequest, parse_json(_body(request)))
@@ -186,15 +170,12 @@ def _run(
     emit: Any = None,
     cancelled: Any = None,
 ) -> InferResult:
-    try:
-        context = load_context(
-            request.context,
-            request.context_uri,
-            SETTINGS.max_context_bytes,
-            SETTINGS.context_url_prefixes,
-        )
-    except ContextError as e:
-        raise HttpProblem(422, str(e)) from None
+    context = load_context(
+        request.context,
+        request.context_uri,
+        SETTINGS.max_context_bytes,
+        SETTINGS.context_url_prefixes,
+    )
     svc = service()
     sink = svc.sink
 
@@ -206,14 +187,7 @@ def _run(
             sink.emit(kind, data)
 
     started = time.monotonic()
-    try:
-        result = svc.run(request, context, fan_out, traceparent, cancelled)
-    except Busy as e:
-        raise HttpProblem(429, f"{e}; retry shortly", headers={"Retry-After": "2"}) from None
-    except ConversationError as e:
-        raise HttpProblem(e.status, str(e)) from None
-    except ValueError as e:  # tools it cannot serve, a run id already running
-        raise HttpProblem(422, str(e)) from None
+    result = svc.run(request, context, fan_out, traceparent, cancelled)
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
     for usage in result.usage.values():
@@ -243,7 +217,7 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
         try:
             result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set)
             updates.put(("result", result.model_dump(mode="json")))
-        except HttpProblem as problem:
+        except RLMError as problem:
             updates.put(("error", {"error": problem.message, "status": problem.status}))
 
     threading.Thread(target=work, daemon=True).start()
@@ -266,35 +240,15 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
     return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _subcalls(request: Request) -> Response:
-    from functions.infer.llm import LLMError
-
-    auth = request.headers.get("authorization", "")
-    if not auth.lower().startswith("bearer "):
-        raise HttpProblem(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    body = validate(SubcallRequest, parse_json(read_body(request, 64 << 20)))
-    try:
-        reply = service().subcall(auth[7:].strip(), body)
-    except tokens.TokenError as e:
-        raise HttpProblem(getattr(e, "status", 401), str(e)) from None
-    except LLMError as e:  # the guest reads this message in the exception it gets
-        raise HttpProblem(502, f"the sub-model failed: {e}") from None
-    metrics.subcalls_total.labels(kind=body.kind).inc(len(body.prompts))
-    return json_response(reply)
-
-
 def _serve_event(request: Request) -> Response:
     body = _body(request)
-    try:
-        event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
-    except events.BadEvent as e:
-        raise HttpProblem(400, str(e)) from None
+    event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
 
     def work() -> tuple[str, dict[str, Any]]:
         try:
             infer_request = validate(InferRequest, event.data)
             result = _run(infer_request, request.headers.get("traceparent"))
-        except HttpProblem as problem:
+        except RLMError as problem:
             if problem.status == 429:
                 raise
             return events.INFER_FAILED, {"error": problem.message, "status": problem.status}

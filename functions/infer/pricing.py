@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 from collections.abc import Mapping
 
@@ -93,9 +92,6 @@ class PriceTable:
             return 0.0
         return (max(0, input_tokens) * price[0] + max(0, output_tokens) * price[1]) / 1_000_000
 
-    def is_priced(self, model: str) -> bool:
-        return self.price(model) is not None
-
     def _flag(self, model: str) -> None:
         with self._lock:
             if model in self.unpriced:
@@ -130,21 +126,3 @@ def _is_price(value: object) -> bool:
         and math.isfinite(value)
         and value >= 0
     )
-
-
-_default: PriceTable | None = None
-_default_lock = threading.Lock()
-
-
-def default_table() -> PriceTable:
-    """The process's table: the defaults plus `LLM_PRICES` from the environment, read once."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = PriceTable(os.environ.get("LLM_PRICES", ""))
-        return _default
-
-
-def cost(model: str, input_tokens: int, output_tokens: int) -> float:
-    """USD for one call by the process's table (`default_table`)."""
-    return default_table().cost(model, input_tokens, output_tokens)

@@ -25,6 +25,7 @@ from functions.contract import (
     UsageByModel,
     merge_usage,
 )
+from functions.errors import TooManyRequests, Unprocessable
 from functions.infer import routing, tokens, tools
 from functions.infer.compaction import context_window
 from functions.infer.conversations import ConversationStore
@@ -89,10 +90,10 @@ class InferService:
     # ----------------------------------------------------------------- runs
 
     def config_for(self, request: InferRequest) -> RunConfig:
-        """The run's configuration; `ValueError` for a depth above the deployment's MAX_DEPTH."""
+        """The run's configuration; `Unprocessable` for a depth above the deployment's MAX_DEPTH."""
         s = self.settings
         if request.max_depth is not None and request.max_depth > s.max_depth:
-            raise ValueError(
+            raise Unprocessable(
                 f"max_depth {request.max_depth} is above this deployment's MAX_DEPTH "
                 f"{s.max_depth}: ask for at most {s.max_depth}"
             )
@@ -126,9 +127,9 @@ class InferService:
         cancelled: Callable[[], bool] | None = None,
         run_id: str | None = None,
     ) -> InferResult:
-        """One root run. Raises `Busy` when this process already runs its maximum, `ValueError`
-        for tools it cannot serve or a run id already running, and `ConversationError` when the
-        request's conversation cannot take another turn."""
+        """One root run. Raises `Busy` when this process already runs its maximum,
+        `Unprocessable` for tools it cannot serve or a run id already running, and
+        `ConversationError` when the request's conversation cannot take another turn."""
         config = self.config_for(request)
         for catalog in (config.tools, config.sub_tools):
             tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
@@ -136,7 +137,7 @@ class InferService:
         stop = threading.Event()
         with self._memo_lock:
             if run_id in self._active:
-                raise ValueError(f"run {run_id!r} is already running")
+                raise Unprocessable(f"run {run_id!r} is already running")
             self._active[run_id] = stop
         if not self._runs.acquire(timeout=0.5):
             self._active.pop(run_id, None)
@@ -151,10 +152,9 @@ class InferService:
                 config=config,
                 llm=self.llm,
                 executor=self.executor,
-                mint_callback=self._mint,
+                grants=self,
                 emit=emit,
                 traceparent=traceparent,
-                subcall_log=self._take_log,
                 turn=turn,
                 run_id=run_id,
             )
@@ -182,7 +182,7 @@ class InferService:
         """The cancel flag of a run (or of the root run of a child); a fresh one if unknown."""
         return self._active.get(run_id.split(".")[0]) or threading.Event()
 
-    def _mint(self, run: Run, replay: bool) -> Callback:
+    def grant(self, run: Run, replay: bool) -> Callback:
         remaining = run.config.max_timeout_s
         ttl = (remaining or run.config.cell_timeout_s * run.config.max_iterations) + _TOKEN_SLACK_S
         claims = tokens.TokenClaims(
@@ -197,7 +197,6 @@ class InferService:
             tools={name: tools.digest(spec) for name, spec in run.config.tools.items()},
             sub_tools=tools.catalog_digest(run.config.sub_tools),
         )
-        run.cell_nonce = claims.nonce
         return Callback(
             url=self.callback_url,
             token=tokens.mint(self.token_key, claims),
@@ -205,8 +204,9 @@ class InferService:
             sub_tools=run.config.sub_tools,
         )
 
-    def _take_log(self, run_id: str, nonce: str) -> list[dict[str, Any]]:
-        return self._memo(run_id).take_log(nonce)
+    def served(self, callback: Callback) -> list[dict[str, Any]]:
+        claims = tokens.verify(self.token_key, callback.token, check_expiry=False)
+        return self._memo(claims.run_id).take_log(claims.nonce)
 
     # ----------------------------------------------------------------- sub-calls
 
@@ -327,10 +327,9 @@ class InferService:
             config=config,
             llm=self.llm,
             executor=self.executor,
-            mint_callback=self._mint,
+            grants=self,
             depth=claims.depth + 1,
             run_id=f"{claims.run_id}.{uuid.uuid4().hex[:6]}",
-            subcall_log=self._take_log,
         )
         child.cancelled = self._stopped(claims.run_id).is_set
         result = child.completion(CHILD_QUERY, prompt)
@@ -354,8 +353,11 @@ class InferService:
 CHILD_QUERY = "Carry out the request written in `context` and give its answer."
 
 
-class Busy(Exception):
-    pass
+class Busy(TooManyRequests):
+    """This process runs its maximum of runs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; retry shortly", headers={"Retry-After": "2"})
 
 
 def _inherit(sub_tools: Any, tools: Any) -> Any:

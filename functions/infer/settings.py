@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ ENV_NAMES = (
     "RLM_TOKEN_KEY",
     "MAX_DEPTH",
     "MAX_ITERATIONS",
-    "EXECUTION_TIMEOUT",
+    "INFER_CELL_TIMEOUT",
     "INFER_MAX_RUNS",
     "INFER_SUBCALL_CONCURRENCY",
     "INFER_MAX_CONTEXT_MB",
@@ -40,6 +41,7 @@ ENV_NAMES = (
     "RLM_ENDPOINTS",
     "RLM_TOOL_URL_PREFIXES",
     "INFER_CONTEXT_URL_PREFIXES",
+    "THREADS",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -58,7 +60,7 @@ class InferSettings:
     token_key: bytes = b""  # RLM_TOKEN_KEY: signs sub-call tokens; only infer holds it
     max_depth: int = 1
     max_iterations: int = 30
-    cell_timeout_s: float = 300.0  # EXECUTION_TIMEOUT: one cell's wall deadline
+    cell_timeout_s: float = 300.0  # INFER_CELL_TIMEOUT: the wall deadline infer gives a cell
     max_runs: int = 32  # INFER_MAX_RUNS: runs at once in this process; more get 429
     subcall_concurrency: int = 32  # INFER_SUBCALL_CONCURRENCY: a batch's fan-out bound
     max_context_bytes: int = 256 * MIB  # INFER_MAX_CONTEXT_MB
@@ -72,8 +74,9 @@ class InferSettings:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
     tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=none
     context_url_prefixes: tuple[str, ...] = ()  # INFER_CONTEXT_URL_PREFIXES: likewise context_uri
+    threads: int = 4 * (os.cpu_count() or 1)  # THREADS: gunicorn's threads (the served function)
 
-    def run_bound(self, threads: int) -> int:
+    def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
 
         A run holds one of the server's `threads` (gunicorn's THREADS) while its cells'
@@ -81,6 +84,7 @@ class InferSettings:
         with every thread held by a run, callbacks would queue behind runs that wait on them.
         Above the bound a run is refused with 429 and Retry-After instead.
         """
+        threads = self.threads if threads is None else threads
         return max(1, min(self.max_runs, (threads - 2) // (self.max_depth + 1)))
 
     @classmethod
@@ -105,13 +109,16 @@ class InferSettings:
             token_key=key.encode(),
             max_depth=env_int("MAX_DEPTH", 1, 0, e),
             max_iterations=env_int("MAX_ITERATIONS", 30, 1, e),
-            cell_timeout_s=env_float("EXECUTION_TIMEOUT", 300.0, 0.001, e),
+            cell_timeout_s=env_float("INFER_CELL_TIMEOUT", 300.0, 0.001, e),
             max_runs=env_int("INFER_MAX_RUNS", 32, 1, e),
             subcall_concurrency=env_int("INFER_SUBCALL_CONCURRENCY", 32, 1, e),
             max_context_bytes=env_int("INFER_MAX_CONTEXT_MB", 256, 1, e) * MIB,
             output_chars=env_int("INFER_OUTPUT_CHARS", 20_000, 100, e),
             sink_url=env_url("K_SINK", "", e) if e.get("K_SINK") else "",
-            conversation_ttl_s=env_float("INFER_CONVERSATION_TTL", 3600.0, 0.001, e),
+            # embedded, a conversation lasts as long as the process that holds it
+            conversation_ttl_s=env_float(
+                "INFER_CONVERSATION_TTL", 3600.0 if served else math.inf, 0.001, e
+            ),
             conversation_max_bytes=int(
                 env_float("INFER_CONVERSATION_MAX_MB", 512, 0.000001, e) * MIB
             ),
@@ -121,6 +128,7 @@ class InferSettings:
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
             tool_url_prefixes=_prefixes(e.get("RLM_TOOL_URL_PREFIXES", "")),
             context_url_prefixes=_prefixes(e.get("INFER_CONTEXT_URL_PREFIXES", "")),
+            threads=env_int("THREADS", 4 * (os.cpu_count() or 1), 1, e),
         )
 
     @property

@@ -18,6 +18,8 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from functions.errors import Forbidden, Unauthorized
+
 MAX_TOKEN_CHARS = 8192
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}")  # 43 chars: a 32-byte digest
 KINDS = ("llm", "rlm", "tool")
@@ -38,10 +40,8 @@ class TokenClaims(BaseModel):
     sub_tools: str = ""  # sha256 of the children's tool catalog
 
 
-class TokenError(Exception):
-    """A sub-call token was refused. `status` is the HTTP status to answer with."""
-
-    status = 401
+class TokenError(Unauthorized):
+    """A sub-call token was refused."""
 
 
 class InvalidToken(TokenError):
@@ -52,10 +52,8 @@ class ExpiredToken(TokenError):
     """Well signed, but past its `exp`."""
 
 
-class OutOfScope(TokenError):
+class OutOfScope(Forbidden, TokenError):
     """Well signed and current, but it does not cover this sub-call."""
-
-    status = 403
 
 
 def _b64(data: bytes) -> str:
@@ -81,7 +79,9 @@ def mint(key: bytes, claims: TokenClaims) -> str:
     return f"{payload}.{_b64(_signature(key, payload))}"
 
 
-def verify(key: bytes, token: str, now: float | None = None) -> TokenClaims:
+def verify(
+    key: bytes, token: str, now: float | None = None, check_expiry: bool = True
+) -> TokenClaims:
     """The claims of a token signed with `key`; raises `InvalidToken` or `ExpiredToken`."""
     _check_key(key)
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not _SHAPE.fullmatch(token):
@@ -99,7 +99,7 @@ def verify(key: bytes, token: str, now: float | None = None) -> TokenClaims:
         claims = TokenClaims.model_validate(json.loads(_unb64(payload)))
     except (ValueError, ValidationError, binascii.Error, RecursionError):
         raise InvalidToken("invalid sub-call token") from None
-    if (time.time() if now is None else now) >= claims.exp:
+    if check_expiry and (time.time() if now is None else now) >= claims.exp:
         raise ExpiredToken("sub-call token has expired")
     return claims
 

@@ -19,6 +19,7 @@ import httpx
 
 from functions import http
 from functions.contract import ToolCatalog, ToolSpec
+from functions.errors import RLMError, Unprocessable
 from functions.infer.tokens import OutOfScope, TokenClaims
 
 # Names the guest already has (as the official library reserves them, plus ours).
@@ -27,7 +28,11 @@ RESERVED = frozenset({"llm_query", "llm_query_batched", "rlm_query", "rlm_query_
                       "SubcallError", "ToolError"})  # fmt: skip
 
 
-class ToolCallError(Exception):
+class BadCatalog(Unprocessable, ValueError):
+    """A request's tool catalog this process cannot serve."""
+
+
+class ToolCallError(RLMError):
     """A tool call failed; the guest's `ToolError` carries this message."""
 
 
@@ -50,16 +55,16 @@ def check_catalog(
     """Raise `ValueError` for a reserved name or a spec this process cannot or may not call."""
     for name, spec in catalog.items():
         if name in RESERVED:
-            raise ValueError(f"tool name {name!r} is reserved ({', '.join(sorted(RESERVED))})")
+            raise BadCatalog(f"tool name {name!r} is reserved ({', '.join(sorted(RESERVED))})")
         if spec.url is None and spec.ref not in functions:
-            raise ValueError(f"tool {name!r} needs a url")
+            raise BadCatalog(f"tool {name!r} needs a url")
         if spec.url and not url_prefixes:
-            raise ValueError(
+            raise BadCatalog(
                 f"tool {name!r}: this infer calls no HTTP tools; its operator allows them by "
                 "URL prefix in RLM_TOOL_URL_PREFIXES (a tool is called from infer's network)"
             )
         if spec.url and not spec.url.startswith(url_prefixes):
-            raise ValueError(f"tool {name!r}: its url is not under RLM_TOOL_URL_PREFIXES")
+            raise BadCatalog(f"tool {name!r}: its url is not under RLM_TOOL_URL_PREFIXES")
 
 
 def authorize(claims: TokenClaims, name: str, catalog: ToolCatalog) -> ToolSpec:

@@ -20,7 +20,7 @@ import httpx
 from functions.testing.haystack import haystack
 from functions.testing.processes import Served, free_port, process_tree, serve
 from functions.testing.scripted_model import (
-    ChatRequest,
+    ModelRequest,
     Policy,
     ScriptedModel,
     answer_from_prompt,
@@ -48,7 +48,7 @@ def run_context(index: int, chars: int) -> str:
     return haystack(chars, int(secret(index)), seed=index)
 
 
-def load_policy(request: ChatRequest) -> str:
+def load_policy(request: ModelRequest) -> str:
     """The root model's two turns (search, then answer); sub-calls read the needle."""
     if not request.is_root:
         return answer_from_prompt(request)
@@ -105,7 +105,7 @@ def start_stack(
         "LLM_BASE_URL": model.base_url, "LLM_API_KEY": "k", "LLM_MODEL": "scripted",
         "LLM_MAX_RETRIES": "6", "WASM_SERVICE_URL": execute.url,
         "INFER_CALLBACK_URL": f"http://127.0.0.1:{port}", "RLM_TOKEN_KEY": TOKEN_KEY,
-        "MAX_ITERATIONS": "6", "EXECUTION_TIMEOUT": "60", "INFER_MAX_RUNS": str(max_runs),
+        "MAX_ITERATIONS": "6", "INFER_CELL_TIMEOUT": "60", "INFER_MAX_RUNS": str(max_runs),
         # Each run holds a request thread; its cells' sub-call callbacks need threads too.
         "THREADS": str(2 * max_runs + 8), **(infer_env or {}),
     }  # fmt: skip
@@ -279,7 +279,7 @@ def restarting(stack: Stack, policy: Policy) -> tuple[Policy, list[float]]:
     lands on a process that holds no session, state or context; also the restart times."""
     starts: list[float] = []
 
-    def wrapped(request: ChatRequest) -> str:
+    def wrapped(request: ModelRequest) -> str:
         if request.is_root:
             starts.append(stack.restart("execute"))
         return policy(request)

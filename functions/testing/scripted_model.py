@@ -22,12 +22,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from functions.infer.compaction import text_tokens
+
 STAND_IN_NAME = "scripted-stand-in"
 ROOT_MARKER = "REPL"  # a system prompt holding this word makes a request a root RLM turn
 
 
 @dataclass
-class ChatRequest:
+class ModelRequest:
+    """A chat-completions request as the model server received it."""
+
     model: str
     messages: list[dict[str, Any]]
     stream: bool = False
@@ -52,8 +56,7 @@ class ChatRequest:
         return [_text(m) for m in self.messages if m.get("role") == role]
 
 
-Request = ChatRequest
-Policy = Callable[[ChatRequest], str]
+Policy = Callable[[ModelRequest], str]
 
 
 def _text(message: dict[str, Any]) -> str:
@@ -61,10 +64,6 @@ def _text(message: dict[str, Any]) -> str:
     if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return "" if content is None else str(content)
-
-
-def estimate_tokens(text: str) -> int:
-    return len(text) // 4 + 1
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class ScriptedModel:
     api_key: str | None = None  # when set, other bearer tokens get 401
     send_usage: bool = True  # False: answers without a usage object, as some servers do
     faults: deque[Fault] = field(default_factory=deque)
-    requests: list[ChatRequest] = field(default_factory=list)  # the ones the policy answered
+    requests: list[ModelRequest] = field(default_factory=list)  # the ones the policy answered
     received: int = 0  # chat requests that arrived, faulted ones included
 
     def __post_init__(self) -> None:
@@ -142,11 +141,11 @@ class ScriptedModel:
             self.received = 0
             self.latency_s = 0.0
 
-    def root_requests(self) -> list[ChatRequest]:
+    def root_requests(self) -> list[ModelRequest]:
         with self._lock:
             return [r for r in self.requests if r.is_root]
 
-    def sub_requests(self) -> list[ChatRequest]:
+    def sub_requests(self) -> list[ModelRequest]:
         with self._lock:
             return [r for r in self.requests if not r.is_root]
 
@@ -164,7 +163,7 @@ class ScriptedModel:
             self._busy -= 1
             self._idle.notify_all()
 
-    def _record(self, request: ChatRequest) -> None:
+    def _record(self, request: ModelRequest) -> None:
         with self._lock:
             self.requests.append(request)
 
@@ -183,9 +182,9 @@ _MODELS = {
 }
 
 
-def _usage(request: ChatRequest, text: str) -> dict[str, int]:
-    prompt = sum(estimate_tokens(_text(m)) for m in request.messages)
-    completion = estimate_tokens(text)
+def _usage(request: ModelRequest, text: str) -> dict[str, int]:
+    prompt = sum(text_tokens(_text(m)) for m in request.messages)
+    completion = text_tokens(text)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -193,7 +192,7 @@ def _usage(request: ChatRequest, text: str) -> dict[str, int]:
     }
 
 
-def _completion(ident: str, request: ChatRequest, text: str, usage: dict | None) -> dict:
+def _completion(ident: str, request: ModelRequest, text: str, usage: dict | None) -> dict:
     message = {"role": "assistant", "content": text}
     choice = {"index": 0, "finish_reason": "stop", "logprobs": None, "message": message}
     body = {
@@ -206,7 +205,7 @@ def _completion(ident: str, request: ChatRequest, text: str, usage: dict | None)
     return body if usage is None else {**body, "usage": usage}
 
 
-def _chunks(ident: str, request: ChatRequest, text: str, usage: dict | None) -> list[dict]:
+def _chunks(ident: str, request: ModelRequest, text: str, usage: dict | None) -> list[dict]:
     """The SSE frames of one streamed reply: role, text in pieces, stop, usage if asked."""
     base = {
         "id": ident,
@@ -261,7 +260,7 @@ def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
                 self._error(400, "the body must be a JSON object with a 'messages' list")
                 return
             stream = bool(body.get("stream"))
-            request = ChatRequest(str(body.get("model", "")), body["messages"], stream)
+            request = ModelRequest(str(body.get("model", "")), body["messages"], stream)
             model._record(request)
             if model.latency_s:
                 time.sleep(model.latency_s)
@@ -341,7 +340,7 @@ def repl(code: str, preface: str = "Let me run this.") -> str:
     return f"{preface}\n```repl\n{code.strip()}\n```"
 
 
-def answer_from_prompt(request: ChatRequest) -> str:
+def answer_from_prompt(request: ModelRequest) -> str:
     """The sub-model: finds 'magic number is N' in its prompt and answers N, else NONE."""
     found = re.search(r"magic number is (\d+)", request.last)
     return found.group(1) if found else "NONE"
@@ -375,7 +374,7 @@ if found:
 )
 
 
-def needle_policy(request: ChatRequest) -> str:
+def needle_policy(request: ModelRequest) -> str:
     """Plays a root RLM that finds 'the magic number is N' in `context`, and its sub-model.
 
     Root turn 0 probes the context; turn 1 searches it with llm_query_batched over ~100k-char
@@ -403,7 +402,7 @@ def scripted_replies(root_replies: list[Reply], sub_answer: Policy = answer_from
     if not root_replies:
         raise ValueError("scripted_replies needs at least one root reply")
 
-    def policy(request: ChatRequest) -> str:
+    def policy(request: ModelRequest) -> str:
         if not request.is_root:
             return sub_answer(request)
         reply = root_replies[min(request.turn, len(root_replies) - 1)]

@@ -551,7 +551,7 @@ def test_visibility_and_timeouts(folder: str) -> None:
     max_cell = float(variables["EXECUTE_MAX_TIMEOUT"]["value"])
     assert max_cell < execute["spec"]["template"]["spec"]["timeoutSeconds"]
     assert float(variables["EXECUTE_SUBCALL_TIMEOUT"]["value"]) <= max_cell
-    cell = float(env(infer)["EXECUTION_TIMEOUT"]["value"])
+    cell = float(env(infer)["INFER_CELL_TIMEOUT"]["value"])
     assert cell <= max_cell, "infer must not ask for a longer cell than execute allows"
 
 

@@ -1,0 +1,499 @@
+"""The run ledger: the one authority on every run, shared by every infer process.
+
+Any infer pod may serve a run's callbacks, its cancel, its CloudEvent redelivery or its
+conversation's next turn, so what a run is allowed and what it has spent lives here, not in a
+process's memory: owner, status, cancel flag, the current cell and its prompt count, spend
+(reserved before a model is called, settled after), child runs, each cell's sub-call log, the
+replay memo, conversations and answered CloudEvents.
+
+Two stores hold it: `MemoryStore` in this process (embedded, `rlm serve`) and `RedisStore`
+(`INFER_STORE_URL`, every deployment with more than one infer process). Both implement the
+same few primitives; the rules are written once, in `Ledger`. Every key expires. A store that
+cannot be reached raises `LedgerUnavailable` (503 with Retry-After), never a fallback to memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from functions.contract import ModelUsage, UsageByModel
+from functions.errors import Conflict, Forbidden, NotFound, Unauthorized, Unavailable
+
+ANONYMOUS = "anonymous"  # the owner of runs when callers are not authenticated (local mode)
+
+
+class LedgerUnavailable(Unavailable):
+    """The run ledger cannot be reached; the pod recovers by itself when it returns."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"the run ledger is unreachable ({why}); retry shortly", retry_after_s=2)
+
+
+class BudgetRefused(Forbidden):
+    """A reservation the run's remaining budget cannot cover: nothing was called."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code  # the StopCode value of the budget
+
+
+# ----------------------------------------------------------------------------- stores
+
+
+class Store(Protocol):
+    """The primitives the ledger needs; each is atomic."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False) -> bool:
+        """Set `key`; with `only_if_absent`, only if it does not exist (False then)."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+    def add(
+        self, key: str, amounts: dict[str, float], caps: dict[str, float], ttl_s: float
+    ) -> dict[str, float] | None:
+        """Add `amounts` to the counters of hash `key`, unless a positive amount would take a
+        capped counter past its cap: then change nothing and return None."""
+        ...
+
+    def counters(self, key: str) -> dict[str, float]: ...
+
+    def push(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    def pop_all(self, key: str) -> list[bytes]: ...
+
+    def pop_first(self, key: str) -> bytes | None: ...
+
+
+class MemoryStore:
+    """The ledger in this process's memory: one process is the whole deployment."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._items: dict[str, tuple[Any, float]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._next_sweep = 0.0
+
+    def _live(self, key: str) -> Any:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[1] <= self._clock():
+            del self._items[key]
+            return None
+        return item[0]
+
+    def _set(self, key: str, value: Any, ttl_s: float) -> None:
+        now = self._clock()
+        self._items[key] = (value, now + ttl_s)
+        if now >= self._next_sweep:  # expired keys nobody asks for again go too
+            self._next_sweep = now + 60
+            for k in [k for k, (_, t) in self._items.items() if t <= now]:
+                del self._items[k]
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._live(key)
+
+    def put(self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False) -> bool:
+        with self._lock:
+            if only_if_absent and self._live(key) is not None:
+                return False
+            self._set(key, value, ttl_s)
+            return True
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def add(
+        self, key: str, amounts: dict[str, float], caps: dict[str, float], ttl_s: float
+    ) -> dict[str, float] | None:
+        with self._lock:
+            current = dict(self._live(key) or {})
+            for name, amount in amounts.items():
+                cap = caps.get(name)
+                if cap is not None and amount > 0 and current.get(name, 0.0) + amount > cap:
+                    return None
+            for name, amount in amounts.items():
+                current[name] = current.get(name, 0.0) + amount
+            self._set(key, current, ttl_s)
+            return dict(current)
+
+    def counters(self, key: str) -> dict[str, float]:
+        with self._lock:
+            return dict(self._live(key) or {})
+
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        with self._lock:
+            items = self._live(key) or deque()
+            items.append(value)
+            self._set(key, items, ttl_s)
+
+    def pop_all(self, key: str) -> list[bytes]:
+        with self._lock:
+            items = self._live(key)
+            self._items.pop(key, None)
+            return list(items or ())
+
+    def pop_first(self, key: str) -> bytes | None:
+        with self._lock:
+            items = self._live(key)
+            return items.popleft() if items else None
+
+
+_ADD = """
+local n = tonumber(ARGV[2])
+for i = 0, n - 1 do
+  local cap = ARGV[5 + i * 3]
+  local amount = tonumber(ARGV[4 + i * 3])
+  if cap ~= '' and amount > 0 then
+    local now = tonumber(redis.call('HGET', KEYS[1], ARGV[3 + i * 3]) or '0')
+    if now + amount > tonumber(cap) then return false end
+  end
+end
+local out = {}
+for i = 0, n - 1 do
+  out[#out + 1] = ARGV[3 + i * 3]
+  out[#out + 1] = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[3 + i * 3], ARGV[4 + i * 3])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return out
+"""
+
+_POP_ALL = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return items
+"""
+
+
+class RedisStore:
+    """The ledger in Redis, shared by every infer process of a deployment (redis-py)."""
+
+    def __init__(self, url: str, password: str | None = None, timeout_s: float = 2.0) -> None:
+        import redis
+
+        self._errors = (redis.RedisError, OSError)
+        self._redis = redis.Redis.from_url(
+            url,
+            password=password or None,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+            retry_on_timeout=False,
+        )
+        self._add = self._redis.register_script(_ADD)
+        self._pop_all = self._redis.register_script(_POP_ALL)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as e:
+            raise LedgerUnavailable(type(e).__name__) from None
+
+    def get(self, key: str) -> bytes | None:
+        return self._call(self._redis.get, key)
+
+    def put(self, key: str, value: bytes, ttl_s: float, only_if_absent: bool = False) -> bool:
+        done = self._call(self._redis.set, key, value, px=_ms(ttl_s), nx=only_if_absent)
+        return bool(done)
+
+    def delete(self, key: str) -> None:
+        self._call(self._redis.delete, key)
+
+    def add(
+        self, key: str, amounts: dict[str, float], caps: dict[str, float], ttl_s: float
+    ) -> dict[str, float] | None:
+        args: list[Any] = [_ms(ttl_s), len(amounts)]
+        for name, amount in amounts.items():
+            cap = caps.get(name)
+            args += [name, repr(float(amount)), "" if cap is None else repr(float(cap))]
+        out = self._call(self._add, keys=[key], args=args)
+        if out is None:
+            return None
+        return {out[i].decode(): float(out[i + 1]) for i in range(0, len(out), 2)}
+
+    def counters(self, key: str) -> dict[str, float]:
+        found = self._call(self._redis.hgetall, key)
+        return {k.decode(): float(v) for k, v in found.items()}
+
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        pipe = self._redis.pipeline()
+        pipe.rpush(key, value)
+        pipe.pexpire(key, _ms(ttl_s))
+        self._call(pipe.execute)
+
+    def pop_all(self, key: str) -> list[bytes]:
+        return list(self._call(self._pop_all, keys=[key]))
+
+    def pop_first(self, key: str) -> bytes | None:
+        return self._call(self._redis.lpop, key)
+
+    def ping(self) -> None:
+        self._call(self._redis.ping)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(min(seconds, 10 * 365 * 86400) * 1000))
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """A run as the ledger knows it: run ids are scoped to their owner."""
+
+    owner: str
+    run_id: str
+
+    @property
+    def id(self) -> str:
+        digest = hashlib.sha256(f"{self.owner}\0{self.run_id}".encode()).hexdigest()[:32]
+        return f"run:{digest}"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    usd: float
+    tokens: float
+
+
+class Ledger:
+    """What every infer process agrees on about runs, cells, spend, conversations and events."""
+
+    def __init__(self, store: Store, run_ttl_s: float = 24 * 3600.0) -> None:
+        self.store = store
+        self.run_ttl_s = run_ttl_s
+
+    # ------------------------------------------------------------------ runs
+
+    def open_run(
+        self,
+        key: RunKey,
+        budget_usd: float | None,
+        budget_tokens: int | None,
+        ttl_s: float,
+    ) -> str:
+        """Record a new live run of `key.owner`; its secret (for cancelling it in local mode).
+
+        `Conflict` when that owner already has a live run with that id."""
+        secret = secrets.token_urlsafe(16)
+        record = {"status": "running", "secret": secret, "usd": budget_usd,
+                  "tokens": budget_tokens, "started": time.time()}  # fmt: skip
+        ttl = min(ttl_s, self.run_ttl_s)
+        if not self.store.put(key.id, _dump(record), ttl, only_if_absent=True):
+            old = _load(self.store.get(key.id))
+            if old is not None and old.get("status") == "running":
+                raise Conflict(f"run {key.run_id!r} is already running")
+            self.store.put(key.id, _dump(record), ttl)
+        for suffix in (":cancel", ":stop", ":spend", ":children"):
+            self.store.delete(key.id + suffix)
+        return secret
+
+    def finish_run(self, key: RunKey, status: str) -> None:
+        record = _load(self.store.get(key.id)) or {}
+        record["status"] = status
+        self.store.put(key.id, _dump(record), self.run_ttl_s)
+
+    def _record(self, key: RunKey) -> dict[str, Any] | None:
+        return _load(self.store.get(key.id))
+
+    def cancel(self, key: RunKey, secret: str | None = None) -> bool:
+        """Cancel `key`'s run. Only its owner reaches it (run ids are scoped to owners); in
+        local mode, where every caller is the same owner, the run's secret is needed too."""
+        record = self._record(key)
+        if record is None or record.get("status") != "running":
+            raise NotFound(f"no run {key.run_id!r} of yours is in progress")
+        if key.owner == ANONYMOUS and not hmac.compare_digest(
+            str(secret or ""), str(record.get("secret"))
+        ):
+            raise Forbidden("cancelling this run needs its cancel_token (given when it started)")
+        self.store.put(key.id + ":cancel", b"1", self.run_ttl_s)
+        return True
+
+    def cancelled(self, key: RunKey) -> bool:
+        return self.store.get(key.id + ":cancel") is not None
+
+    def stop(self, key: RunKey, code: str, reason: str) -> None:
+        """A budget ran out where money is spent: the run stops at its next step."""
+        self.store.put(key.id + ":stop", _dump([code, reason]), self.run_ttl_s, only_if_absent=True)
+
+    def stopped(self, key: RunKey) -> tuple[str, str] | None:
+        found = _load(self.store.get(key.id + ":stop"))
+        return None if found is None else (found[0], found[1])
+
+    # ------------------------------------------------------------------ cells
+
+    def open_cell(self, root: RunKey, run_id: str, nonce: str, replay: bool, ttl_s: float) -> None:
+        """`nonce` is the current cell of run `run_id` (the root or one of its children) until
+        the next one; a rebuilt session's replayed cells have a slot of their own."""
+        self.store.put(_cell_slot(root, run_id, replay), nonce.encode(), ttl_s)
+
+    def take_prompts(self, root: RunKey, run_id: str, nonce: str, count: int, cap: int) -> None:
+        """Count `count` prompts against the cell's cap; refuse a cell that is not current."""
+        record = self._record(root)
+        if record is None or record.get("status") != "running":
+            raise Unauthorized("sub-call token of a run that has ended")
+        current = {self.store.get(_cell_slot(root, run_id, r)) for r in (False, True)}
+        if nonce.encode() not in current:
+            raise Unauthorized("sub-call token of a cell that has ended")
+        taken = self.store.add(
+            f"{root.id}:prompts:{nonce}", {"prompts": count}, {"prompts": cap}, self.run_ttl_s
+        )
+        if taken is None:
+            raise Forbidden(f"sub-call limit reached: at most {cap} prompts per cell")
+
+    # ------------------------------------------------------------------ spend
+
+    def reserve(self, key: RunKey, usd: float, tokens: float) -> Reservation:
+        """Hold `usd` and `tokens` of the run's budgets before calling a model, or refuse."""
+        record = self._record(key) or {}
+        caps = {}
+        if record.get("usd") is not None:
+            caps["usd"] = float(record["usd"])
+        if record.get("tokens") is not None:
+            caps["tokens"] = float(record["tokens"])
+        held = self.store.add(
+            key.id + ":spend", {"usd": usd, "tokens": tokens}, caps, self.run_ttl_s
+        )
+        if held is None:
+            now = self.store.counters(key.id + ":spend")
+            if "usd" in caps and now.get("usd", 0.0) + usd > caps["usd"]:
+                raise BudgetRefused(
+                    f"max_budget_usd: spent ${now.get('usd', 0.0):.4f} of ${caps['usd']:g}; "
+                    f"this call needs up to ${usd:.4f}",
+                    "max_budget_usd",
+                )
+            raise BudgetRefused(
+                f"max_tokens: used {int(now.get('tokens', 0))} of {int(caps['tokens'])}; "
+                f"this call needs up to {int(tokens)}",
+                "max_tokens",
+            )
+        return Reservation(usd, tokens)
+
+    def settle(self, key: RunKey, held: Reservation, model: str, usage: ModelUsage) -> None:
+        """Replace the reservation with what the call really cost."""
+        tokens = usage.input_tokens + usage.output_tokens
+        self.store.add(
+            key.id + ":spend",
+            {
+                "usd": usage.cost_usd - held.usd,
+                "tokens": tokens - held.tokens,
+                f"{model}\0calls": usage.calls,
+                f"{model}\0input_tokens": usage.input_tokens,
+                f"{model}\0output_tokens": usage.output_tokens,
+                f"{model}\0cost_usd": usage.cost_usd,
+            },
+            {},
+            self.run_ttl_s,
+        )
+
+    def release(self, key: RunKey, held: Reservation) -> None:
+        """A reserved call that was not made (or failed before it cost anything)."""
+        self.store.add(
+            key.id + ":spend", {"usd": -held.usd, "tokens": -held.tokens}, {}, self.run_ttl_s
+        )
+
+    def spent(self, key: RunKey) -> UsageByModel:
+        """What the run has spent, by model."""
+        usage: dict[str, dict[str, float]] = {}
+        for name, value in self.store.counters(key.id + ":spend").items():
+            model, sep, field = name.partition("\0")
+            if sep:
+                usage.setdefault(model, {})[field] = value
+        return {
+            model: ModelUsage(
+                calls=int(u.get("calls", 0)),
+                input_tokens=int(u.get("input_tokens", 0)),
+                output_tokens=int(u.get("output_tokens", 0)),
+                cost_usd=u.get("cost_usd", 0.0),
+            )
+            for model, u in usage.items()
+        }
+
+    # ------------------------------------------------------------------ children
+
+    def start_child(self, key: RunKey, limit: int) -> None:
+        if self.store.add(key.id + ":children", {"live": 1}, {"live": limit}, self.run_ttl_s):
+            return
+        raise Forbidden(f"child RLM limit reached: at most {limit} at once per run")
+
+    def end_child(self, key: RunKey) -> None:
+        self.store.add(key.id + ":children", {"live": -1}, {}, self.run_ttl_s)
+
+    # ------------------------------------------------------------------ log and memo
+
+    def log(self, key: RunKey, nonce: str, entry: dict[str, Any]) -> None:
+        self.store.push(f"{key.id}:log:{nonce}", _dump(entry), self.run_ttl_s)
+
+    def take_log(self, key: RunKey, nonce: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.store.pop_all(f"{key.id}:log:{nonce}")]
+
+    def remember(self, key: RunKey, call: str, responses: list[str]) -> None:
+        """A sub-call's answers, so a replayed cell gets the same ones (no model called twice)."""
+        self.store.push(f"{key.id}:memo:{_digest(call)}", _dump(responses), self.run_ttl_s)
+
+    def recall(self, key: RunKey, call: str) -> list[str] | None:
+        found = self.store.pop_first(f"{key.id}:memo:{_digest(call)}")
+        return None if found is None else json.loads(found)
+
+    # ------------------------------------------------------------------ events
+
+    def claim_event(self, event_key: str, ttl_s: float) -> tuple[str, Any]:
+        """("new", None) for the first delivery of an event, ("running", None) while that one
+        runs, ("answered", reply) after it answered."""
+        key = f"event:{event_key}"
+        if self.store.put(key, _dump({"state": "running"}), ttl_s, only_if_absent=True):
+            return "new", None
+        found = _load(self.store.get(key)) or {}
+        if found.get("state") == "answered":
+            return "answered", found.get("reply")
+        return "running", None
+
+    def answer_event(self, event_key: str, reply: Any, ttl_s: float) -> None:
+        self.store.put(f"event:{event_key}", _dump({"state": "answered", "reply": reply}), ttl_s)
+
+    def forget_event(self, event_key: str) -> None:
+        """The first delivery failed without an answer: the next one runs again."""
+        self.store.delete(f"event:{event_key}")
+
+
+def _cell_slot(root: RunKey, run_id: str, replay: bool) -> str:
+    return f"{root.id}:cell:{_digest(run_id)[:16]}{':replay' if replay else ''}"
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _load(data: bytes | None) -> Any:
+    return None if data is None else json.loads(data)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def event_key(source: str, event_id: str, data: bytes) -> str:
+    """A CloudEvent's identity: its source, its id and its data (another producer reusing an id,
+    or other data under the same id, is another event)."""
+    parts = [source, event_id, hashlib.sha256(data).hexdigest()]
+    return _digest("\0".join(parts))
+
+
+def store_from_settings(url: str, password: str | None) -> Store:
+    return RedisStore(url, password) if url else MemoryStore()
+
+

@@ -1,0 +1,113 @@
+"""The sub-call endpoint: the sandbox's `llm_query`, `rlm_query` and tool calls reach infer here.
+
+One implementation, three doors: the `/subcalls` route of the infer function, the SDK's callback
+server (its remote mode), and the in-process transport of the embedded sandbox. Each authorizes
+the bearer token, bounds the body, dispatches to the service and maps failures the same way, so
+the guest reads the same message whichever way its call came.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+from functions.contract import Callback, SubcallRequest, SubcallResponse
+from functions.errors import PayloadTooLarge, RLMError, Unauthorized, UpstreamError
+from functions.http import parse_json, validate
+
+if TYPE_CHECKING:
+    from functions.infer.service import InferService
+
+MAX_BODY_BYTES = 64 << 20  # a batch's prompts; a cell's whole output is far smaller
+
+
+def bearer(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer …` header; `Unauthorized` without one."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+def parse(body: bytes) -> SubcallRequest:
+    """The request in `body` (read with at most `MAX_BODY_BYTES + 1` bytes)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"sub-call body is over the limit of {MAX_BODY_BYTES} bytes")
+    return validate(SubcallRequest, parse_json(body))
+
+
+def dispatch(service: InferService, token: str, request: SubcallRequest) -> SubcallResponse:
+    """Serve one sub-call; every failure is an `RLMError` whose message the guest reads."""
+    from functions.infer import metrics
+    from functions.infer.llm import LLMError
+
+    try:
+        reply = service.subcall(token, request)
+    except LLMError as e:
+        raise UpstreamError(f"the sub-model failed: {e}") from None
+    metrics.subcalls_total.labels(kind=request.kind).inc(len(request.prompts))
+    return reply
+
+
+def serve(
+    service: InferService, authorization: str | None, read: Callable[[int], bytes]
+) -> SubcallResponse:
+    """The whole endpoint: `read(n)` gives at most n bytes of the body."""
+    token = bearer(authorization)
+    return dispatch(service, token, parse(read(MAX_BODY_BYTES + 1)))
+
+
+class InProcess:
+    """The embedded sandbox's transport: straight into the service, no HTTP."""
+
+    service: InferService  # set once the service that owns this transport is built
+
+    def __call__(
+        self, callback: Callback, request: SubcallRequest, headers: dict[str, str]
+    ) -> SubcallResponse:
+        from functions.execute.sandbox import SubcallRefused
+
+        try:
+            return dispatch(self.service, callback.token, request)
+        except RLMError as e:
+            raise SubcallRefused(f"sub-call refused ({e.status}): {e.message}") from None
+
+
+def callback_server(service: InferService, host: str, port: int) -> ThreadingHTTPServer:
+    """A small HTTP server of this endpoint, for a remote execute plane to call back into an
+    SDK process (any path answers: the callback URL is this server's)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("content-length") or 0)
+            except ValueError:
+                length = 0
+            status, reply = 200, b""
+            try:
+                if length > MAX_BODY_BYTES:
+                    raise PayloadTooLarge(
+                        f"sub-call body is {length} bytes; the limit is {MAX_BODY_BYTES}"
+                    )
+                read = lambda n: self.rfile.read(min(n, length))  # noqa: E731
+                answer = serve(service, self.headers.get("authorization"), read)
+                reply = answer.model_dump_json().encode()
+            except RLMError as e:
+                status, reply = e.status, json.dumps(e.problem()).encode()
+                self.close_connection = True  # an unread body must not be parsed as a request
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -1,0 +1,67 @@
+"""Building the infer service from its settings: the one place the parts are put together.
+
+The served function (`main.py`) and the SDK (`functions/sdk.py`, `rlm ask`) both call
+`build_service`; they differ only in the executor they hand it (or let it choose).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from functions.infer.executor import Executor
+from functions.infer.llm import LLM
+from functions.infer.pricing import PriceTable
+from functions.infer.routing import routed
+from functions.infer.service import InferService
+from functions.infer.settings import InferSettings
+
+log = logging.getLogger("rlm.infer")
+
+EMBEDDED_CALLBACK_URL = "http://embedded"  # never dialled: the sandbox calls the service directly
+
+
+def model_client(settings: InferSettings) -> Any:
+    """The model client: `LLM_BASE_URL`'s, plus one per `RLM_ENDPOINTS` endpoint, all with the
+    same timeout, retries and price table."""
+    prices = PriceTable(settings.prices_json)
+
+    def client(base_url: str, api_key: str) -> LLM:
+        return LLM(
+            base_url, api_key, settings.llm_timeout_s, settings.llm_max_retries, prices=prices
+        )
+
+    return routed(client(settings.base_url, settings.api_key), settings.endpoints, client)
+
+
+def build_service(
+    settings: InferSettings,
+    executor: Executor | None = None,
+    callback_url: str | None = None,
+) -> InferService:
+    """The infer service. Without an `executor`, cells go to `settings.execute_url` when it is
+    set (the served function) and to a sandbox in this process otherwise (embedded)."""
+    if executor is not None:
+        return InferService(settings, model_client(settings), executor, callback_url)
+    if settings.execute_url:
+        from functions.infer.executor import RemoteExecutor
+
+        executor = RemoteExecutor(settings.execute_url, settings.cell_timeout_s + 30)
+        return InferService(settings, model_client(settings), executor, callback_url)
+    return _embedded(settings)
+
+
+def _embedded(settings: InferSettings) -> InferService:
+    """Cells in this process's sandbox; their sub-calls go straight into the service."""
+    from functions.execute.cells import CellRunner
+    from functions.execute.settings import ExecuteSettings
+    from functions.infer import subcalls
+    from functions.infer.executor import LocalExecutor
+
+    transport = subcalls.InProcess()
+    runner = CellRunner(ExecuteSettings.from_env(), transport)
+    service = InferService(
+        settings, model_client(settings), LocalExecutor(runner), EMBEDDED_CALLBACK_URL
+    )
+    transport.service = service
+    return service
