@@ -33,6 +33,7 @@ from functions.http import (
     read_body,
     validate,
 )
+from functions.server import EdgeLimits, serve_hardened
 
 log = logging.getLogger("rlm.execute")
 
@@ -69,6 +70,9 @@ def _warm_up(cells: CellRunner) -> None:
 
 ROUTES = "POST /execute, POST /, GET /health, GET /metrics"
 json_errors(ROUTES)
+serve_hardened(
+    EdgeLimits(SETTINGS.read_timeout_s, SETTINGS.max_header_bytes, SETTINGS.max_request_bytes)
+)
 
 
 @functions_framework.http

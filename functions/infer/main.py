@@ -46,6 +46,7 @@ from functions.infer.idempotency import OncePerKey
 from functions.infer.inputs import load_context
 from functions.infer.service import InferService
 from functions.infer.settings import InferSettings
+from functions.server import EdgeLimits, serve_hardened
 
 log = logging.getLogger("rlm.infer")
 
@@ -85,6 +86,11 @@ def service() -> InferService:
 
 ROUTES = "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
 json_errors(ROUTES)
+serve_hardened(
+    EdgeLimits(
+        SETTINGS.read_timeout_s, SETTINGS.max_header_bytes, SETTINGS.max_context_bytes + _BODY_SLACK
+    )
+)
 
 
 @functions_framework.http

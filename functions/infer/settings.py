@@ -42,6 +42,8 @@ ENV_NAMES = (
     "RLM_TOOL_URL_PREFIXES",
     "INFER_CONTEXT_URL_PREFIXES",
     "THREADS",
+    "INFER_READ_TIMEOUT",
+    "INFER_MAX_HEADER_KB",
 )
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
@@ -75,6 +77,8 @@ class InferSettings:
     tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=none
     context_url_prefixes: tuple[str, ...] = ()  # INFER_CONTEXT_URL_PREFIXES: likewise context_uri
     threads: int = 4 * (os.cpu_count() or 1)  # THREADS: gunicorn's threads (the served function)
+    read_timeout_s: float = 120.0  # INFER_READ_TIMEOUT: a whole request must arrive within it
+    max_header_bytes: int = 64 << 10  # INFER_MAX_HEADER_KB: request line and headers
 
     def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -129,6 +133,8 @@ class InferSettings:
             tool_url_prefixes=_prefixes(e.get("RLM_TOOL_URL_PREFIXES", "")),
             context_url_prefixes=_prefixes(e.get("INFER_CONTEXT_URL_PREFIXES", "")),
             threads=env_int("THREADS", 4 * (os.cpu_count() or 1), 1, e),
+            read_timeout_s=env_float("INFER_READ_TIMEOUT", 120.0, 1, e),
+            max_header_bytes=env_int("INFER_MAX_HEADER_KB", 64, 8, e) << 10,
         )
 
     @property
