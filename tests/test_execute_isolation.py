@@ -19,6 +19,7 @@ from functions.errors import BadCell, MissingRefs
 from functions.execute.cells import pack_state
 from functions.execute.settings import MIB, ExecuteSettings
 from functions.testing.processes import process_tree
+from functions.testing.scripted_model import repl
 from tests.conftest import Served, serve
 
 A = "tenant-a-scope-0000000001"
@@ -362,3 +363,38 @@ def test_host_bytes_covers_what_a_pod_may_hold():
     one = settings.host_bytes(1)
     assert settings.host_bytes(4) - one == 3 * (one - settings.host_bytes(0))
     assert one > settings.memory_bytes + settings.cache_bytes + 3 * settings.max_request_bytes
+
+
+# ----------------------------------------------------------------------------- through /infer
+
+
+def test_two_runs_with_one_run_id_share_no_interpreter(stack, llm):
+    """The README invites callers to choose run_id: a run that hijacks its interpreter and a
+    later run with the same run_id meet nowhere on the execute pod."""
+    hijack = (
+        "import sys\n"
+        "driver = sys.modules['_rlm_driver']\n"
+        "seen = []\n"
+        "driver.cell = lambda plan, code: seen.append(code)\n"
+        "driver.write_fd = lambda fd, data: len(data)\n"
+        "driver.report_to_file = lambda: None\n"
+        "secret = 'first run'\n"
+    )
+    probe = (
+        "answer['content'] = f\"{'seen' in globals()} {'secret' in globals()} {context}\"\n"
+        "answer['ready'] = True"
+    )
+
+    def policy(request):
+        if "first run" in request.messages[1]["content"]:
+            return repl(hijack) if request.turn == 0 else "FINAL(done)"
+        return repl(probe)
+
+    llm.switch.current = policy
+    url = stack.infer.url + "/infer"
+    first = httpx.post(url, json={"query": "first run", "context": "x", "run_id": "chosen-id"},
+                       timeout=120)  # fmt: skip
+    assert first.status_code == 200 and first.json()["answer"] == "done", first.text
+    second = httpx.post(url, json={"query": "second", "context": "mine", "run_id": "chosen-id"},
+                        timeout=120)  # fmt: skip
+    assert second.json()["answer"] == "False False mine", second.text
