@@ -238,17 +238,18 @@ class EdgeWorker(ThreadWorker):
             self._unlinger(conn)
 
     def _unlinger(self, conn: EdgeConn) -> None:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self.poller.unregister(conn.sock)
-        with contextlib.suppress(ValueError):
-            self.lingering.remove(conn)
+        self._forget(conn, self.lingering)
         self._close(conn)
 
     def _ungather(self, conn: EdgeConn) -> None:
+        self._forget(conn, self.gathering)
+
+    def _forget(self, conn: EdgeConn, waiting: deque[EdgeConn]) -> None:
+        """The poller stops watching `conn`, and it leaves `waiting`."""
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.poller.unregister(conn.sock)
         with contextlib.suppress(ValueError):
-            self.gathering.remove(conn)
+            waiting.remove(conn)
 
     def _drop(self, conn: EdgeConn) -> None:
         self._ungather(conn)

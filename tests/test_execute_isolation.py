@@ -26,6 +26,11 @@ A = "tenant-a-scope-0000000001"
 B = "tenant-b-scope-0000000002"
 
 
+def unpacked(state) -> bytes:
+    """The pickle a response's state.data carries."""
+    return zlib.decompress(base64.b64decode(state.data))
+
+
 def run(runner, code: str, scope: str, sid: str | None = None, state=None, **fields):
     state_ref = {"ref": state.ref} if state else None
     return runner.run(
@@ -51,17 +56,20 @@ def test_another_scope_cannot_reach_or_end_a_session(runner):
     assert a2.stdout == "1 a\n" and not a2.session_reset
 
 
+# A cell that makes its interpreter a spy on the next cell's code and silences the report.
+HIJACK = (
+    "import sys\n"
+    "driver = sys.modules['_rlm_driver']\n"
+    "seen = []\n"
+    "driver.cell = lambda plan, code: seen.append(code)\n"
+    "driver.write_fd = lambda fd, data: len(data)\n"
+    "driver.report_to_file = lambda: None\n"
+)
+
+
 def test_a_cell_without_its_report_fails_and_its_interpreter_is_never_reused(runner):
     a0 = run(runner, "x = 1", A, "hijack")
-    hijack = (
-        "import sys\n"
-        "driver = sys.modules['_rlm_driver']\n"
-        "seen = []\n"
-        "driver.cell = lambda plan, code: seen.append(code)\n"
-        "driver.write_fd = lambda fd, data: len(data)\n"
-        "driver.report_to_file = lambda: None\n"
-    )
-    a1 = run(runner, hijack, A, "hijack", a0.state)
+    a1 = run(runner, HIJACK, A, "hijack", a0.state)
     assert a1.error.type == "CellFailed" and a1.session_reset
     assert a1.state.ref == a0.state.ref  # back to the last good state
     # The next cells with the same session id and no state, from either scope (as a second run
@@ -106,7 +114,7 @@ def test_a_report_forged_alone_is_bounded_by_the_host(runner):
     assert r.error is None, r.error
     assert len(r.locals) == 200
     assert all(len(v.type) <= 300 and len(v.preview) <= 300 for v in r.locals.values())
-    assert r.state.size == len(zlib.decompress(base64.b64decode(r.state.data)))
+    assert r.state.size == len(unpacked(r.state))
 
 
 def test_rebinding_names_changes_nothing_the_host_does(runner):
@@ -122,7 +130,7 @@ def test_rebinding_names_changes_nothing_the_host_does(runner):
     )
     a = run(runner, rebind, A, "rebind")
     assert a.error is None, a.error
-    assert a.state.size == len(zlib.decompress(base64.b64decode(a.state.data)))
+    assert a.state.size == len(unpacked(a.state))
     assert a.state.size < 1 << 20
     shown = run(runner, "SHOW_VARS()", A, "rebind", a.state)
     assert "blob: str" in shown.stdout, shown
@@ -138,7 +146,7 @@ def test_rebinding_builtins_stays_inside_the_session(runner):
     rebind = "import builtins\nbuiltins.len = lambda value: 10 ** 15\nbuiltins.print = None\n"
     a = run(runner, rebind, A, "builtins")
     assert a.error is None or a.error.type == "CellFailed"
-    assert a.state is None or a.state.size == len(zlib.decompress(base64.b64decode(a.state.data)))
+    assert a.state is None or a.state.size == len(unpacked(a.state))
     r = run(runner, "print(v, len('abc'))", B, "victim-of-builtins", victim.state)
     assert r.stdout == "victim 3\n" and not r.session_reset
 
@@ -176,7 +184,7 @@ def test_a_conversations_contexts_never_enter_the_state(runner):
         )
     )
     assert r.error is None and r.state.size < 1000, r.state.size
-    blob = zlib.decompress(base64.b64decode(r.state.data))
+    blob = unpacked(r.state)
     assert b"ccccccccc" not in blob and b"rows" not in blob
 
 
@@ -371,15 +379,7 @@ def test_host_bytes_covers_what_a_pod_may_hold():
 def test_two_runs_with_one_run_id_share_no_interpreter(stack, llm):
     """The README invites callers to choose run_id: a run that hijacks its interpreter and a
     later run with the same run_id meet nowhere on the execute pod."""
-    hijack = (
-        "import sys\n"
-        "driver = sys.modules['_rlm_driver']\n"
-        "seen = []\n"
-        "driver.cell = lambda plan, code: seen.append(code)\n"
-        "driver.write_fd = lambda fd, data: len(data)\n"
-        "driver.report_to_file = lambda: None\n"
-        "secret = 'first run'\n"
-    )
+    hijack = HIJACK + "secret = 'first run'\n"
     probe = (
         "answer['content'] = f\"{'seen' in globals()} {'secret' in globals()} {context}\"\n"
         "answer['ready'] = True"
