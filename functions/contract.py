@@ -282,6 +282,9 @@ class Conversation(Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
     state: StateRef | None = None
     contexts: list[ContextRef] = Field(default_factory=list)
+    signature: str | None = Field(
+        default=None, max_length=128, description="Infer's signature: send the record as it came."
+    )
 
 
 class InferRequest(Strict):

@@ -190,7 +190,7 @@ class RLM:
         try:
             return await work
         except asyncio.CancelledError:
-            self.service.cancel(run_id)
+            self.service.stop(run_id)
             raise
 
     def cancel(self, run_id: str | None = None) -> int:
@@ -198,8 +198,10 @@ class RLM:
 
         A cancelled run ends with status "stopped", stop_reason "cancelled", and its usage.
         """
-        ids = [run_id] if run_id else list(self._running)
-        return sum(self.service.cancel(one) for one in ids)
+        ids = [one for one in ([run_id] if run_id else list(self._running)) if one in self._running]
+        for one in ids:
+            self.service.stop(one)
+        return len(ids)
 
     def _log(self, trajectory: list[dict[str, Any]]) -> None:
         if self.logger is None:

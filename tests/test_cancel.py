@@ -46,17 +46,21 @@ def wait_for_subcall(llm, timeout_s: float = 30) -> None:
 def test_cancel_endpoint_stops_a_cell_waiting_on_a_sub_call(stack, slow_subcalls):
     run_id = "cancel-me-1"
     answer: dict = {}
+    mine = {"x-rlm-cancel-token": "a-secret-of-the-caller"}
 
     def post():
         r = httpx.post(stack.infer.url + "/infer", json={"query": "q", "context": "c",
-                       "run_id": run_id}, timeout=60)  # fmt: skip
+                       "run_id": run_id}, headers=mine, timeout=60)  # fmt: skip
         answer["at"], answer["response"] = time.monotonic(), r
 
     client = threading.Thread(target=post)
     client.start()
     wait_for_subcall(slow_subcalls)
+    for stranger in ({}, {"x-rlm-cancel-token": "a-guess-of-somebody-else"}):
+        r = httpx.post(f"{stack.infer.url}/infer/{run_id}/cancel", headers=stranger, timeout=10)
+        assert r.status_code == 403, r.text  # knowing the run id is not enough
     asked = time.monotonic()
-    r = httpx.post(f"{stack.infer.url}/infer/{run_id}/cancel", timeout=10)
+    r = httpx.post(f"{stack.infer.url}/infer/{run_id}/cancel", headers=mine, timeout=10)
     assert r.status_code == 202 and r.json() == {"run_id": run_id, "cancelled": True}
     client.join(30)
     latency = answer["at"] - asked
@@ -64,7 +68,7 @@ def test_cancel_endpoint_stops_a_cell_waiting_on_a_sub_call(stack, slow_subcalls
     assert result["status"] == "stopped" and result["stop_reason"] == "cancelled", result
     assert result["usage"]["scripted-root"]["calls"] == 1  # usage so far is reported
     assert latency < 3.0, f"cancel took {latency:.2f} s"  # the benchmark reports the figure
-    r = httpx.post(f"{stack.infer.url}/infer/{run_id}/cancel", timeout=10)
+    r = httpx.post(f"{stack.infer.url}/infer/{run_id}/cancel", headers=mine, timeout=10)
     assert r.status_code == 404  # no longer running
 
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from functions.contract import context_ref
+from functions.contract import ContextRef, StateRef, context_ref
 from functions.infer.compaction import SUMMARY_REQUEST
 from functions.infer.conversations import ConversationError, ConversationStore
+from functions.infer.ledger import Ledger, MemoryStore
 from functions.sdk import RLM
 from functions.testing.processes import Served
 from functions.testing.scripted_model import ModelRequest, repl
@@ -219,22 +220,34 @@ def test_sdk_compaction_embedded(llm):
     assert "<h2>Compaction 1</h2>" in render(result.metadata["trajectory"])
 
 
-def test_store_bounds_count_and_refuses_a_second_turn_at_once():
-    store = ConversationStore(ttl_s=60, max_bytes=1000, max_conversations=2)
-    first = store.begin(None, "a")
+def test_store_keeps_owners_apart_one_turn_at_a_time_and_refuses_forged_records():
+    store = ConversationStore(Ledger(MemoryStore()), b"k" * 32, 60, max_bytes=1000, turn_s=60)
+    first = store.begin("alice", None, "a", None)
     with pytest.raises(ConversationError) as running:
-        store.begin(first.conversation_id, "b")
+        store.begin("alice", first.conversation_id, "b", None)
     assert running.value.status == 409
-    store.end(first)
-    second = store.begin(None, "b")
-    store.end(second)
-    store.end(store.begin(None, "c"))  # a third: the least recently used one goes
-    assert len(store) == 2
-    with pytest.raises(ConversationError) as gone:
-        store.begin(first.conversation_id, "d")
-    assert gone.value.status == 404
+    first.state = StateRef(ref="0" * 64, data="c3RhdGU=")
+    record = store.end(first)
+    assert record is not None and record.signature
+    cid = first.conversation_id
+    with pytest.raises(ConversationError) as stranger:  # another caller does not see it
+        store.begin("bob", cid, "x", None)
+    assert stranger.value.status == 404
+    with_data = record.model_copy(update={"contexts": [ContextRef(ref=record.contexts[0].ref,
+                                                                  data="a")]})  # fmt: skip
+    for forged in (
+        with_data,  # signed for alice, not for bob
+        with_data.model_copy(update={"signature": "0" * 64}),
+        with_data.model_copy(update={"state": StateRef(ref="1" * 64)}),  # another state
+    ):
+        with pytest.raises(ConversationError) as refused:
+            store.begin("bob", cid, "x", forged)
+        assert refused.value.status == 422, forged
+    again = store.begin("alice", cid, "b", None)  # the owner goes on, from the ledger
+    assert again.contexts == ["a", "b"] and again.base == first.state
+    store.end(again)
     with pytest.raises(ConversationError) as big:
-        store.begin(second.conversation_id, "x" * 1001)
+        store.begin("alice", cid, "x" * 1001, None)
     assert big.value.status == 413
 
 

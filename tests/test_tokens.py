@@ -36,6 +36,9 @@ def claims(**changes: object) -> TokenClaims:
         "exp": NOW + 60,
         "models": ["root-model", "sub-model"],
         "nonce": "cell-1",
+        "owner": "anonymous",
+        "root": "run-1",
+        "prompts": 100,
     }
     return TokenClaims(**{**fields, **changes})
 

@@ -97,7 +97,8 @@ def test_reserved_names_are_refused(llm):
 def test_token_scopes_tools_by_spec_digest():
     spec = ToolSpec(url="http://127.0.0.1:9/t")
     claims = tokens.TokenClaims(run_id="r", depth=0, max_depth=1, exp=2**40, models=[],
-                                nonce="n", tools={"t": tools.digest(spec)})  # fmt: skip
+                                nonce="n", owner="o", root="r", prompts=9,
+                                tools={"t": tools.digest(spec)})  # fmt: skip
     assert tools.authorize(claims, "t", {"t": spec}) == spec
     with pytest.raises(tokens.OutOfScope, match="no tool named 'u'"):
         tools.authorize(claims, "u", {"u": spec})

@@ -2,9 +2,10 @@
 from one budget in the ledger, reserved before the call and settled after.
 
 The reservation is an upper bound of the call's cost: its input estimated generously from the
-prompt's characters, its output at the per-call output cap. So a budget holds whichever pod
-makes the call and however many calls run at once: a run spends at most its budget, plus the
-amount by which the calls in flight when it ran out under-estimated their input.
+prompt's characters, its output at the output cap the call is sent with (the per-call cap, or
+less when less of the budget is left). So a budget holds whichever pod makes the call and
+however many calls run at once: a run spends at most its budget, plus the amount by which the
+calls in flight when it ran out under-estimated their input.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ class Account:
         fit; the run then stops with that budget's stop code."""
         chars = sum(len(str(m.get("content") or "")) for m in messages)
         tokens_in = chars // CHARS_PER_RESERVED_TOKEN + 16 * len(messages)
-        usd = self.prices.cost(model, tokens_in, self.output_cap)
+        price = self.prices.price(model) or (0.0, 0.0)
         try:
-            held = self.ledger.reserve(self.root, usd, tokens_in + self.output_cap)
+            held = self.ledger.reserve(self.root, tokens_in, self.output_cap, price)
         except BudgetRefused as refused:
             self.ledger.stop(self.root, refused.code, refused.message)
             raise
         try:
-            completion = self.llm.complete(messages, model, deadline=deadline)
+            completion = self.llm.complete(
+                messages, model, deadline=deadline, max_tokens=held.output_tokens
+            )
         except BaseException:
             self.ledger.release(self.root, held)
             raise

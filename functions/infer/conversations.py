@@ -5,24 +5,24 @@ and `history_0` ... `history_{n-1}`, each an earlier turn's root conversation as
 {"role", "content"} dicts (`history` is the newest). Every other variable carries over.
 
 The state lives in the state blob, addressed by its sha256, so any execute pod serves the next
-turn. Per conversation, this infer process keeps only the state (ref and data, to re-send it
-to a pod that lacks it) and the contexts (to re-send them likewise); the histories are in the
-state. The store is bounded: an expiry after the last turn, a size cap per conversation and a
-cap on the number of conversations. It is per process: a turn that reaches another infer
-process gets a 404, unless it carries the conversation's record from its last result (the
-state, and each context with its data), from which any infer process continues it.
+turn. Per conversation the ledger keeps its owner, the state (ref and data, to re-send it to a
+pod that lacks it) and the contexts (likewise); the histories are in the state. So any infer
+process continues any conversation of its owner; another caller's id is unknown to it. Each
+conversation expires after its last turn and is capped in size.
+
+Each result also carries the conversation's record, signed by infer: a caller may send it back
+to continue a conversation the ledger no longer holds (each context with its data). A record
+infer did not sign, or signed for another caller, is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
+import hmac
+import json
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from functions.contract import ContextRef, Conversation, StateRef, context_bytes, new_scope
 from functions.errors import (
@@ -30,12 +30,10 @@ from functions.errors import (
     NotFound,
     PayloadTooLarge,
     RLMError,
-    TooManyRequests,
     Unprocessable,
 )
 from functions.infer.executor import ExecuteError, ReplSession
-
-_TOMBSTONES = 4096  # ids remembered after they go, to say why
+from functions.infer.ledger import ANONYMOUS, Ledger
 
 
 class ConversationError(RLMError):
@@ -58,10 +56,6 @@ class BadConversation(ConversationError, Unprocessable):
     pass
 
 
-class TooManyConversations(ConversationError, TooManyRequests):
-    pass
-
-
 @dataclass
 class Turn:
     """One question of a conversation, as the loop sees it."""
@@ -72,6 +66,7 @@ class Turn:
     refs: list[str] = field(default_factory=list)  # the contexts' sha256 refs, in order
     added_bytes: int = 0  # this turn's context
     state: StateRef | None = None  # the state after the turn, set by `close`
+    owner: str = ANONYMOUS
     scope: str = field(default_factory=new_scope)  # its session's owner on the execute plane
 
     @property
@@ -80,9 +75,10 @@ class Turn:
 
     @property
     def session_id(self) -> str:
-        """The conversation's session, with a part only this process can make (the scope's
-        hash): a caller who knows or chooses the conversation id cannot name it."""
-        return f"conv-{self.conversation_id}-{hashlib.sha256(self.scope.encode()).hexdigest()[:16]}"
+        """With a part only infer can make (the scope's hash): a caller who knows the owner and
+        the conversation id still cannot name the session."""
+        scoped = hashlib.sha256(self.scope.encode()).hexdigest()[:16]
+        return _key(self.owner, self.conversation_id).replace(":", "-") + "-" + scoped
 
     def note(self) -> str:
         """Added to the first user message of a later turn: what the REPL holds from before."""
@@ -113,107 +109,115 @@ class Turn:
             self.state = StateRef(ref=session.state_ref, data=session.state_data)
 
 
-@dataclass
-class _Conversation:
-    id: str
-    contexts: list[Any] = field(default_factory=list)
-    refs: list[str] = field(default_factory=list)  # the contexts' sha256 refs
-    context_bytes: int = 0
-    state: StateRef | None = None
-    expires: float = 0.0
-    busy: bool = False
-    scope: str = field(default_factory=new_scope)  # never in the record a caller keeps
-
-    @property
-    def size(self) -> int:
-        return self.context_bytes + (len(self.state.data or "") if self.state else 0)
-
-
 class ConversationStore:
-    """This process's conversations: thread-safe, bounded by age, size and count."""
+    """Conversations in the ledger: by owner, bounded by age and size, one turn at a time."""
 
     def __init__(
-        self,
-        ttl_s: float,
-        max_bytes: int,
-        max_conversations: int,
-        clock: Callable[[], float] = time.monotonic,
+        self, ledger: Ledger, signing_key: bytes, ttl_s: float, max_bytes: int, turn_s: float
     ) -> None:
-        self.ttl_s, self.max_bytes, self.max_conversations = ttl_s, max_bytes, max_conversations
-        self._clock = clock
-        self._items: OrderedDict[str, _Conversation] = OrderedDict()
-        self._gone: OrderedDict[str, ConversationError] = OrderedDict()
-        self._lock = threading.Lock()
+        self.ledger = ledger
+        self.store = ledger.store
+        self.signing_key = signing_key
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.turn_s = turn_s  # how long a turn may hold its conversation
 
     def begin(
-        self, conversation_id: str | None, context: Any, carried: Conversation | None = None
+        self, owner: str, conversation_id: str | None, context: Any, carried: Conversation | None
     ) -> Turn:
-        """A new turn: of a new conversation when `conversation_id` is None; of `carried` when
-        this process does not hold `conversation_id`. Raises `ConversationError`: 404 unknown or
-        expired, 409 a turn running, 413 over the size cap, 422 a carried record that does not
-        hold together, 429 every slot holds a running conversation."""
+        """The next turn of `owner`'s conversation (a new one without an id). Refuses a turn
+        while another runs (409), an unknown or expired id (404), one over its size (413)."""
         data = context_bytes(context)
-        added, ref = len(data), hashlib.sha256(data).hexdigest()
-        with self._lock:
-            self._expire()
-            if conversation_id is None:
-                conversation = self._new()
-            elif conversation_id in self._items:
-                conversation = self._items[conversation_id]
-            elif carried is not None and carried.id == conversation_id:
-                conversation = self._adopt(carried)
-            else:
-                self._unknown(conversation_id)
-            if conversation.busy:
-                raise ConversationBusy(
-                    f"conversation {conversation.id} has a turn running; wait for its result"
-                )
-            if conversation.size + added > self.max_bytes:
-                raise ConversationTooLarge(self._too_large(conversation.id))
-            conversation.busy = True
-            self._items.move_to_end(conversation.id)
-            return Turn(conversation.id, [*conversation.contexts, context], conversation.state,
-                        [*conversation.refs, ref], added, scope=conversation.scope)  # fmt: skip
+        ref, added = hashlib.sha256(data).hexdigest(), len(data)
+        if conversation_id is None:
+            conversation_id = uuid.uuid4().hex
+            record: dict[str, Any] = {"refs": [], "state": None, "bytes": 0, "scope": new_scope()}
+            self.store.put(_key(owner, conversation_id), _dump(record), self.ttl_s)
+        else:
+            record = self._load(owner, conversation_id)
+            if record is None and carried is not None and carried.id == conversation_id:
+                record = self._adopt(owner, carried)
+            if record is None:
+                raise self._gone(owner, conversation_id)
+        key = _key(owner, conversation_id)
+        state = record.get("state")
+        size = record["bytes"] + len(state.get("data") or "" if state else "")
+        if size + added > self.max_bytes:
+            raise ConversationTooLarge(self._too_large(conversation_id))
+        if not self.store.put(key + ":busy", b"1", self.turn_s, only_if_absent=True):
+            raise ConversationBusy(
+                f"conversation {conversation_id} has a turn running; wait for its result"
+            )
+        contexts = [self._context(key, r, conversation_id) for r in record["refs"]]
+        return Turn(
+            conversation_id,
+            [*contexts, context],
+            StateRef(**state) if state else None,
+            [*record["refs"], ref],
+            added,
+            owner=owner,
+            scope=record.get("scope") or new_scope(),
+        )
 
     def end(self, turn: Turn) -> Conversation | None:
-        """Keep what the turn left (when it left a state), and start the expiry clock again.
-        Returns the record a caller keeps to continue elsewhere (None if it was dropped)."""
-        with self._lock:
-            conversation = self._items.get(turn.conversation_id)
-            if conversation is None:
-                return None
-            conversation.busy = False
-            conversation.expires = self._clock() + self.ttl_s
+        """Keep what the turn left (when it left a state) and start the expiry clock again.
+        Returns the signed record a caller keeps to continue elsewhere (None if dropped)."""
+        key = _key(turn.owner, turn.conversation_id)
+        try:
+            record = self._load(turn.owner, turn.conversation_id) or {
+                "refs": [], "state": None, "bytes": 0,
+            }  # fmt: skip
             if turn.state is not None:
-                conversation.contexts = turn.contexts
-                conversation.refs = turn.refs
-                conversation.context_bytes += turn.added_bytes
-                conversation.state = turn.state
-            if conversation.size > self.max_bytes:
-                too_large = ConversationTooLarge(self._too_large(conversation.id))
-                self._drop(conversation.id, too_large)
+                new = turn.refs[len(record["refs"]) :]
+                for ref, value in zip(new, turn.contexts[len(record["refs"]) :], strict=True):
+                    self.store.put(f"{key}:ctx:{ref}", _dump(value), self.ttl_s)
+                record = {"refs": turn.refs, "state": turn.state.model_dump(),
+                          "bytes": record["bytes"] + turn.added_bytes,
+                          "scope": turn.scope}  # fmt: skip
+            size = record["bytes"] + len((record["state"] or {}).get("data") or "")
+            if size > self.max_bytes:
+                self._drop(key, self._too_large(turn.conversation_id))
                 return None
-            return Conversation(
-                id=conversation.id,
-                state=conversation.state,
-                contexts=[ContextRef(ref=ref) for ref in conversation.refs],
-            )
-
-    def __len__(self) -> int:
-        return len(self._items)
+            self.store.put(key, _dump(record), self.ttl_s)
+            for ref in record["refs"]:  # the contexts live as long as the conversation
+                found = self.store.get(f"{key}:ctx:{ref}")
+                if found is not None:
+                    self.store.put(f"{key}:ctx:{ref}", found, self.ttl_s)
+        finally:
+            self.store.delete(key + ":busy")
+        state = StateRef(**record["state"]) if record["state"] else None
+        contexts = [ContextRef(ref=ref) for ref in record["refs"]]
+        return Conversation(
+            id=turn.conversation_id,
+            state=state,
+            contexts=contexts,
+            signature=self._sign(turn.owner, turn.conversation_id, state, contexts),
+        )
 
     # ----------------------------------------------------------------- pieces
 
-    def _new(self) -> _Conversation:
-        while len(self._items) >= self.max_conversations:
-            self._evict_one()
-        conversation = _Conversation(id=uuid.uuid4().hex, expires=self._clock() + self.ttl_s)
-        self._items[conversation.id] = conversation
-        return conversation
+    def _load(self, owner: str, conversation_id: str) -> dict[str, Any] | None:
+        found = self.store.get(_key(owner, conversation_id))
+        return None if found is None else json.loads(found)
 
-    def _adopt(self, carried: Conversation) -> _Conversation:
-        """A conversation another process served, from the record its caller kept."""
-        contexts, size = [], 0
+    def _context(self, key: str, ref: str, conversation_id: str) -> Any:
+        found = self.store.get(f"{key}:ctx:{ref}")
+        if found is None:
+            raise ConversationUnknown(
+                f"conversation {conversation_id} lost a context (expired); start a new one"
+            )
+        return json.loads(found)
+
+    def _adopt(self, owner: str, carried: Conversation) -> dict[str, Any]:
+        """A conversation the ledger no longer holds, from the record its caller kept."""
+        expected = self._sign(owner, carried.id, carried.state, carried.contexts)
+        if not hmac.compare_digest(carried.signature or "", expected):
+            raise BadConversation(
+                "conversation: not a record this deployment signed for you (send the "
+                "`conversation` of your last result as it came)"
+            )
+        key = _key(owner, carried.id)
+        size = 0
         for index, held in enumerate(carried.contexts):
             if held.data is None:
                 raise BadConversation(
@@ -222,52 +226,38 @@ class ConversationStore:
             data = context_bytes(held.data)
             if hashlib.sha256(data).hexdigest() != held.ref:
                 raise BadConversation(f"conversation.contexts[{index}].data does not match its ref")
-            contexts.append(held.data)
+            self.store.put(f"{key}:ctx:{held.ref}", _dump(held.data), self.ttl_s)
             size += len(data)
-        while len(self._items) >= self.max_conversations:
-            self._evict_one()
-        conversation = _Conversation(
-            id=carried.id,
-            contexts=contexts,
-            refs=[held.ref for held in carried.contexts],
-            context_bytes=size,
-            state=carried.state,
-            expires=self._clock() + self.ttl_s,
-        )
-        self._items[conversation.id] = conversation
-        self._gone.pop(conversation.id, None)
-        return conversation
+        state = carried.state.model_dump() if carried.state else None
+        return {"refs": [c.ref for c in carried.contexts], "state": state, "bytes": size,
+                "scope": new_scope()}  # fmt: skip
 
-    def _unknown(self, conversation_id: str) -> NoReturn:
-        raise self._gone.get(conversation_id) or self._expired(conversation_id)
+    def _sign(
+        self,
+        owner: str,
+        conversation_id: str,
+        state: StateRef | None,
+        contexts: list[ContextRef],
+    ) -> str:
+        """The signature of a record: its owner, id, state ref and context refs (the data of
+        each is checked against its ref)."""
+        claims = [owner, conversation_id, state.ref if state else "", *[c.ref for c in contexts]]
+        message = "\0".join(claims).encode()
+        return hmac.new(self.signing_key, message, hashlib.sha256).hexdigest()
 
-    def _evict_one(self) -> None:
-        idle = next((c for c in self._items.values() if not c.busy), None)
-        if idle is None:
-            raise TooManyConversations(
-                f"this infer process holds {self.max_conversations} conversations, all "
-                "running a turn (INFER_MAX_CONVERSATIONS); retry shortly",
-            )  # fmt: skip
-        self._drop(idle.id, self._expired(idle.id))
+    def _drop(self, key: str, why: str) -> None:
+        self.store.delete(key)
+        self.store.put(key + ":gone", why.encode(), _TOMBSTONE_S)
 
-    def _expire(self) -> None:
-        now = self._clock()
-        for conversation in list(self._items.values()):
-            if not conversation.busy and conversation.expires <= now:
-                self._drop(conversation.id, self._expired(conversation.id))
-
-    def _drop(self, conversation_id: str, why: ConversationError) -> None:
-        self._items.pop(conversation_id, None)
-        self._gone[conversation_id] = why
-        while len(self._gone) > _TOMBSTONES:
-            self._gone.popitem(last=False)
-
-    def _expired(self, conversation_id: str) -> ConversationError:
+    def _gone(self, owner: str, conversation_id: str) -> ConversationError:
+        why = self.store.get(_key(owner, conversation_id) + ":gone")
+        if why is not None:
+            return ConversationTooLarge(why.decode())
         return ConversationUnknown(
             f"conversation {conversation_id} expired or unknown: a conversation lasts "
-            f"{self.ttl_s:g} s after its last turn (INFER_CONVERSATION_TTL), on the infer process "
-            "that served it; send `conversation` from its last result (each context with its "
-            "data) to continue it here, or start a new one with persistent: true",
+            f"{self.ttl_s:g} s after its last turn (INFER_CONVERSATION_TTL); send `conversation` "
+            "from its last result (each context with its data) to continue it, or start a new "
+            "one with persistent: true",
         )
 
     def _too_large(self, conversation_id: str) -> str:
@@ -275,3 +265,14 @@ class ConversationStore:
             f"conversation {conversation_id} exceeds {self.max_bytes} bytes of state and contexts "
             "(INFER_CONVERSATION_MAX_MB); start a new one with persistent: true"
         )
+
+
+_TOMBSTONE_S = 24 * 3600.0  # how long a dropped conversation's id still says why
+
+
+def _key(owner: str, conversation_id: str) -> str:
+    return "conv:" + hashlib.sha256(f"{owner}\0{conversation_id}".encode()).hexdigest()[:32]
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

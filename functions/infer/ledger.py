@@ -28,6 +28,8 @@ from functions.contract import ModelUsage, UsageByModel
 from functions.errors import Conflict, Forbidden, NotFound, Unauthorized, Unavailable
 
 ANONYMOUS = "anonymous"  # the owner of runs when callers are not authenticated (local mode)
+HEARTBEAT_S = 2.0  # how often a run's process says it is alive
+DEAD_AFTER_S = 3 * HEARTBEAT_S  # a run whose process has not said so for this long is resumed
 
 
 class LedgerUnavailable(Unavailable):
@@ -264,10 +266,14 @@ class RunKey:
         return f"run:{digest}"
 
 
+MIN_OUTPUT_TOKENS = 16  # a call that may not answer with at least this many is not made
+
+
 @dataclass(frozen=True)
 class Reservation:
     usd: float
     tokens: float
+    output_tokens: int  # the call's output cap: sent to the model, so it cannot spend more
 
 
 class Ledger:
@@ -285,27 +291,43 @@ class Ledger:
         budget_usd: float | None,
         budget_tokens: int | None,
         ttl_s: float,
-    ) -> str:
-        """Record a new live run of `key.owner`; its secret (for cancelling it in local mode).
+        secret: str | None = None,
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Record a new live run of `key.owner`: its secret (for cancelling it in local mode; the
+        caller's own when it chose one), and None. A run of that id whose process died (its
+        heartbeat stopped) is taken over instead: its secret and its last checkpoint.
 
-        `Conflict` when that owner already has a live run with that id."""
-        secret = secrets.token_urlsafe(16)
-        record = {"status": "running", "secret": secret, "usd": budget_usd,
-                  "tokens": budget_tokens, "started": time.time()}  # fmt: skip
+        `Conflict` when that owner has a live run with that id, still beating."""
+        record = {"status": "running", "secret": secret or secrets.token_urlsafe(16),
+                  "usd": budget_usd, "tokens": budget_tokens}  # fmt: skip
         ttl = min(ttl_s, self.run_ttl_s)
         if not self.store.put(key.id, _dump(record), ttl, only_if_absent=True):
-            old = _load(self.store.get(key.id))
-            if old is not None and old.get("status") == "running":
-                raise Conflict(f"run {key.run_id!r} is already running")
+            old = _load(self.store.get(key.id)) or {}
+            if old.get("status") == "running":
+                if self.store.get(key.id + ":alive") is not None:
+                    raise Conflict(f"run {key.run_id!r} is already running")
+                self.heartbeat(key)
+                return old["secret"], _load(self.store.get(key.id + ":checkpoint"))
             self.store.put(key.id, _dump(record), ttl)
-        for suffix in (":cancel", ":stop", ":spend", ":children"):
+        for suffix in (":cancel", ":stop", ":spend", ":children", ":checkpoint"):
             self.store.delete(key.id + suffix)
-        return secret
+        self.heartbeat(key)
+        return record["secret"], None
+
+    def heartbeat(self, key: RunKey) -> None:
+        """The run's process is alive; a run whose beat stops for `DEAD_AFTER_S` may be resumed."""
+        self.store.put(key.id + ":alive", b"1", DEAD_AFTER_S)
+
+    def checkpoint(self, key: RunKey, state: dict[str, Any]) -> None:
+        """Where the run is: what another process resumes it from if this one dies."""
+        self.store.put(key.id + ":checkpoint", _dump(state), self.run_ttl_s)
 
     def finish_run(self, key: RunKey, status: str) -> None:
         record = _load(self.store.get(key.id)) or {}
         record["status"] = status
         self.store.put(key.id, _dump(record), self.run_ttl_s)
+        self.store.delete(key.id + ":alive")
+        self.store.delete(key.id + ":checkpoint")
 
     def _record(self, key: RunKey) -> dict[str, Any] | None:
         return _load(self.store.get(key.id))
@@ -320,8 +342,11 @@ class Ledger:
             str(secret or ""), str(record.get("secret"))
         ):
             raise Forbidden("cancelling this run needs its cancel_token (given when it started)")
-        self.store.put(key.id + ":cancel", b"1", self.run_ttl_s)
+        self.mark_cancelled(key)
         return True
+
+    def mark_cancelled(self, key: RunKey) -> None:
+        self.store.put(key.id + ":cancel", b"1", self.run_ttl_s)
 
     def cancelled(self, key: RunKey) -> bool:
         return self.store.get(key.id + ":cancel") is not None
@@ -357,31 +382,39 @@ class Ledger:
 
     # ------------------------------------------------------------------ spend
 
-    def reserve(self, key: RunKey, usd: float, tokens: float) -> Reservation:
-        """Hold `usd` and `tokens` of the run's budgets before calling a model, or refuse."""
+    def reserve(
+        self, key: RunKey, input_tokens: int, output_cap: int, price: tuple[float, float]
+    ) -> Reservation:
+        """Hold a model call's worst case before it is made: `input_tokens` (an estimate from
+        above) and as many output tokens as the run's budgets leave, at most `output_cap`.
+        `BudgetRefused` when fewer than `MIN_OUTPUT_TOKENS` would be left for the answer."""
         record = self._record(key) or {}
         caps = {}
         if record.get("usd") is not None:
             caps["usd"] = float(record["usd"])
         if record.get("tokens") is not None:
             caps["tokens"] = float(record["tokens"])
-        held = self.store.add(
-            key.id + ":spend", {"usd": usd, "tokens": tokens}, caps, self.run_ttl_s
-        )
-        if held is None:
-            now = self.store.counters(key.id + ":spend")
-            if "usd" in caps and now.get("usd", 0.0) + usd > caps["usd"]:
-                raise BudgetRefused(
-                    f"max_budget_usd: spent ${now.get('usd', 0.0):.4f} of ${caps['usd']:g}; "
-                    f"this call needs up to ${usd:.4f}",
-                    "max_budget_usd",
-                )
-            raise BudgetRefused(
-                f"max_tokens: used {int(now.get('tokens', 0))} of {int(caps['tokens'])}; "
-                f"this call needs up to {int(tokens)}",
-                "max_tokens",
-            )
-        return Reservation(usd, tokens)
+        per_in, per_out = price[0] / 1e6, price[1] / 1e6
+        for _ in range(3):  # another pod may reserve between the look and the hold
+            spent = self.store.counters(key.id + ":spend")
+            room = {"output_cap": float(output_cap)}  # output tokens each limit leaves
+            if "tokens" in caps:
+                room["max_tokens"] = caps["tokens"] - spent.get("tokens", 0) - input_tokens
+            if "usd" in caps:
+                left = caps["usd"] - spent.get("usd", 0.0) - input_tokens * per_in
+                room["max_budget_usd"] = left / per_out if per_out > 0 else (
+                    output_cap if left >= 0 else -1.0
+                )  # fmt: skip
+            binding = min(room, key=room.__getitem__)
+            output = int(room[binding])
+            if output < MIN_OUTPUT_TOKENS:
+                raise _refusal(binding, caps, spent)
+            usd = input_tokens * per_in + output * per_out
+            tokens = input_tokens + output
+            amounts = {"usd": usd, "tokens": tokens}
+            if self.store.add(key.id + ":spend", amounts, caps, self.run_ttl_s) is not None:
+                return Reservation(usd, tokens, output)
+        raise _refusal(binding, caps, self.store.counters(key.id + ":spend"))
 
     def settle(self, key: RunKey, held: Reservation, model: str, usage: ModelUsage) -> None:
         """Replace the reservation with what the call really cost."""
@@ -470,6 +503,20 @@ class Ledger:
         self.store.delete(f"event:{event_key}")
 
 
+def _refusal(budget: str, caps: dict[str, float], spent: dict[str, float]) -> BudgetRefused:
+    if budget == "max_tokens":
+        used, limit = int(spent.get("tokens", 0)), int(caps["tokens"])
+        return BudgetRefused(
+            f"max_tokens: used {used} of {limit}, too few left for another model call", budget
+        )
+    usd, limit_usd = spent.get("usd", 0.0), caps.get("usd", 0.0)
+    return BudgetRefused(
+        f"max_budget_usd: spent ${usd:.4f} of ${limit_usd:g}, too little left for another "
+        "model call",
+        "max_budget_usd",
+    )
+
+
 def _cell_slot(root: RunKey, run_id: str, replay: bool) -> str:
     return f"{root.id}:cell:{_digest(run_id)[:16]}{':replay' if replay else ''}"
 
@@ -486,14 +533,9 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def event_key(source: str, event_id: str, data: bytes) -> str:
-    """A CloudEvent's identity: its source, its id and its data (another producer reusing an id,
-    or other data under the same id, is another event)."""
-    parts = [source, event_id, hashlib.sha256(data).hexdigest()]
+def event_key(source: str, event_id: str, data: Any) -> str:
+    """A CloudEvent's identity: its source, its id and its data, however encoded (another
+    producer reusing an id, or other data under the same id, is another event)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    parts = [source, event_id, hashlib.sha256(canonical.encode()).hexdigest()]
     return _digest("\0".join(parts))
-
-
-def store_from_settings(url: str, password: str | None) -> Store:
-    return RedisStore(url, password) if url else MemoryStore()
-
-

@@ -225,14 +225,22 @@ class LLM:
             base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
 
-    def complete(self, messages: Messages, model: str, deadline: float | None = None) -> Completion:
-        """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too."""
+    def complete(
+        self,
+        messages: Messages,
+        model: str,
+        deadline: float | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too;
+        `max_tokens` caps its output (the provider's max tokens field)."""
+        cap = {} if max_tokens is None else {"max_tokens": max_tokens}
         attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
         while True:
             timeout = attempts.timeout()
             try:
                 response = self.client.chat.completions.create(
-                    model=model, messages=list(messages), timeout=timeout
+                    model=model, messages=list(messages), timeout=timeout, **cap
                 )
             except openai.OpenAIError as e:
                 time.sleep(attempts.wait_after(e))

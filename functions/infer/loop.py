@@ -26,8 +26,10 @@ from functions.contract import (
 )
 from functions.errors import StopCode
 from functions.infer import compaction, parsing, prompts
+from functions.infer.account import Account
 from functions.infer.compaction import DEFAULT_WINDOW
 from functions.infer.executor import ExecuteError, Executor, ReplSession
+from functions.infer.ledger import ANONYMOUS, BudgetRefused, LedgerUnavailable, RunKey
 from functions.infer.llm import DeadlineReached, LLMError
 from functions.infer.routing import allowed_models
 from functions.infer.tools import prompt_section
@@ -47,6 +49,10 @@ class Grants(Protocol):
 
     def served(self, callback: Callback) -> list[dict[str, Any]]:
         """The sub-calls served under `callback`, for the trajectory (taken once)."""
+        ...
+
+    def checkpoint(self, run: Run, state: dict[str, Any]) -> None:
+        """Where `run` is after a step: what it resumes from if its process dies."""
         ...
 
 
@@ -89,11 +95,12 @@ class Run:
     """One RLM run. `grants` gives the callback each cell sends."""
 
     config: RunConfig
-    llm: Any  # functions.infer.llm.LLM
+    account: Account  # the model client: every call paid from the run tree's budget
     executor: Executor
     grants: Grants
     depth: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    root: RunKey = field(default_factory=lambda: RunKey(ANONYMOUS, uuid.uuid4().hex[:16]))
     emit: Emit | None = None
     traceparent: str | None = None
     usage: UsageByModel = field(default_factory=dict)
@@ -102,6 +109,8 @@ class Run:
     cancelled: Callable[[], bool] = lambda: False
     callback: Callback | None = None  # the current cell's
     turn: Turn | None = None  # a question of a persistent conversation
+    resume: dict[str, Any] | None = None  # a checkpoint to go on from (its process died)
+    _replaying: bool = False  # cells re-run on resume get their sub-calls from the memo
 
     # ----------------------------------------------------------------- public
 
@@ -128,15 +137,21 @@ class Run:
         if turn is not None:
             messages[1]["content"] += turn.note()
         compactor = self._compactor()
-        iterations, errors, partial = 0, 0, None
+        iterations, errors, partial, first, pending = 0, 0, None, 1, None
+        if self.resume is not None:
+            messages, errors, partial, first, pending = self._resumed(self.resume, session)
         try:
-            for iterations in range(1, self.config.max_iterations + 1):
-                self._check_budgets()
-                if compactor is not None and compactor.due(messages):
-                    self._compact(compactor, messages, session, iterations)
-                self._event("turn", {"iteration": iterations})
-                reply = self._ask(messages, iterations)
-                messages.append({"role": "assistant", "content": reply})
+            for iterations in range(first, self.config.max_iterations + 1):
+                if pending is None:
+                    self._check_budgets()
+                    if compactor is not None and compactor.due(messages):
+                        self._compact(compactor, messages, session, iterations)
+                    self._event("turn", {"iteration": iterations})
+                    reply = self._ask(messages, iterations)
+                    messages.append({"role": "assistant", "content": reply})
+                    self._checkpoint("reply", iterations, messages, session, errors, partial)
+                else:  # resumed after the reply: its cells run again, sub-calls from the memo
+                    reply, pending, self._replaying = pending, None, True
                 blocks = parsing.find_code_blocks(reply)
                 outputs = []
                 for code in blocks:
@@ -160,6 +175,7 @@ class Run:
                         raise BudgetStop(
                             StopCode.MAX_ERRORS, f"max_errors: {errors} failing cells in a row"
                         )
+                self._replaying = False
                 final = self._final_from_text(reply, session, iterations, has_code=bool(blocks))
                 if final is not None:
                     return self._finish("completed", iterations, final)
@@ -169,6 +185,7 @@ class Run:
                         "content": prompts.iteration_user_message(outputs, iterations),
                     }
                 )
+                self._checkpoint("outputs", iterations, messages, session, errors, partial)
             self._check_budgets()
             messages.append({"role": "user", "content": prompts.final_request_message()})
             reply = self._ask(messages, iterations + 1)
@@ -184,8 +201,8 @@ class Run:
             return self._finish(
                 "stopped", iterations, partial, code=StopCode.MAX_TIMEOUT_S, reason=reason
             )
-        except (LLMError, ExecuteError) as e:
-            remaining = self._remaining()
+        except (LLMError, ExecuteError, LedgerUnavailable) as e:
+            remaining = self.remaining()
             if remaining is not None and remaining <= 0:  # the time budget ran out on the way
                 reason = f"max_timeout_s: {self.config.max_timeout_s} s passed ({e})"
                 return self._finish(
@@ -241,7 +258,12 @@ class Run:
 
     def _ask(self, messages: list[dict[str, str]], iteration: int) -> str:
         started = time.monotonic()
-        completion = self.llm.complete(messages, self.config.model, deadline=self._deadline())
+        try:
+            completion = self.account.complete(
+                messages, self.config.model, deadline=self._deadline()
+            )
+        except BudgetRefused as refused:
+            raise BudgetStop(StopCode(refused.code), refused.message) from None
         self._add_usage({completion.model: completion.usage})
         self._record(
             kind="llm",
@@ -260,11 +282,11 @@ class Run:
             raise BudgetStop(StopCode.CANCELLED, "cancelled")
         self._event("code", {"iteration": iteration, "code": code})
         started = time.monotonic()
-        remaining = self._remaining()
+        remaining = self.remaining()
         if remaining is not None:
             session.limits = Limits(deadline_s=max(0.1, min(self.config.cell_timeout_s, remaining)))
         response = session.run(code, self.traceparent)
-        self._add_usage(response.subcalls.usage)
+        self._add_usage({})  # the cell's sub-calls are in the run tree's account
         self._record(
             kind="cell",
             iteration=iteration,
@@ -291,10 +313,41 @@ class Run:
         return response
 
     def _grant(self, replay: bool) -> Callback | None:
-        callback = self.grants.grant(self, replay)
+        callback = self.grants.grant(self, replay or self._replaying)
         if not replay:
             self.callback = callback
         return callback
+
+    def _checkpoint(
+        self,
+        phase: str,
+        iteration: int,
+        messages: list[dict[str, str]],
+        session: ReplSession,
+        errors: int,
+        partial: str | None,
+    ) -> None:
+        self.grants.checkpoint(self, {
+            "phase": phase, "iteration": iteration, "messages": messages, "errors": errors,
+            "partial": partial, "state_ref": session.state_ref, "state_data": session.state_data,
+            "cells": session.cells, "cell_vars": session.cell_vars,
+        })  # fmt: skip
+
+    @staticmethod
+    def _resumed(
+        saved: dict[str, Any], session: ReplSession
+    ) -> tuple[list[dict[str, str]], int, str | None, int, str | None]:
+        """The loop's place from a checkpoint: messages, errors, partial answer, the first
+        iteration to run and, when the process died after a reply, that reply."""
+        session.state_ref, session.state_data = saved["state_ref"], saved["state_data"]
+        session.cells = list(saved["cells"])
+        session.cell_vars = {int(i): v for i, v in saved["cell_vars"].items()}
+        messages = saved["messages"]
+        if saved["phase"] == "reply":
+            return messages, saved["errors"], saved["partial"], saved["iteration"], (
+                messages[-1]["content"]
+            )  # fmt: skip
+        return messages, saved["errors"], saved["partial"], saved["iteration"] + 1, None
 
     def _final_from_text(
         self, reply: str, session: ReplSession, iteration: int, has_code: bool
@@ -318,7 +371,8 @@ class Run:
         reason: str | None = None,
         error: str | None = None,
     ) -> InferResult:
-        total = total_usage(self.usage)
+        usage = self.account.usage() if self.depth == 0 else self.usage
+        total = total_usage(usage)
         result = InferResult(
             run_id=self.run_id,
             status=status,  # type: ignore[arg-type]
@@ -326,7 +380,7 @@ class Run:
             stop_code=code,
             stop_reason=reason,
             error=error,
-            usage=self.usage,
+            usage=usage,
             total_cost_usd=round(total.cost_usd, 6),
             total_tokens=total.input_tokens + total.output_tokens,
             iterations=iterations,
@@ -343,7 +397,8 @@ class Run:
             return None
         return self.started + self.config.max_timeout_s
 
-    def _remaining(self) -> float | None:
+    def remaining(self) -> float | None:
+        """Seconds left of the run's time budget; None without one."""
         deadline = self._deadline()
         return None if deadline is None else deadline - time.monotonic()
 
@@ -351,10 +406,13 @@ class Run:
         c = self.config
         if self.cancelled():
             raise BudgetStop(StopCode.CANCELLED, "cancelled")
-        remaining = self._remaining()
+        remaining = self.remaining()
         if remaining is not None and remaining <= 0:
             raise BudgetStop(StopCode.MAX_TIMEOUT_S, f"max_timeout_s: {c.max_timeout_s} s passed")
-        total = total_usage(self.usage)
+        stopped = self.account.stopped()
+        if stopped is not None:  # a sub-call's reservation was refused
+            raise BudgetStop(StopCode(stopped[0]), stopped[1])
+        total = self.account.total()
         if c.max_budget_usd is not None and total.cost_usd >= c.max_budget_usd:
             raise BudgetStop(
                 StopCode.MAX_BUDGET_USD,
@@ -366,7 +424,8 @@ class Run:
 
     def _add_usage(self, usage: UsageByModel) -> None:
         merge_usage(self.usage, usage)
-        self._event("usage", {m: u.model_dump() for m, u in self.usage.items()})
+        shown = self.account.usage() if self.depth == 0 else self.usage
+        self._event("usage", {m: u.model_dump() for m, u in shown.items()})
 
     # ----------------------------------------------------------------- records
 

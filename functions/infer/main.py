@@ -29,7 +29,7 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import CancelReply, InferRequest, InferResult
-from functions.errors import NotFound, RLMError
+from functions.errors import BadRequest, Conflict, RLMError
 from functions.http import (
     HEALTH_PATHS,
     answer,
@@ -42,8 +42,8 @@ from functions.http import (
     validate,
 )
 from functions.infer import chat, metrics, subcalls
-from functions.infer.idempotency import OncePerKey
 from functions.infer.inputs import load_context
+from functions.infer.ledger import ANONYMOUS, event_key
 from functions.infer.service import InferService
 from functions.infer.settings import InferSettings
 from functions.server import EdgeLimits, serve_hardened
@@ -58,7 +58,6 @@ logs.setup()
 
 _service: InferService | None = None
 _service_lock = threading.Lock()
-_events: OncePerKey[tuple[str, dict[str, Any]]] = OncePerKey()
 _BODY_SLACK = 1 << 20
 _HEARTBEAT_S = 0.5
 
@@ -114,8 +113,8 @@ def _route(request: Request) -> Response:
         return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
     if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
         run_id = path[len("/infer/") : -len("/cancel")]
-        if not service().cancel(run_id):
-            raise NotFound(f"no run {run_id!r} is in progress on this instance")
+        token = request.headers.get(CANCEL_TOKEN_HEADER)
+        service().cancel(run_id, _caller(request), token)
         return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
         body = validate(chat.ChatRequest, parse_json(_body(request)))
@@ -126,16 +125,20 @@ def _route(request: Request) -> Response:
         infer_request = validate(InferRequest, parse_json(_body(request)))
         traceparent = request.headers.get("traceparent")
         if "text/event-stream" in request.headers.get("accept", ""):
-            return _stream(infer_request, traceparent)
+            return _stream(infer_request, traceparent, _caller(request))
         run_id = infer_request.run_id or uuid.uuid4().hex[:16]
-        with _cancelled_on_hang_up(request, run_id):
-            result = _run(infer_request.model_copy(update={"run_id": run_id}), traceparent)
+        caller = _caller(request)
+        with _cancelled_on_hang_up(request, run_id, caller):
+            result = _run(
+                infer_request.model_copy(update={"run_id": run_id}), traceparent,
+                caller=caller, cancel_token=_chosen_cancel_token(request),
+            )  # fmt: skip
         return json_response(result, 502 if result.status == "failed" else 200)
     raise not_found(request, ROUTES)
 
 
 @contextmanager
-def _cancelled_on_hang_up(request: Request, run_id: str) -> Iterator[None]:
+def _cancelled_on_hang_up(request: Request, run_id: str, caller: str) -> Iterator[None]:
     """A client that closes its connection while its run goes on cancels the run. gunicorn
     hands the connection's socket to the app; it is looked at, never read, every `_HEARTBEAT_S`."""
     connection = request.environ.get("gunicorn.socket")
@@ -144,7 +147,7 @@ def _cancelled_on_hang_up(request: Request, run_id: str) -> Iterator[None]:
     def watch() -> None:
         while not done.wait(_HEARTBEAT_S):
             if _hung_up(connection):
-                service().cancel(run_id)
+                service().stop(run_id, caller)
                 return
 
     if connection is not None:
@@ -175,6 +178,9 @@ def _run(
     traceparent: str | None,
     emit: Any = None,
     cancelled: Any = None,
+    caller: str = ANONYMOUS,
+    on_start: Any = None,
+    cancel_token: str | None = None,
 ) -> InferResult:
     context = load_context(
         request.context,
@@ -193,7 +199,10 @@ def _run(
             sink.emit(kind, data)
 
     started = time.monotonic()
-    result = svc.run(request, context, fan_out, traceparent, cancelled)
+    result = svc.run(
+        request, context, fan_out, traceparent, cancelled,
+        caller=caller, on_start=on_start, cancel_token=cancel_token,
+    )  # fmt: skip
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
     for usage in result.usage.values():
@@ -208,20 +217,24 @@ def _run(
     return result
 
 
-def _stream(request: InferRequest, traceparent: str | None) -> Response:
-    """Server-sent events: the run id first, progress as the run goes, then the result.
+def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Response:
+    """Server-sent events: the run id (and its cancel token) first, progress as the run goes,
+    then the result.
 
     A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
     """
     run_id = request.run_id or uuid.uuid4().hex[:16]
     request = request.model_copy(update={"run_id": run_id})
     updates: queue.Queue[tuple[str, Any]] = queue.Queue()
-    updates.put(("run", {"run_id": run_id}))
     gone = threading.Event()
+
+    def started(run_id: str, cancel_token: str) -> None:
+        updates.put(("run", {"run_id": run_id, "cancel_token": cancel_token}))
 
     def work() -> None:
         try:
-            result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set)
+            result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set,
+                          caller, started)  # fmt: skip
             updates.put(("result", result.model_dump(mode="json")))
         except RLMError as problem:
             updates.put(("error", {"error": problem.message, "status": problem.status}))
@@ -241,28 +254,65 @@ def _stream(request: InferRequest, traceparent: str | None) -> Response:
                     return
         finally:
             gone.set()  # the client went away, or the run ended
-            service().cancel(run_id)
+            service().stop(run_id, caller)
 
     return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _serve_event(request: Request) -> Response:
+    """A CloudEvent asking for a run. Its redelivery, to any pod, gets the first answer without
+    a second run; while the first delivery's run is alive, a redelivery is asked to come back
+    later (409); a run whose pod died is resumed from its last checkpoint."""
     body = _body(request)
     event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
-
-    def work() -> tuple[str, dict[str, Any]]:
+    ledger = service().ledger
+    key = event_key(str(event["source"]), str(event["id"]), event.data)
+    state, answered = ledger.claim_event(key, SETTINGS.event_ttl_s)
+    if state == "answered":
+        log.info("redelivered event answered from the ledger", extra={"event_id": key[:16]})
+        kind, data = answered
+    else:
         try:
-            infer_request = validate(InferRequest, event.data)
-            result = _run(infer_request, request.headers.get("traceparent"))
-        except RLMError as problem:
-            if problem.status == 429:
-                raise
-            return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
-        kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
-        return kind, result.model_dump(mode="json")
-
-    (kind, data), repeat = _events.run(event["id"], work)
-    if repeat:
-        log.info("redelivered event served from memory", extra={"event_id": event["id"]})
+            kind, data = _answer_event(event, request, key)
+        except Conflict:
+            raise  # its first delivery still runs
+        except BaseException:
+            if state == "new":
+                ledger.forget_event(key)  # no answer: a redelivery runs it
+            raise
+        ledger.answer_event(key, [kind, data], SETTINGS.event_ttl_s)
     headers, payload = events.reply(kind, events.SOURCE_INFER, data, subject=event["id"])
     return Response(payload, status=200, headers=headers)
+
+
+def _answer_event(event: Any, request: Request, key: str) -> tuple[str, dict[str, Any]]:
+    try:
+        infer_request = validate(InferRequest, event.data)
+        if infer_request.run_id is None:  # one event, one run: a redelivery may resume it
+            infer_request = infer_request.model_copy(update={"run_id": f"event-{key[:32]}"})
+        result = _run(infer_request, request.headers.get("traceparent"), caller=_caller(request))
+    except RLMError as problem:
+        if problem.status in (409, 429, 503):
+            raise  # the broker redelivers later
+        return events.INFER_FAILED, {"error": problem.message, "status": problem.status}
+    kind = events.INFER_FAILED if result.status == "failed" else events.INFER_COMPLETED
+    return kind, result.model_dump(mode="json")
+
+
+CANCEL_TOKEN_HEADER = "x-rlm-cancel-token"
+
+
+def _chosen_cancel_token(request: Request) -> str | None:
+    """A secret the caller chose to cancel its run with (in local mode, where every caller is
+    the same owner); at least 16 characters."""
+    token = request.headers.get(CANCEL_TOKEN_HEADER)
+    if token is None:
+        return None
+    if not 16 <= len(token) <= 200:
+        raise BadRequest(f"{CANCEL_TOKEN_HEADER} must be 16 to 200 characters of secret")
+    return token
+
+
+def _caller(request: Request) -> str:
+    """Who is asking: the owner of the runs this request starts or reaches."""
+    return ANONYMOUS

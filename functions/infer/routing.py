@@ -79,8 +79,8 @@ class RoutedLLM:
         self.by_model = dict(by_model)
         self.prices = default.prices
 
-    def complete(self, messages: Any, model: str, deadline: float | None = None) -> Any:
-        return self.by_model.get(model, self.default).complete(messages, model, deadline=deadline)
+    def complete(self, messages: Any, model: str, **options: Any) -> Any:
+        return self.by_model.get(model, self.default).complete(messages, model, **options)
 
     def close(self) -> None:
         for client in {id(c): c for c in [self.default, *self.by_model.values()]}.values():

@@ -1,17 +1,18 @@
 """The infer plane's work, without HTTP: runs, sub-calls and child runs, wired together.
 
 The HTTP function (`main.py`) and the embedded SDK both drive an `InferService`; the loop is
-never written twice.
+never written twice. What a run may do and what it has spent is kept in the ledger, so any
+infer process serves any run's sub-calls and cancel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
@@ -27,41 +28,23 @@ from functions.contract import (
 )
 from functions.errors import TooManyRequests, Unprocessable
 from functions.infer import routing, tokens, tools
+from functions.infer.account import Account
 from functions.infer.compaction import context_window
 from functions.infer.conversations import ConversationStore
 from functions.infer.executor import Executor
+from functions.infer.ledger import (
+    ANONYMOUS,
+    HEARTBEAT_S,
+    Ledger,
+    LedgerUnavailable,
+    MemoryStore,
+    RunKey,
+)
 from functions.infer.loop import Emit, Run, RunConfig
 from functions.infer.settings import InferSettings
 
-_MEMO_RUNS = 256
-_TOKEN_SLACK_S = 60.0
+_TOKEN_SLACK_S = 30.0  # past a cell's deadline, for its last sub-call to arrive
 LOGGED_CHARS = 4000  # of each sub-call prompt and answer, in the trajectory
-
-
-class Memo:
-    """Sub-call answers a run's cells received, so a replayed cell gets the same ones."""
-
-    def __init__(self) -> None:
-        self._answers: dict[tuple, deque[list[str]]] = {}
-        self._calls: dict[str, list[dict[str, Any]]] = {}  # by cell nonce, for the trajectory
-        self._lock = threading.Lock()
-
-    def log(self, nonce: str, entry: dict[str, Any]) -> None:
-        with self._lock:
-            self._calls.setdefault(nonce, []).append(entry)
-
-    def take_log(self, nonce: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return self._calls.pop(nonce, [])
-
-    def record(self, key: tuple, responses: list[str]) -> None:
-        with self._lock:
-            self._answers.setdefault(key, deque()).append(responses)
-
-    def replay(self, key: tuple) -> list[str] | None:
-        with self._lock:
-            queue = self._answers.get(key)
-            return queue.popleft() if queue else None
 
 
 class InferService:
@@ -71,21 +54,24 @@ class InferService:
         llm: Any,
         executor: Executor,
         callback_url: str | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.settings = settings
         self.llm = llm
         self.executor = executor
         self.callback_url = (callback_url or settings.callback_url).rstrip("/") + "/subcalls"
         self.token_key = settings.token_key or secrets.token_bytes(32)
-        self._memos: OrderedDict[str, Memo] = OrderedDict()
-        self._memo_lock = threading.Lock()
+        self.ledger = ledger or Ledger(MemoryStore())
         self._runs = threading.BoundedSemaphore(settings.max_runs)
         self.sink: Any = None  # a ProgressSink when K_SINK is set
         self.conversations = ConversationStore(
-            settings.conversation_ttl_s, settings.conversation_max_bytes, settings.max_conversations
+            self.ledger,
+            self.token_key,
+            settings.conversation_ttl_s,
+            settings.conversation_max_bytes,
+            turn_s=settings.cell_timeout_s * (settings.max_iterations + 2),
         )
         self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
-        self._active: dict[str, threading.Event] = {}  # run id -> set when cancelled
 
     # ----------------------------------------------------------------- runs
 
@@ -126,77 +112,103 @@ class InferService:
         traceparent: str | None = None,
         cancelled: Callable[[], bool] | None = None,
         run_id: str | None = None,
+        caller: str = ANONYMOUS,
+        on_start: Callable[[str, str], None] | None = None,
+        cancel_token: str | None = None,
     ) -> InferResult:
-        """One root run. Raises `Busy` when this process already runs its maximum,
-        `Unprocessable` for tools it cannot serve or a run id already running, and
-        `ConversationError` when the request's conversation cannot take another turn."""
+        """One root run of `caller` (the run's owner in the ledger).
+
+        `on_start(run_id, cancel_token)` is called once the ledger has the run (`cancel_token`:
+        the caller's own, when it chose one). Raises `Busy` when this process runs its maximum,
+        `Conflict` for a run id of the caller's already running, `Unprocessable` for tools it
+        cannot serve, `ConversationError` when the conversation cannot take another turn,
+        `LedgerUnavailable` when the ledger cannot be reached."""
         config = self.config_for(request)
         for catalog in (config.tools, config.sub_tools):
             tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
-        run_id = run_id or request.run_id or uuid.uuid4().hex[:16]
-        stop = threading.Event()
-        with self._memo_lock:
-            if run_id in self._active:
-                raise Unprocessable(f"run {run_id!r} is already running")
-            self._active[run_id] = stop
+        root = RunKey(caller, run_id or request.run_id or uuid.uuid4().hex[:16])
         if not self._runs.acquire(timeout=0.5):
-            self._active.pop(run_id, None)
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
-        turn = None
+        lifetime = config.max_timeout_s or config.cell_timeout_s * (config.max_iterations + 2)
         try:
+            secret, resume = self.ledger.open_run(
+                root, config.max_budget_usd, config.max_tokens, lifetime + _TOKEN_SLACK_S,
+                cancel_token,
+            )  # fmt: skip
+        except BaseException:  # not this process's run: nothing of it to finish
+            self._runs.release()
+            raise
+        turn, status, beating = None, "failed", _Heartbeat(self.ledger, root)
+        try:
+            if on_start is not None:
+                on_start(root.run_id, secret)
             if request.persistent or request.conversation_id:
                 turn = self.conversations.begin(
-                    request.conversation_id, context, request.conversation
+                    caller, request.conversation_id, context, request.conversation
                 )
             run = Run(
                 config=config,
-                llm=self.llm,
+                account=self._account(root),
                 executor=self.executor,
                 grants=self,
                 emit=emit,
                 traceparent=traceparent,
                 turn=turn,
-                run_id=run_id,
+                run_id=root.run_id,
+                root=root,
+                resume=resume if turn is None else None,
             )
-            run.cancelled = (lambda: stop.is_set() or cancelled()) if cancelled else stop.is_set
+            run.cancelled = lambda: bool(cancelled and cancelled()) or self.ledger.cancelled(root)
             result = run.completion(request.query, context)
+            status = result.status
             if request.trajectory:
                 result.trajectory = run.trajectory
         finally:
+            beating.stop()
             carried = self.conversations.end(turn) if turn is not None else None
             self._runs.release()
-            with self._memo_lock:
-                self._active.pop(run_id, None)
+            with contextlib.suppress(LedgerUnavailable):  # the record expires by itself
+                self.ledger.finish_run(root, status)
         if turn is not None:
             result.conversation_id, result.conversation = turn.conversation_id, carried
         return result
 
-    def cancel(self, run_id: str) -> bool:
-        """Stop a run of this process: its cells end at their next sub-call; False if unknown."""
-        stop = self._active.get(run_id)
-        if stop is not None:
-            stop.set()
-        return stop is not None
+    def cancel(self, run_id: str, caller: str = ANONYMOUS, cancel_token: str | None = None) -> None:
+        """Cancel a run of `caller`, wherever it runs: its cells end at their next sub-call.
+        `NotFound` for no such run of theirs; `Forbidden` in local mode without its token."""
+        self.ledger.cancel(RunKey(caller, run_id), cancel_token)
 
-    def _stopped(self, run_id: str) -> threading.Event:
-        """The cancel flag of a run (or of the root run of a child); a fresh one if unknown."""
-        return self._active.get(run_id.split(".")[0]) or threading.Event()
+    def stop(self, run_id: str, caller: str = ANONYMOUS) -> None:
+        """Stop a run this process serves for `caller` (its client hung up, or the embedding
+        program asked): no token needed."""
+        self.ledger.mark_cancelled(RunKey(caller, run_id))
+
+    def _account(self, root: RunKey) -> Account:
+        return Account(self.llm, self.ledger, root, self.settings.llm_max_output_tokens)
 
     def grant(self, run: Run, replay: bool) -> Callback:
-        remaining = run.config.max_timeout_s
-        ttl = (remaining or run.config.cell_timeout_s * run.config.max_iterations) + _TOKEN_SLACK_S
+        """A cell's callback: a token for this cell only, valid until the next cell of the run
+        or its deadline, whichever comes first."""
+        ttl = run.config.cell_timeout_s + _TOKEN_SLACK_S
+        remaining = run.remaining()
+        if remaining is not None:
+            ttl = min(ttl, max(remaining, 0) + _TOKEN_SLACK_S)
         claims = tokens.TokenClaims(
             run_id=run.run_id,
+            owner=run.root.owner,
+            root=run.root.run_id,
             depth=run.depth,
             max_depth=run.config.max_depth,
             exp=int(time.time() + ttl),
             models=run.config.models,
-            nonce=("replay-" if replay else "") + uuid.uuid4().hex[:12],
+            nonce=("replay-" if replay else "") + uuid.uuid4().hex,
+            prompts=self.settings.cell_subcalls,
             sub_model=run.config.sub_model,
             by_depth={str(d): m for d, m in run.config.models_by_depth.items()},
             tools={name: tools.digest(spec) for name, spec in run.config.tools.items()},
             sub_tools=tools.catalog_digest(run.config.sub_tools),
         )
+        self.ledger.open_cell(run.root, run.run_id, claims.nonce, replay, ttl)
         return Callback(
             url=self.callback_url,
             token=tokens.mint(self.token_key, claims),
@@ -206,43 +218,52 @@ class InferService:
 
     def served(self, callback: Callback) -> list[dict[str, Any]]:
         claims = tokens.verify(self.token_key, callback.token, check_expiry=False)
-        return self._memo(claims.run_id).take_log(claims.nonce)
+        return self.ledger.take_log(RunKey(claims.owner, claims.root), claims.nonce)
+
+    def checkpoint(self, run: Run, state: dict[str, Any]) -> None:
+        if run.depth == 0 and run.turn is None:  # a conversation's turn starts over instead
+            self.ledger.checkpoint(run.root, state)
 
     # ----------------------------------------------------------------- sub-calls
 
     def subcall(self, token: str, request: SubcallRequest) -> SubcallResponse:
-        """Serve the guest's sub-call. Raises `tokens.TokenError` (401/403) before any cost."""
+        """Serve the guest's sub-call. Refuses (401/403) before any cost: a token that is not
+        the current cell's of a live run, a call out of its scope, prompts over the cell's cap,
+        a call the budget cannot cover."""
         claims = tokens.verify(self.token_key, token)
+        root = RunKey(claims.owner, claims.root)
         by_depth = {int(d): m for d, m in claims.by_depth.items()}
         run_model = claims.models[0] if claims.models else self.settings.model
         model = request.model or routing.default_model(
             claims.depth, run_model, claims.sub_model, by_depth
         )
         tokens.check_scope(claims, request.kind, None if request.kind == "tool" else model)
-        stop = self._stopped(claims.run_id)
-        if stop.is_set():
-            return SubcallResponse(responses=[], cancelled=True, error="the run was cancelled")
-        if request.kind == "tool":
-            return self._tool(claims, request)
         if request.kind == "rlm" and tools.catalog_digest(request.tools) != claims.sub_tools:
             raise tokens.OutOfScope("the child RLMs' tools do not match the ones this run declared")
-        memo = self._memo(claims.run_id)
-        key = (claims.depth, request.kind, model, tuple(request.prompts))
-        if claims.nonce.startswith("replay-"):
-            remembered = memo.replay(key)
+        count = len(request.prompts) if request.kind != "tool" else 1
+        self.ledger.take_prompts(root, claims.run_id, claims.nonce, count, claims.prompts)
+        if self.ledger.cancelled(root):
+            return _cancelled()
+        if request.kind == "tool":
+            return self._tool(claims, root, request)
+        call = json.dumps([claims.depth, request.kind, model, request.prompts])
+        if claims.nonce.startswith("replay-"):  # a rebuilt session calls no model twice
+            remembered = self.ledger.recall(root, call)
             if remembered is not None:
                 return SubcallResponse(responses=remembered, usage={})
+        account = self._account(root)
         usage: UsageByModel = {}
         lock = threading.Lock()
         recursive = request.kind == "rlm" and claims.depth < claims.max_depth
+        stop = threading.Event()
 
         def one(prompt: str) -> tuple[str, list[dict[str, Any]] | None]:
             if stop.is_set():
                 raise _Cancelled
             if recursive:
-                text, used, trajectory = self._child(claims, prompt, model, request.tools)
+                text, used, trajectory = self._child(claims, root, prompt, model, request.tools)
             else:
-                completion = self.llm.complete([{"role": "user", "content": prompt}], model)
+                completion = account.complete([{"role": "user", "content": prompt}], model)
                 text, used, trajectory = completion.text, {completion.model: completion.usage}, None
             with lock:
                 merge_usage(usage, used)
@@ -253,17 +274,19 @@ class InferService:
         try:
             futures = [pool.submit(one, prompt) for prompt in request.prompts]
             pending = set(futures)
-            while pending and not stop.is_set():
-                pending = wait(pending, 0.05).not_done
-            if stop.is_set():  # calls in flight are not waited for: their answers are lost
-                return SubcallResponse(responses=[], usage=usage, cancelled=True,
-                                       error="the run was cancelled")  # fmt: skip
+            while pending:
+                pending = wait(pending, _CANCEL_POLL_S).not_done
+                if pending and self.ledger.cancelled(root):
+                    stop.set()  # calls in flight are not waited for: their answers are lost
+                    return _cancelled(usage)
             results = [f.result() for f in futures]
         finally:
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
         responses = [text for text, _ in results]
-        memo.record(key, responses)
-        memo.log(
+        self.ledger.remember(root, call, responses)
+        self.ledger.log(
+            root,
             claims.nonce,
             {
                 "kind": request.kind,
@@ -278,16 +301,17 @@ class InferService:
         )
         return SubcallResponse(responses=responses, usage=usage)
 
-    def _tool(self, claims: tokens.TokenClaims, request: SubcallRequest) -> SubcallResponse:
+    def _tool(
+        self, claims: tokens.TokenClaims, root: RunKey, request: SubcallRequest
+    ) -> SubcallResponse:
         """A caller's tool; its failures are answers the guest raises, not HTTP errors."""
         name = request.tool or ""
         spec = tools.authorize(claims, name, request.tools)
         arguments = request.arguments or {}
         args, kwargs = arguments.get("args") or [], arguments.get("kwargs") or {}
-        memo = self._memo(claims.run_id)
-        key = (claims.depth, "tool", name, json.dumps(arguments, sort_keys=True))
+        call = json.dumps([claims.depth, "tool", name, arguments], sort_keys=True)
         if claims.nonce.startswith("replay-"):  # a rebuilt session does not call a tool twice
-            remembered = memo.replay(key)
+            remembered = self.ledger.recall(root, call)
             if remembered is not None:
                 return SubcallResponse.model_validate_json(remembered[0])
         try:
@@ -296,9 +320,9 @@ class InferService:
             reply = SubcallResponse(responses=[], result=self.tools.call(name, spec, args, kwargs))
         except tools.ToolCallError as e:
             reply = SubcallResponse(responses=[], error=str(e))
-        memo.record(key, [reply.model_dump_json()])
+        self.ledger.remember(root, call, [reply.model_dump_json()])
         shown = json.dumps(reply.result) if reply.error is None else f"ToolError: {reply.error}"
-        memo.log(claims.nonce, {  # in the trajectory, as sub-calls are
+        self.ledger.log(root, claims.nonce, {  # in the trajectory, as sub-calls are
             "kind": "tool", "model": name, "depth": claims.depth, "usage": {},
             "calls": [{"prompt": json.dumps(arguments)[:LOGGED_CHARS],
                        "response": shown[:LOGGED_CHARS], "trajectory": None}],
@@ -306,9 +330,14 @@ class InferService:
         return reply
 
     def _child(
-        self, claims: Any, prompt: str, model: str, sub_tools: Any = None
+        self,
+        claims: tokens.TokenClaims,
+        root: RunKey,
+        prompt: str,
+        model: str,
+        sub_tools: Any = None,
     ) -> tuple[str, UsageByModel, list[dict[str, Any]]]:
-        """A child RLM at depth + 1 whose context is the prompt."""
+        """A child RLM at depth + 1 whose context is the prompt, paid from the root's budget."""
         remaining = max(1.0, claims.exp - time.time() - _TOKEN_SLACK_S)
         config = RunConfig(
             model=model,
@@ -323,31 +352,25 @@ class InferService:
             tools=sub_tools or {},
             sub_tools=sub_tools or {},
         )
-        child = Run(
-            config=config,
-            llm=self.llm,
-            executor=self.executor,
-            grants=self,
-            depth=claims.depth + 1,
-            run_id=f"{claims.run_id}.{uuid.uuid4().hex[:6]}",
-        )
-        child.cancelled = self._stopped(claims.run_id).is_set
-        result = child.completion(CHILD_QUERY, prompt)
+        self.ledger.start_child(root, self.settings.max_children)
+        try:
+            child = Run(
+                config=config,
+                account=self._account(root),
+                executor=self.executor,
+                grants=self,
+                depth=claims.depth + 1,
+                run_id=f"{claims.run_id}.{uuid.uuid4().hex[:6]}",
+                root=root,
+            )
+            child.cancelled = lambda: self.ledger.cancelled(root)
+            result = child.completion(CHILD_QUERY, prompt)
+        finally:
+            self.ledger.end_child(root)
         answer = result.answer if result.answer is not None else f"[child RLM {result.status}: "
         if result.answer is None:
             answer += f"{result.stop_reason or result.error}]"
         return answer, result.usage, child.trajectory
-
-    def _memo(self, run_id: str) -> Memo:
-        root = run_id.split(".")[0]
-        with self._memo_lock:
-            memo = self._memos.get(root)
-            if memo is None:
-                memo = self._memos[root] = Memo()
-                while len(self._memos) > _MEMO_RUNS:
-                    self._memos.popitem(last=False)
-            self._memos.move_to_end(root)
-            return memo
 
 
 CHILD_QUERY = "Carry out the request written in `context` and give its answer."
@@ -363,6 +386,34 @@ class Busy(TooManyRequests):
 def _inherit(sub_tools: Any, tools: Any) -> Any:
     """`custom_sub_tools` as the official library reads it: None inherits, {} means none."""
     return (tools if sub_tools is None else sub_tools) or {}
+
+
+class _Heartbeat:
+    """Says in the ledger that a run's process is alive, until stopped."""
+
+    def __init__(self, ledger: Ledger, root: RunKey) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(ledger, root), daemon=True, name="heartbeat"
+        )
+        self._thread.start()
+
+    def _beat(self, ledger: Ledger, root: RunKey) -> None:
+        while not self._done.wait(HEARTBEAT_S):
+            with contextlib.suppress(LedgerUnavailable):
+                ledger.heartbeat(root)
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+_CANCEL_POLL_S = 0.25  # how often a waiting batch looks at the run's cancel flag
+
+
+def _cancelled(usage: UsageByModel | None = None) -> SubcallResponse:
+    return SubcallResponse(
+        responses=[], usage=usage or {}, cancelled=True, error="the run was cancelled"
+    )
 
 
 class _Cancelled(Exception):

@@ -35,13 +35,18 @@ ENV_NAMES = (
     "K_SINK",
     "INFER_CONVERSATION_TTL",
     "INFER_CONVERSATION_MAX_MB",
-    "INFER_MAX_CONVERSATIONS",
     "RLM_COMPACTION_THRESHOLD",
     "LLM_CONTEXT_WINDOWS",
     "RLM_ENDPOINTS",
     "RLM_TOOL_URL_PREFIXES",
     "INFER_CONTEXT_URL_PREFIXES",
     "THREADS",
+    "INFER_STORE_URL",
+    "INFER_STORE_PASSWORD",
+    "INFER_CELL_SUBCALLS",
+    "INFER_MAX_CHILDREN",
+    "LLM_MAX_OUTPUT_TOKENS",
+    "INFER_EVENT_TTL",
     "INFER_READ_TIMEOUT",
     "INFER_MAX_HEADER_KB",
 )
@@ -70,13 +75,18 @@ class InferSettings:
     sink_url: str = ""  # K_SINK: progress events go here when set
     conversation_ttl_s: float = 3600.0  # INFER_CONVERSATION_TTL: kept after a conversation's turn
     conversation_max_bytes: int = 512 * MIB  # INFER_CONVERSATION_MAX_MB: state + contexts, each
-    max_conversations: int = 256  # INFER_MAX_CONVERSATIONS: kept by this process
     compaction_threshold: float = 0.85  # RLM_COMPACTION_THRESHOLD: of the root's context window
     context_windows_json: str = ""  # LLM_CONTEXT_WINDOWS: {"model": tokens} over the defaults
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # RLM_ENDPOINTS: more LLMs
     tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=none
     context_url_prefixes: tuple[str, ...] = ()  # INFER_CONTEXT_URL_PREFIXES: likewise context_uri
     threads: int = 4 * (os.cpu_count() or 1)  # THREADS: gunicorn's threads (the served function)
+    store_url: str = ""  # INFER_STORE_URL: redis://… the run ledger; empty: in this process
+    store_password: str = ""  # INFER_STORE_PASSWORD: the ledger's password (from a Secret)
+    cell_subcalls: int = 1000  # INFER_CELL_SUBCALLS: sub-call prompts and tool calls per cell
+    max_children: int = 8  # INFER_MAX_CHILDREN: child RLMs one run may have at once
+    llm_max_output_tokens: int = 4096  # LLM_MAX_OUTPUT_TOKENS: a model call's output cap
+    event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
     read_timeout_s: float = 120.0  # INFER_READ_TIMEOUT: a whole request must arrive within it
     max_header_bytes: int = 64 << 10  # INFER_MAX_HEADER_KB: request line and headers
 
@@ -126,13 +136,18 @@ class InferSettings:
             conversation_max_bytes=int(
                 env_float("INFER_CONVERSATION_MAX_MB", 512, 0.000001, e) * MIB
             ),
-            max_conversations=env_int("INFER_MAX_CONVERSATIONS", 256, 1, e),
             compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
             context_windows_json=windows,
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
             tool_url_prefixes=_prefixes(e.get("RLM_TOOL_URL_PREFIXES", "")),
             context_url_prefixes=_prefixes(e.get("INFER_CONTEXT_URL_PREFIXES", "")),
             threads=env_int("THREADS", 4 * (os.cpu_count() or 1), 1, e),
+            store_url=_store_url(e),
+            store_password=env_str("INFER_STORE_PASSWORD", "", e),
+            cell_subcalls=env_int("INFER_CELL_SUBCALLS", 1000, 0, e),
+            max_children=env_int("INFER_MAX_CHILDREN", 8, 0, e),
+            llm_max_output_tokens=env_int("LLM_MAX_OUTPUT_TOKENS", 4096, 1, e),
+            event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
             read_timeout_s=env_float("INFER_READ_TIMEOUT", 120.0, 1, e),
             max_header_bytes=env_int("INFER_MAX_HEADER_KB", 64, 8, e) << 10,
         )
@@ -147,6 +162,13 @@ def _fraction(name: str, default: float, env: Mapping[str, str]) -> float:
     if value >= 1:
         raise ConfigError(f"{name}={value} must be below 1 (a fraction of the context window)")
     return value
+
+
+def _store_url(env: Mapping[str, str]) -> str:
+    url = env_str("INFER_STORE_URL", "", env)
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"INFER_STORE_URL={url!r} must be a redis://, rediss:// or unix:// URL")
+    return url
 
 
 def _prefixes(text: str) -> tuple[str, ...]:

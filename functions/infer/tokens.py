@@ -28,12 +28,15 @@ KINDS = ("llm", "rlm", "tool")
 class TokenClaims(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    run_id: str = Field(min_length=1)
+    run_id: str = Field(min_length=1)  # the run whose cell carries it (the root or a child)
+    owner: str = Field(min_length=1)  # the caller who started the root run
+    root: str = Field(min_length=1)  # the root run's id: its budget pays, its cancel stops
     depth: int = Field(ge=0)  # the depth of the run whose cells carry this token
     max_depth: int = Field(ge=0)
     exp: int  # unix seconds; the token is refused from this second on
     models: list[str]  # the models sub-calls may name; empty: any
     nonce: str = Field(min_length=1)  # one per cell (and marks a replayed cell)
+    prompts: int = Field(ge=0)  # the most sub-call prompts (and tool calls) of the cell
     sub_model: str | None = None  # the default model of sub-calls
     by_depth: dict[str, str] = Field(default_factory=dict)  # depth -> default model there
     tools: dict[str, str] = Field(default_factory=dict)  # tool name -> sha256 of its spec

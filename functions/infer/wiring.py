@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from functions.infer.executor import Executor
+from functions.infer.ledger import Ledger, MemoryStore, RedisStore
 from functions.infer.llm import LLM
 from functions.infer.pricing import PriceTable
 from functions.infer.routing import routed
@@ -41,14 +42,20 @@ def build_service(
 ) -> InferService:
     """The infer service. Without an `executor`, cells go to `settings.execute_url` when it is
     set (the served function) and to a sandbox in this process otherwise (embedded)."""
-    if executor is not None:
-        return InferService(settings, model_client(settings), executor, callback_url)
-    if settings.execute_url:
+    if executor is None and settings.execute_url:
         from functions.infer.executor import RemoteExecutor
 
         executor = RemoteExecutor(settings.execute_url, settings.cell_timeout_s + 30)
-        return InferService(settings, model_client(settings), executor, callback_url)
-    return _embedded(settings)
+    if executor is None:
+        return _embedded(settings)
+    return InferService(settings, model_client(settings), executor, callback_url, ledger(settings))
+
+
+def ledger(settings: InferSettings) -> Ledger:
+    """The run ledger: Redis at INFER_STORE_URL, else this process's memory."""
+    if not settings.store_url:
+        return Ledger(MemoryStore())
+    return Ledger(RedisStore(settings.store_url, settings.store_password))
 
 
 def _embedded(settings: InferSettings) -> InferService:
@@ -61,7 +68,8 @@ def _embedded(settings: InferSettings) -> InferService:
     transport = subcalls.InProcess()
     runner = CellRunner(ExecuteSettings.from_env(), transport)
     service = InferService(
-        settings, model_client(settings), LocalExecutor(runner), EMBEDDED_CALLBACK_URL
-    )
+        settings, model_client(settings), LocalExecutor(runner), EMBEDDED_CALLBACK_URL,
+        ledger(settings),
+    )  # fmt: skip
     transport.service = service
     return service
