@@ -331,6 +331,7 @@ class Run:
             "phase": phase, "iteration": iteration, "messages": messages, "errors": errors,
             "partial": partial, "state_ref": session.state_ref, "state_data": session.state_data,
             "cells": session.cells, "cell_vars": session.cell_vars,
+            "session_id": session.session_id, "scope": session.scope,
         })  # fmt: skip
 
     @staticmethod
@@ -340,6 +341,9 @@ class Run:
         """The loop's place from a checkpoint: messages, errors, partial answer, the first
         iteration to run and, when the process died after a reply, that reply."""
         session.state_ref, session.state_data = saved["state_ref"], saved["state_data"]
+        # The same session on the execute plane: a pod may still hold it live.
+        session.session_id = saved.get("session_id", session.session_id)
+        session.scope = saved.get("scope", session.scope)
         session.cells = list(saved["cells"])
         session.cell_vars = {int(i): v for i, v in saved["cell_vars"].items()}
         messages = saved["messages"]
