@@ -24,6 +24,9 @@ Example:
     --k8s-schemas /tmp/kv/kubernetes_validate/kubernetes-json-schema/v1.33.0-local-strict \
     --func-schema ~/src/func/schema/func_yaml-schema.json
 
+Leave out --crds-catalog or --func-schema to rewrite only the Kubernetes kinds (e.g. after adding
+one to K8S below): the other files stay as they are.
+
 What it does to each schema:
   * Kubernetes kinds: every "$ref" into _definitions.json is inlined, so each file stands alone.
   * CRD kinds: apiVersion and kind are pinned with an enum and `metadata` gets Kubernetes'
@@ -64,6 +67,7 @@ K8S = {
     ("v1", "Secret"): "secret-v1.json",
     ("v1", "Service"): "service-v1.json",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicy-networking-v1.json",
+    ("apps/v1", "StatefulSet"): "statefulset-apps-v1.json",
 }
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 
@@ -169,9 +173,9 @@ def crd_schema(raw: dict[str, Any], api_version: str, kind: str, meta: dict[str,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--crds-catalog", type=Path, required=True)
+    parser.add_argument("--crds-catalog", type=Path, help="skip the CRD kinds when not given")
     parser.add_argument("--k8s-schemas", type=Path, required=True)
-    parser.add_argument("--func-schema", type=Path, required=True)
+    parser.add_argument("--func-schema", type=Path, help="skip func.yaml's schema when not given")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,10 +196,12 @@ def main() -> int:
         schema.get("properties", {}).pop("status", None)
         schema["$schema"] = "http://json-schema.org/draft-07/schema#"
         write(out_name(api_version, kind), schema)
-    for (api_version, kind), file in CRDS.items():
-        raw = json.loads((args.crds_catalog / file).read_text())
-        write(out_name(api_version, kind), crd_schema(raw, api_version, kind, meta))
-    write("func_yaml-schema.json", json.loads(args.func_schema.read_text()))
+    if args.crds_catalog:
+        for (api_version, kind), file in CRDS.items():
+            raw = json.loads((args.crds_catalog / file).read_text())
+            write(out_name(api_version, kind), crd_schema(raw, api_version, kind, meta))
+    if args.func_schema:
+        write("func_yaml-schema.json", json.loads(args.func_schema.read_text()))
     return 0
 
 

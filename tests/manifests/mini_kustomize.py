@@ -4,6 +4,8 @@
 without kubectl (test_manifests.py compares the two when kubectl is installed). Supported:
 
   resources   files (one or more YAML documents) and directories holding a kustomization
+  components  directories holding a `kind: Component`: its resources join the including
+              kustomization's, then its patches apply to everything gathered so far
   namespace   set on every namespaced object; a Namespace object is renamed, as kustomize does
   images      name -> newName / newTag / digest, on every `containers` / `initContainers` list
   patches     `path:` or inline `patch:`, optional `target:` (group, version, kind, name,
@@ -12,7 +14,8 @@ without kubectl (test_manifests.py compares the two when kubectl is installed). 
               list is refused: kustomize merges some lists by key, so use a JSON 6902 patch
 
 Anything else in a kustomization is refused rather than silently ignored. Transformers run in
-kustomize's order: patches, then namespace, then images.
+kustomize's order: resources, then components, then the kustomization's own patches, namespace
+and images.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import yaml
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
+SUPPORTED = {"apiVersion", "kind", "resources", "components", "namespace", "images", "patches"}
 CLUSTER_SCOPED = {
     "Namespace",
     "ClusterRole",
@@ -69,12 +72,25 @@ def kustomization_file(folder: Path) -> Path:
 
 def render(folder: str | Path) -> list[dict[str, Any]]:
     """The objects `kubectl kustomize <folder>` would print, in resource order."""
-    folder = Path(folder)
+    return accumulate(Path(folder), [], component=False)
+
+
+def accumulate(
+    folder: Path, objects: list[dict[str, Any]], component: bool
+) -> list[dict[str, Any]]:
+    """Add the folder's resources to `objects` and run its transformers over all of them.
+
+    A Kustomization starts from an empty list; a Component works on its includer's list.
+    """
     spec = load(kustomization_file(folder).read_text()) or {}
     unknown = set(spec) - SUPPORTED
     if unknown:
         raise KustomizeError(f"{folder}: fields this renderer does not support: {sorted(unknown)}")
-    objects: list[dict[str, Any]] = []
+    kind = spec.get("kind", "Kustomization")
+    if component and kind != "Component":
+        raise KustomizeError(f"{folder} is a {kind}, not a Component: list it under resources")
+    if not component and kind == "Component":
+        raise KustomizeError(f"{folder} is a Component: list it under components")
     for entry in spec.get("resources", []):
         path = folder / entry
         if path.is_dir():
@@ -83,6 +99,10 @@ def render(folder: str | Path) -> list[dict[str, Any]]:
             objects.extend(load_all(path.read_text()))
         else:
             raise KustomizeError(f"{folder}: resource {entry!r} does not exist")
+    for entry in spec.get("components", []):
+        if not (folder / entry).is_dir():
+            raise KustomizeError(f"{folder}: component {entry!r} is not a directory")
+        accumulate(folder / entry, objects, component=True)
     for patch in spec.get("patches", []):
         apply_patch(folder, patch, objects)
     if "namespace" in spec:

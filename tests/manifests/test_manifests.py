@@ -14,23 +14,42 @@ compared with ours.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
+import os
 import re
+import secrets
 import shutil
+import signal
 import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
-from mini_kustomize import KustomizeError, identity, load, load_all, render
+from mini_kustomize import (
+    KustomizeError,
+    identity,
+    json6902,
+    load,
+    load_all,
+    render,
+    split_image,
+)
 
 from functions import events
 from functions.execute import settings as execute_settings
 from functions.http import HEALTH_PATHS
 from functions.infer import settings as infer_settings
+from functions.testing.processes import free_port
+from functions.testing.redis_server import PASSWORD, RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
@@ -253,6 +272,7 @@ def test_validator_knows_every_kind() -> None:
         ("eventing.knative.dev/v1", "Trigger"),
         ("sources.knative.dev/v1", "SinkBinding"),
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("apps/v1", "StatefulSet"),
     }
 
 
@@ -294,6 +314,44 @@ def test_renderer_subset(tmp_path: Path) -> None:
     )
     with pytest.raises(KustomizeError, match="JSON 6902"):
         render(tmp_path)
+
+
+def test_renderer_components(tmp_path: Path) -> None:
+    """A component's resources join its includer's, and its patches reach the includer's."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources: [svc.yaml]\n")
+    (tmp_path / "base" / "svc.yaml").write_text(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: a}\n"
+        "spec: {template: {spec: {containers: [{image: app, env: [{name: A, value: '1'}]}]}}}\n"
+    )
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n"
+        "resources: [extra.yaml]\n"
+        "patches:\n"
+        "- patch: '[{op: add, path: /spec/template/spec/containers/0/env/-,"
+        ' value: {name: B, value: "2"}}]\'\n'
+        "  target: {kind: Service, name: a}\n"
+    )
+    (tmp_path / "part" / "extra.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 1}]}\n"
+    )
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "kustomization.yaml").write_text(
+        "namespace: ns\nresources: [../base]\ncomponents: [../part]\n"
+    )
+    first, second = render(tmp_path / "top")
+    assert [e["name"] for e in first["spec"]["template"]["spec"]["containers"][0]["env"]] == [
+        "A",
+        "B",
+    ]
+    assert (second["metadata"]["name"], second["metadata"]["namespace"]) == ("b", "ns")
+    (tmp_path / "top" / "kustomization.yaml").write_text("resources: [../base, ../part]\n")
+    with pytest.raises(KustomizeError, match="list it under components"):
+        render(tmp_path / "top")
+    (tmp_path / "top" / "kustomization.yaml").write_text("components: [../base]\n")
+    with pytest.raises(KustomizeError, match="not a Component: list it under resources"):
+        render(tmp_path / "top")
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
@@ -460,13 +518,27 @@ def test_only_infer_holds_secrets(folder: str) -> None:
     for service in objects(folder, *KSVC):
         refs = _secret_refs(service["spec"])
         if service["metadata"]["name"] == "rlm-infer":
-            assert len(refs) == 2
+            assert len(refs) == 2 + (folder in LEDGER_OVERLAYS), refs
         else:
             assert not refs, f"{service['metadata']['name']} must hold no secret: {refs}"
 
 
 def _all_ksvcs() -> list[tuple[str, dict[str, Any]]]:
     return [(f, s) for f in [*OVERLAYS, "eventing"] for s in objects(f, *KSVC)]
+
+
+def assert_hardened(container_spec: dict[str, Any]) -> None:
+    """Non-root, no privilege, no capability, RuntimeDefault seccomp, read-only root, bounded."""
+    sc = container_spec["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc.get("runAsUser", 1) != 0
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert not sc.get("privileged")
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container_spec["resources"][kind]), f"{kind} missing"
 
 
 @pytest.mark.parametrize(
@@ -479,18 +551,10 @@ def test_every_container_is_hardened(folder: str, name: str) -> None:
     assert pod["automountServiceAccountToken"] is False
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for c in pod["containers"]:
-        sc = c["securityContext"]
-        assert sc["runAsNonRoot"] is True
-        assert sc.get("runAsUser", 1) != 0
-        assert sc["allowPrivilegeEscalation"] is False
-        assert sc["capabilities"] == {"drop": ["ALL"]}
-        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert sc["readOnlyRootFilesystem"] is True
+        assert_hardened(c)
         mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
         assert "/tmp" in mounts, "a read-only root needs a writable /tmp"
         assert "emptyDir" in volumes[mounts["/tmp"]]
-        for kind in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{kind} missing"
 
 
 def _annotation_maps(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -767,6 +831,507 @@ def test_network_policies_comment_the_activator_path() -> None:
     assert "activator" in text and "scaled to zero" in text
 
 
+# -- the run ledger (Redis) ------------------------------------------------------------------
+# knative/components/ledger-redis: one Redis that every infer pod shares (INFER_STORE_URL). The
+# prod overlay uses it; dev runs one infer pod with the ledger in process.
+
+LEDGER = "knative/components/ledger-redis"
+LEDGER_OVERLAYS = ("knative/overlays/prod",)
+LEDGER_NAME = "rlm-ledger"
+STATEFULSET = ("apps/v1", "StatefulSet")
+STORE_URL, STORE_PASSWORD = "INFER_STORE_URL", "INFER_STORE_PASSWORD"
+MAX_SCALE = "autoscaling.knative.dev/max-scale"
+# Redis's memory units (redis.conf): k/m/g are powers of 1000, kb/mb/gb of 1024.
+REDIS_UNITS = {"": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}
+KUBE_UNITS = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6}
+KUBE_UNITS |= {"G": 10**9}
+
+
+def ledger_set(folder: str = "knative/overlays/prod") -> dict[str, Any]:
+    return by_name(folder, *STATEFULSET, LEDGER_NAME)
+
+
+def redis_container(folder: str = "knative/overlays/prod") -> dict[str, Any]:
+    (found,) = ledger_set(folder)["spec"]["template"]["spec"]["containers"]
+    return found
+
+
+def redis_option(container_spec: dict[str, Any], flag: str) -> str:
+    args = container_spec["args"]
+    assert args.count(f"--{flag}") == 1, f"--{flag} must be given exactly once"
+    return args[args.index(f"--{flag}") + 1]
+
+
+def redis_bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([a-z]*)", size.lower()).groups()
+    return int(number) * REDIS_UNITS[unit]
+
+
+def kube_bytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()
+    return int(number) * KUBE_UNITS[unit]
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    """$(NAME) as the kubelet expands it in env values, command and args."""
+    return re.sub(r"\$\(([A-Za-z_]\w*)\)", lambda m: variables.get(m.group(1), m.group(0)), text)
+
+
+def secret_env(container_spec: dict[str, Any], values: dict[tuple[str, str], str]) -> dict:
+    """The container's environment as the kubelet builds it, from the given Secret values."""
+    variables: dict[str, str] = {}
+    for item in container_spec.get("env", []):
+        if "valueFrom" in item:
+            ref = item["valueFrom"]["secretKeyRef"]
+            variables[item["name"]] = values[(ref["name"], ref["key"])]
+        else:
+            variables[item["name"]] = expand(item["value"], variables)
+    return variables
+
+
+def test_ledger_component_is_used_by_prod_only() -> None:
+    spec = load((ROOT / LEDGER / "kustomization.yaml").read_text())
+    assert spec["kind"] == "Component", "it patches rlm-infer, so it cannot stand alone"
+    assert "secret.example.yaml" not in spec["resources"]
+    for folder in OVERLAYS:
+        ledger_objects = [
+            o
+            for o in objects(folder)
+            if o["metadata"].get("labels", {}).get("app.kubernetes.io/name") == LEDGER_NAME
+        ]
+        store = {STORE_URL, STORE_PASSWORD} & set(env(ksvc(folder, "rlm-infer")))
+        if folder in LEDGER_OVERLAYS:
+            kinds = sorted(o["kind"] for o in ledger_objects)
+            assert kinds == ["Service", "StatefulSet"], kinds
+            assert store == {STORE_URL, STORE_PASSWORD}
+            assert {"rlm-ledger-ingress", "rlm-infer-ledger-egress"} <= set(policies(folder))
+        else:
+            assert not ledger_objects and not store, f"{folder} runs no Redis"
+        assert not objects(folder, "v1", "ConfigMap"), "no configuration (or password) in a map"
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_more_than_one_infer_pod_needs_the_ledger(folder: str) -> None:
+    """Runs, cancels, conversations and answered events must be seen by every infer pod: with
+    the ledger in process, that holds only while there is one pod."""
+    max_scale = int(_scale(folder, "rlm-infer")[MAX_SCALE])
+    shared = STORE_URL in env(ksvc(folder, "rlm-infer"))
+    assert shared or max_scale == 1, f"{folder}: {max_scale} infer pods without a shared ledger"
+    if folder in LEDGER_OVERLAYS:
+        assert shared and max_scale > 1
+
+
+def test_func_deploy_of_infer_keeps_one_pod_without_a_ledger() -> None:
+    doc = load(FUNC_YAMLS["infer"].read_text())
+    names = {e["name"] for e in doc["run"]["envs"]}
+    assert STORE_URL in names or doc["deploy"]["options"]["scale"]["max"] == 1
+
+
+def test_ledger_is_one_hardened_non_root_pod() -> None:
+    workload = ledger_set()
+    assert workload["spec"]["replicas"] == 1, "two Redis pods would be two ledgers"
+    template = workload["spec"]["template"]
+    assert (
+        workload["spec"]["selector"]["matchLabels"].items()
+        <= template["metadata"]["labels"].items()
+    )
+    pod = template["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = redis_container()
+    assert_hardened(c)
+    name, tag, digest = split_image(c["image"])
+    assert "." in name.split("/")[0], "name the registry (CRI-O refuses ambiguous short names)"
+    assert digest or tag not in ("", ":latest"), "name a version"
+
+
+def test_ledger_probes_ask_redis_itself() -> None:
+    c = redis_container()
+    (port,) = c["ports"]
+    ready = c["readinessProbe"]["exec"]["command"]
+    assert ready[:2] == ["sh", "-c"]
+    assert f"-p {port['containerPort']} ping" in ready[2] and "grep -qx PONG" in ready[2]
+    assert "-a " not in ready[2] and "$(" not in ready[2], "the password stays out of argv"
+    alive = c["livenessProbe"]["tcpSocket"]["port"]
+    assert alive in (port["name"], port["containerPort"])
+
+
+def test_ledger_persists_its_append_only_file_on_a_volume() -> None:
+    c = redis_container()
+    assert redis_option(c, "appendonly") == "yes"
+    assert redis_option(c, "appendfsync") == "everysec", "at most a second lost in a crash"
+    assert redis_option(c, "maxmemory-policy") == "noeviction", "never drop a live run's keys"
+    data_dir = redis_option(c, "dir")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    (claim,) = ledger_set()["spec"]["volumeClaimTemplates"]
+    assert mounts[data_dir] == claim["metadata"]["name"], "the data lives on the claim"
+    assert not ledger_set()["spec"]["template"]["spec"].get("volumes"), "no emptyDir stand-in"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    maxmemory = redis_bytes(redis_option(c, "maxmemory"))
+    limit = kube_bytes(c["resources"]["limits"]["memory"])
+    assert maxmemory <= 0.6 * limit, "leave room for the fork that rewrites the file"
+    storage = kube_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    assert storage >= 3 * maxmemory, "file at twice the data plus its rewrite"
+
+
+def test_ledger_password_comes_only_from_the_secret() -> None:
+    c = redis_container()
+    variables = {item["name"]: item for item in c["env"]}
+    reference = redis_option(c, "requirepass")
+    (variable,) = re.fullmatch(r"\$\((\w+)\)", reference).groups()
+    redis_ref = variables[variable]["valueFrom"]["secretKeyRef"]
+    assert redis_ref == {"name": LEDGER_NAME, "key": "password"}
+    for item in c["env"]:  # nothing literal: a Secret, or a variable made of Secret variables
+        if "value" in item:
+            names = re.findall(r"\$\((\w+)\)", item["value"])
+            assert names and re.fullmatch(r"(\$\(\w+\))+", item["value"]), item
+            assert all("secretKeyRef" in variables[n].get("valueFrom", {}) for n in names)
+    infer_vars = env(ksvc("knative/overlays/prod", "rlm-infer"))
+    assert infer_vars[STORE_PASSWORD]["valueFrom"]["secretKeyRef"] == redis_ref
+    url = urlsplit(infer_vars[STORE_URL]["value"])
+    assert url.password is None and url.username is None, "no credential in the URL"
+    example = load_all((ROOT / LEDGER / "secret.example.yaml").read_text())
+    assert [(d["metadata"]["name"], set(d["stringData"])) for d in example] == [
+        (LEDGER_NAME, {"password"})
+    ]
+    assert not any(errors(d) for d in example)
+
+
+def test_infer_finds_the_ledger_service() -> None:
+    folder = "knative/overlays/prod"
+    service = by_name(folder, "v1", "Service", LEDGER_NAME)
+    workload = ledger_set(folder)
+    assert workload["spec"]["serviceName"] == LEDGER_NAME
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    (container_port,) = redis_container(folder)["ports"]
+    assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
+    assert str(container_port["containerPort"]) == redis_option(redis_container(folder), "port")
+    url = urlsplit(env(ksvc(folder, "rlm-infer"))[STORE_URL]["value"])
+    namespace = workload["metadata"]["namespace"]
+    assert url.scheme == "redis"
+    assert url.hostname == f"{LEDGER_NAME}.{namespace}.svc.cluster.local"
+    assert url.port == port["port"]
+    assert url.path == "/0"
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("replicas: 1", "replicas: one"),
+        ("readinessProbe:", "readinesProbe:"),
+        ("runAsNonRoot: true", "runAsNonRot: true"),
+        ("storage: 5Gi", "storage: [5Gi]"),
+        ("volumeClaimTemplates:", "volumeClaimTemplate:"),
+        ("whenDeleted: Retain", "whenDeleted: 7"),
+    ],
+)
+def test_validator_rejects_broken_ledger(old: str, new: str) -> None:
+    text = (ROOT / LEDGER / "statefulset.yaml").read_text()
+    assert old in text
+    assert not errors(load(text)), "the unbroken file must pass"
+    assert errors(load(text.replace(old, new))), f"{old!r} -> {new!r} not caught"
+
+
+# The NetworkPolicies of the namespace, evaluated as Kubernetes does: a connection needs the
+# source's egress and the destination's ingress, and a side no policy selects allows anything.
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    labels: dict[str, str]
+    ip: str
+    ports: dict[str, int] = field(default_factory=dict)
+
+
+def _label_selector(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        present = key in labels
+        if {
+            "In": not present or labels[key] not in values,
+            "NotIn": present and labels[key] in values,
+            "Exists": not present,
+            "DoesNotExist": present,
+        }[op]:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict[str, Any], pod: Pod, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        address = ipaddress.ip_address(pod.ip)
+        block = peer["ipBlock"]
+        excluded = any(address in ipaddress.ip_network(x) for x in block.get("except", []))
+        return address in ipaddress.ip_network(block["cidr"]) and not excluded
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": pod.namespace}
+        in_namespace = _label_selector(peer["namespaceSelector"], namespace_labels)
+    else:
+        in_namespace = pod.namespace == policy_namespace
+    return in_namespace and _label_selector(peer.get("podSelector", {}), pod.labels)
+
+
+def _port_matches(ports: list[dict[str, Any]] | None, port: int, target: Pod) -> bool:
+    if not ports:
+        return True
+    for entry in ports:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        named = entry.get("port")
+        if named is None:
+            return True
+        number = target.ports.get(named) if isinstance(named, str) else named
+        if number is not None and number <= port <= entry.get("endPort", number):
+            return True
+    return False
+
+
+def _side_allows(
+    found: list[dict[str, Any]], subject: Pod, peer: Pod, port: int, target: Pod, egress: bool
+) -> bool:
+    direction, rules_key, peers_key = (
+        ("Egress", "egress", "to") if egress else ("Ingress", "ingress", "from")
+    )
+    selecting = [
+        p
+        for p in found
+        if p["metadata"]["namespace"] == subject.namespace
+        and direction in p["spec"]["policyTypes"]
+        and _label_selector(p["spec"]["podSelector"], subject.labels)
+    ]
+    if not selecting:
+        return True
+    return any(
+        (
+            not rule.get(peers_key)
+            or any(_peer_matches(x, peer, p["metadata"]["namespace"]) for x in rule[peers_key])
+        )
+        and _port_matches(rule.get("ports"), port, target)
+        for p in selecting
+        for rule in p["spec"].get(rules_key, [])
+    )
+
+
+def connection(found: list[dict[str, Any]], src: Pod, dst: Pod, port: int) -> tuple[bool, bool]:
+    """(src's egress allows it, dst's ingress allows it) for TCP from src to dst:port."""
+    return (
+        _side_allows(found, src, dst, port, dst, egress=True),
+        _side_allows(found, dst, src, port, dst, egress=False),
+    )
+
+
+def namespace_policies() -> list[dict[str, Any]]:
+    """Every NetworkPolicy applied to the namespace in production."""
+    folders = ("knative/overlays/prod", "eventing", "knative/monitoring")
+    return [p for f in folders for p in objects(f, "networking.k8s.io/v1", "NetworkPolicy")]
+
+
+def _knative_pod(folder: str, name: str, ip: str) -> Pod:
+    service = ksvc(folder, name)
+    labels = {**service["spec"]["template"]["metadata"].get("labels", {})}
+    labels["serving.knative.dev/service"] = name  # Knative's label on every revision pod
+    return Pod(service["metadata"]["namespace"], labels, ip)
+
+
+def cluster_pods() -> dict[str, Pod]:
+    workload = ledger_set()
+    (redis_port,) = redis_container()["ports"]
+    return {
+        "infer": _knative_pod("knative/overlays/prod", "rlm-infer", "10.244.1.10"),
+        "execute": _knative_pod("knative/overlays/prod", "rlm-execute", "10.244.2.20"),
+        "consumer": _knative_pod("eventing", "rlm-results", "10.244.2.21"),
+        "ledger": Pod(
+            workload["metadata"]["namespace"],
+            workload["spec"]["template"]["metadata"]["labels"],
+            "10.244.3.30",
+            {redis_port["name"]: redis_port["containerPort"]},
+        ),
+        "gateway": Pod("kourier-system", {"app": "3scale-kourier-gateway"}, "10.244.4.40"),
+        "activator": Pod("knative-serving", {"app": "activator"}, "10.244.4.41"),
+        "prometheus": Pod("monitoring", {"app.kubernetes.io/name": "prometheus"}, "10.244.5.50"),
+        "other namespace": Pod("default", {"app": "curl"}, "10.244.5.51"),
+        "outside": Pod("", {}, "203.0.113.7"),
+    }
+
+
+def _policy(found: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (policy,) = [p for p in found if p["metadata"]["name"] == name]
+    return policy
+
+
+def test_only_infer_reaches_the_ledger() -> None:
+    found, pods = namespace_policies(), cluster_pods()
+    ledger = pods["ledger"]
+    assert connection(found, pods["infer"], ledger, 6379) == (True, True)
+    for port in (6380, 16379, 26379, 22):
+        assert connection(found, pods["infer"], ledger, port) == (False, False), port
+    for name, pod in pods.items():
+        if name not in ("infer", "ledger"):
+            assert not connection(found, pod, ledger, 6379)[1], f"the ledger admits {name}"
+    # execute is refused on both sides: by its own egress and by Redis.
+    assert connection(found, pods["execute"], ledger, 6379) == (False, False)
+    # Redis itself reaches nothing but DNS.
+    assert connection(found, ledger, pods["outside"], 443)[0] is False
+    assert connection(found, ledger, pods["infer"], 8080)[0] is False
+
+
+def test_ledger_network_check_sees_an_open_policy() -> None:
+    pods = cluster_pods()
+    ledger = pods["ledger"]
+    open_to_namespace = copy.deepcopy(namespace_policies())
+    _policy(open_to_namespace, "rlm-ledger-ingress")["spec"]["ingress"][0]["from"] = [
+        {"podSelector": {}}
+    ]
+    assert connection(open_to_namespace, pods["execute"], ledger, 6379)[1] is True
+    assert connection(open_to_namespace, pods["other namespace"], ledger, 6379)[1] is False
+    open_to_all = copy.deepcopy(namespace_policies())
+    del _policy(open_to_all, "rlm-ledger-ingress")["spec"]["ingress"][0]["from"]
+    assert connection(open_to_all, pods["other namespace"], ledger, 6379)[1] is True
+    without_egress = [
+        p for p in namespace_policies() if p["metadata"]["name"] != "rlm-infer-ledger-egress"
+    ]
+    assert connection(without_egress, pods["infer"], ledger, 6379) == (False, True), (
+        "infer's other egress rules must not already reach in-cluster pods on 6379"
+    )
+
+
+# Redis started as the manifest starts it (its command, args, environment and probe), on
+# loopback, from the Debian redis-server package: a misspelt option fails to start.
+needs_redis = pytest.mark.skipif(
+    not (shutil.which("redis-server") and shutil.which("redis-cli") and shutil.which("sh")),
+    reason="redis-server and redis-cli are not installed (Debian: redis-server)",
+)
+
+
+@dataclass
+class ManifestRedis:
+    """The prod manifest's Redis container on loopback, its readiness probe run as the kubelet
+    runs it (with the container's environment)."""
+
+    server: RedisServer
+    password: str
+    probe: list[str]
+    environment: dict[str, str]
+
+    def start(self) -> ManifestRedis:
+        self.server.start()
+        deadline = time.monotonic() + 10
+        while not self.ready():
+            assert time.monotonic() < deadline, "never ready by the manifest's probe"
+            time.sleep(0.05)
+        return self
+
+    def ready(self, environment: dict[str, str] | None = None) -> bool:
+        probe_env = {"PATH": os.environ["PATH"], **(environment or self.environment)}
+        return subprocess.run(self.probe, env=probe_env, timeout=10).returncode == 0
+
+    def cli(self, *args: str, password: str | None = None, stdin: bytes = b"") -> str:
+        done = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.server.port), *args],
+            input=stdin,
+            capture_output=True,
+            env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": password or self.password},
+            timeout=10,
+        )
+        return (done.stdout + done.stderr).decode().strip()
+
+
+def manifest_redis(data: Path, **overrides: str) -> ManifestRedis:
+    """Its /data moved to `data`, its port to a free one, the Secret's password made up."""
+    c = redis_container()
+    (port_spec,) = c["ports"]
+    port, password = free_port(), secrets.token_hex(32)
+    environment = secret_env(c, {(LEDGER_NAME, "password"): password})
+    args = [expand(a, environment) for a in c["args"]]
+    for flag, value in {"port": str(port), "dir": str(data), **overrides}.items():
+        args[args.index(f"--{flag}") + 1] = value
+    argv = [*c["command"], *args, "--bind", "127.0.0.1"]  # loopback only, in tests
+    shell, flag, script = c["readinessProbe"]["exec"]["command"]
+    probe_port = f" -p {port_spec['containerPort']} "
+    assert probe_port in script
+    probe = [shell, flag, script.replace(probe_port, f" -p {port} ")]
+    return ManifestRedis(RedisServer(data, port, argv), password, probe, environment)
+
+
+@pytest.fixture
+def ledger_redis(tmp_path: Path) -> Iterator[ManifestRedis]:
+    served = manifest_redis(tmp_path).start()
+    yield served
+    served.server.stop(signal.SIGKILL)
+
+
+@needs_redis
+def test_ledger_redis_runs_the_manifests_configuration(ledger_redis: ManifestRedis) -> None:
+    served = ledger_redis
+    assert served.cli("CONFIG", "GET", "appendonly").split() == ["appendonly", "yes"]
+    assert served.cli("CONFIG", "GET", "maxmemory-policy").split()[1] == "noeviction"
+    assert served.cli("CONFIG", "GET", "maxmemory").split()[1] == str(2**30)
+    assert served.cli("CONFIG", "GET", "save").split() == ["save"]
+    assert (served.server.workdir / "appendonlydir").is_dir()
+    cmdline = Path(f"/proc/{served.server.process.pid}/cmdline").read_bytes()
+    assert served.password.encode() not in cmdline, "the password is in the process's argv"
+
+
+@needs_redis
+def test_ledger_redis_refuses_a_client_without_the_password(ledger_redis: ManifestRedis) -> None:
+    served = ledger_redis
+    assert served.cli("PING") == "PONG"
+    no_password = subprocess.run(
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(served.server.port), "SET", "run:x", "1"],
+        capture_output=True,
+        env={"PATH": os.environ["PATH"]},
+        timeout=10,
+    )
+    assert b"NOAUTH" in no_password.stdout + no_password.stderr
+    assert "WRONGPASS" in served.cli("PING", password="not-" + served.password)
+    assert served.cli("EXISTS", "run:x") == "0"
+    # The probe says so too: not ready with a password Redis does not have.
+    assert served.ready()
+    assert not served.ready({**served.environment, "REDISCLI_AUTH": "wrong"})
+
+
+@needs_redis
+def test_a_full_ledger_refuses_writes_and_keeps_every_run(tmp_path: Path) -> None:
+    served = manifest_redis(tmp_path, maxmemory="4mb").start()
+    try:
+        assert served.cli("SET", "run:live", "spend") == "OK"
+        chunk = b"x" * 256 * 1024
+        for i in range(200):
+            reply = served.cli("-x", "SET", f"conversation:{i}", stdin=chunk)
+            if reply != "OK":
+                break
+        assert reply.startswith("OOM"), f"writes never refused: {reply!r}"
+        assert served.cli("GET", "run:live") == "spend", "a key was evicted"
+        assert served.cli("EXISTS", "conversation:0") == "1"
+    finally:
+        served.server.stop(signal.SIGKILL)
+
+
+@needs_redis
+@pytest.mark.parametrize(
+    "stop", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGKILL, id="SIGKILL")]
+)
+def test_the_ledger_survives_a_restart(tmp_path: Path, stop: signal.Signals) -> None:
+    served = manifest_redis(tmp_path).start()
+    try:
+        assert served.cli("HSET", "run:r1", "spend_usd", "0.25") == "1"
+        if stop == signal.SIGKILL:
+            time.sleep(1.5)  # appendfsync everysec: what is a second old is on disk
+        served.server.stop(stop)
+        served.start()
+        assert served.cli("HGET", "run:r1", "spend_usd") == "0.25"
+    finally:
+        served.server.stop(signal.SIGKILL)
+
+
 # -- the guide -------------------------------------------------------------------------------
 
 
@@ -789,6 +1354,83 @@ def test_guide_covers_the_steps() -> None:
         "HMAC",
     ]:
         assert needle in text, f"docs/deploy.md lacks {needle!r}"
+
+
+def test_guide_deploys_the_ledger() -> None:
+    text = _doc()
+    url = env(ksvc("knative/overlays/prod", "rlm-infer"))[STORE_URL]["value"]
+    for needle in [
+        LEDGER,
+        url,
+        STORE_PASSWORD,
+        "create secret generic rlm-ledger",
+        "-l app.kubernetes.io/component=ledger",
+        "More than one infer pod requires",
+        "rediss://",
+        "ssl_ca_certs",
+        "noeviction",
+    ]:
+        assert needle in text, f"docs/deploy.md lacks {needle!r}"
+    step = {
+        o["kind"]
+        for o in objects("knative/overlays/prod")
+        if o["metadata"]["labels"].get("app.kubernetes.io/component") == "ledger"
+    }
+    assert step == {"StatefulSet", "Service"}, "the guide's ledger step applies Redis"
+    # The managed-Redis snippets: a valid NetworkPolicy, and a patch that gives infer both.
+    blocks = [
+        textwrap.dedent(m.group(2))
+        for m in re.finditer(r"^( *)```yaml\n(.*?)^\1```", text, re.M | re.S)
+    ]
+    (patch,) = [load(b) for b in blocks if isinstance(load(b), list)]
+    (policy,) = [load(b) for b in blocks if isinstance(load(b), dict)]
+    assert not errors(policy), errors(policy)
+    infer = ksvc("knative/overlays/dev", "rlm-infer")
+    for op in patch:
+        json6902(infer, op)
+    assert not errors(infer)
+    managed = env(infer)
+    assert urlsplit(managed[STORE_URL]["value"]).scheme == "rediss"
+    assert urlsplit(managed[STORE_URL]["value"]).password is None
+    assert "secretKeyRef" in managed[STORE_PASSWORD]["valueFrom"]
+
+
+@needs_redis
+def test_guide_acl_user_can_run_the_ledger(tmp_path: Path) -> None:
+    """The ACL user the guide suggests for a managed Redis: every store primitive works, and
+    administration does not."""
+    import redis as redis_py
+
+    from functions.infer.ledger import RedisStore
+
+    (line,) = re.findall(r"`ACL SETUSER ([^`]+)`", _doc())
+    user, *rules = line.split()
+    user_password = secrets.token_hex(16)
+    rules = [f">{user_password}" if r.startswith(">") else r for r in rules]
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = redis_py.Redis(port=server.port, password=PASSWORD)
+        admin.execute_command("ACL", "SETUSER", user, *rules)
+        url = f"redis://{user}@127.0.0.1:{server.port}/0"
+        store = RedisStore(url, user_password)
+        store.ping()
+        assert store.put("k", b"v", 60, only_if_absent=True)
+        assert not store.put("k", b"w", 60, only_if_absent=True)
+        assert store.get("k") == b"v"
+        store.delete("k")
+        assert store.add("spend", {"usd": 0.5}, {"usd": 1.0}, 60) == {"usd": 0.5}
+        assert store.add("spend", {"usd": 0.6}, {"usd": 1.0}, 60) is None
+        assert store.counters("spend") == {"usd": 0.5}
+        store.push("log", b"a", 60)
+        store.push("log", b"b", 60)
+        assert store.pop_first("log") == b"a"
+        assert store.pop_all("log") == [b"b"]
+        as_user = redis_py.Redis(port=server.port, username=user, password=user_password)
+        for command in (("FLUSHALL",), ("CONFIG", "GET", "requirepass"), ("ACL", "LIST")):
+            with pytest.raises(redis_py.exceptions.NoPermissionError):
+                as_user.execute_command(*command)
+    finally:
+        server.stop()
 
 
 def test_guide_paths_exist() -> None:
