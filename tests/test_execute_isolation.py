@@ -398,3 +398,17 @@ def test_two_runs_with_one_run_id_share_no_interpreter(stack, llm):
     second = httpx.post(url, json={"query": "second", "context": "mine", "run_id": "chosen-id"},
                         timeout=120)  # fmt: skip
     assert second.json()["answer"] == "False False mine", second.text
+
+
+def test_a_report_that_claims_a_failed_load_is_that_cells_own_422(runner):
+    claim = (
+        "import json, os, sys\n"
+        "driver = sys.modules['_rlm_driver']\n"
+        "marker = sys._getframe(2).f_locals['plan']['marker']\n"
+        "driver.write_fd = lambda fd, data: len(data)\n"
+        "_ = os.write(2, (marker + json.dumps({'load_failed': True})).encode())\n"
+    )
+    before = run(runner, "kept = 1", A, "claims")
+    with pytest.raises(BadCell, match="could not be loaded"):
+        run(runner, claim, A, "claims", before.state)
+    assert run(runner, "print(kept)", A, "claims", before.state).stdout == "1\n"

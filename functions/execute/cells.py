@@ -197,7 +197,8 @@ class CellRunner:
             raise
         if meta.get("load_failed"):
             live.close()
-            raise BadCell(f"the state or context could not be loaded: {response.error.message}")
+            why = response.error.message if response.error else "the guest gave no reason"
+            raise BadCell(f"the state or context could not be loaded: {why}")
         if response.trapped or not live.interpreter.alive:
             live.close()
             response.stderr += (
@@ -365,7 +366,7 @@ class CellRunner:
                 "reached while the host read its report)",
             )
             return response, {}
-        meta = _take_report(result, response)
+        meta = take_report(result, response)
         if snapshot:
             blob = result.outputs.get("state.out")
             if blob is None and "state_inline" in meta:
@@ -440,7 +441,7 @@ class CellRunner:
         live.close()
 
 
-def _take_report(result: TurnResult, response: ExecuteResponse) -> dict:
+def take_report(result: TurnResult, response: ExecuteResponse) -> dict:
     """The driver's report onto `response`, checked and bounded by the host; `CellFailed` when
     there is none (the cell replaced the driver's writer, or overflowed stderr past its deadline),
     it came twice (the cell forged one) or it does not hold together."""
