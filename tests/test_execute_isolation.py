@@ -412,3 +412,30 @@ def test_a_report_that_claims_a_failed_load_is_that_cells_own_422(runner):
     with pytest.raises(BadCell, match="could not be loaded"):
         run(runner, claim, A, "claims", before.state)
     assert run(runner, "print(kept)", A, "claims", before.state).stdout == "1\n"
+
+
+def test_a_cell_the_driver_cannot_describe_fails_and_never_shows_an_older_report(runner):
+    before = run(runner, "kept = 1\nanswer['content'] = 'the earlier cell'", A, "describe")
+    unprintable = (
+        "class Loud:\n"
+        "    def __str__(self):\n"
+        "        raise ValueError('no')\n"
+        "answer['content'] = Loud()\n"
+    )
+    r = run(runner, unprintable, A, "describe", before.state)
+    assert r.answer.content == "<str() failed: ValueError>", r.answer
+    flaky = (  # pickles only on its second try: the driver's last pickling raises
+        "class Flaky:\n"
+        "    tries = 0\n"
+        "    def __reduce__(self):\n"
+        "        Flaky.tries += 1\n"
+        "        if Flaky.tries != 2:\n"
+        "            raise ValueError('flaky')\n"
+        "        return (Flaky, ())\n"
+        "value = Flaky()\n"
+        "kept = 2\n"
+    )
+    r = run(runner, flaky, A, "describe", before.state)
+    assert r.error.type == "CellFailed" and "could not be reported" in r.error.message, r.error
+    assert r.session_reset and r.answer is None and r.state.ref == before.state.ref
+    assert run(runner, "print(kept)", A, "describe", r.state).stdout == "1\n"

@@ -452,6 +452,8 @@ def take_report(result: TurnResult, response: ExecuteResponse) -> dict:
         raise CellFailed(response, "it left no report (the driver's writer was replaced or cut)")
     if isinstance(meta.get("state_error"), str):
         raise CellFailed(response, f"its state could not be kept: {meta['state_error'][:300]}")
+    if isinstance(meta.get("driver_error"), str):
+        raise CellFailed(response, f"it could not be reported ({meta['driver_error'][:300]})")
     try:
         if meta.get("error"):
             response.error = ErrorInfo.model_validate(meta["error"])

@@ -245,7 +245,14 @@ def _error_info(exc):
             + "".join(traceback.format_list(frames))
             + "".join(traceback.format_exception_only(type(exc), exc))
         )
-    return {"type": type(exc).__name__, "message": str(exc), "traceback": text}
+    return {"type": type(exc).__name__, "message": _text(exc), "traceback": text}
+
+
+def _text(value):
+    try:
+        return str(value)
+    except Exception as e:
+        return f"<str() failed: {type(e).__name__}>"
 
 
 def _answer():
@@ -254,7 +261,7 @@ def _answer():
         return None
     content = answer.get("content")
     if content is not None and not isinstance(content, str):
-        content = str(content)
+        content = _text(content)
     return {"ready": bool(answer.get("ready")), "content": content}
 
 
@@ -271,11 +278,11 @@ def _snapshot():
             pickle_dumps(space[name], protocol=5)
         except Exception as e:
             dropped.append(name)
-            print(
-                f"[state] variable {name!r} ({type(space[name]).__name__}) cannot be pickled "
-                f"({type(e).__name__}); it will not survive a restore on another pod",
-                file=sys.stderr,
-            )
+            with contextlib.suppress(Exception):
+                stderr.write(
+                    f"[state] variable {name!r} ({type(space[name]).__name__}) cannot be "
+                    f"pickled ({type(e).__name__}); it will not survive a restore on another pod\n"
+                )
             del space[name]
     return pickle_dumps(space, protocol=5), dropped
 
@@ -304,6 +311,7 @@ last = {"meta": "{}", "blob": None}
 
 
 def cell(plan, code):
+    last["meta"] = "{}"  # until this cell's report is made, none can be read back
     plan = json_loads(plan)
     meta = {"error": None, "answer": None, "locals": {}, "dropped": []}
     try:
@@ -334,7 +342,17 @@ def cell(plan, code):
     except BaseException as e:
         info = _error_info(e)
         meta["error"] = info
-        sys.stderr.write(info["traceback"])
+        with contextlib.suppress(Exception):
+            stderr.write(info["traceback"])
+    try:
+        _describe(plan, meta)
+    except BaseException as e:  # a value's repr or pickling raised past its guards
+        meta = {"driver_error": f"{type(e).__name__}: {_text(e)[:300]}"}
+    _report(plan, meta)
+
+
+def _describe(plan, meta):
+    """The cell's answer, variables and state into `meta` (the state as a file, or inline)."""
     meta["answer"] = _answer()
     meta["locals"] = {
         n: {"type": type(main[n]).__name__, "preview": _preview(main[n])}
@@ -355,7 +373,6 @@ def cell(plan, code):
             # A small state travels in the report: a file in the mount costs ~1 ms.
             meta["state_inline"] = base64.b64encode(blob).decode("ascii")
             last["blob"] = blob
-    _report(plan, meta)
 
 
 def _report(plan, meta):
