@@ -206,6 +206,34 @@ API = {
     "ToolError": ToolError,
 }
 RESERVED = set(API)
+original_context = []  # [the value the host bound to `context`], once it bound one
+
+
+def _restore_scaffold():
+    """Put back the guest API, `answer` and `context` if the cell rebound or deleted them,
+    with one stderr line naming them: a model that wrote `context = context.split()` keeps its
+    input for the next cell."""
+    rebound = [name for name, value in API.items() if main.get(name) is not value]
+    for name in rebound:
+        main[name] = API[name]
+    kept = original_context and "context" in main and main["context"] is original_context[0]
+    if original_context and not kept:
+        main["context"] = original_context[0]
+        rebound.append("context")
+    if type(main.get("answer")) is not dict:
+        main["answer"] = {"content": None, "ready": False}
+        rebound.append("answer")
+    if rebound:  # on the stream the driver holds: the cell may have replaced sys.stderr
+        _say(
+            f"[rlm] this cell rebound {', '.join(rebound)}; restored. Keep your own values "
+            'under other names (and answer with answer["content"] = ...).\n'
+        )
+
+
+def _say(line):
+    """A line on the stderr the driver took at start."""
+    with contextlib.suppress(Exception):
+        stderr.write(line)
 
 
 def _read(name):
@@ -256,13 +284,19 @@ def _text(value):
 
 
 def _answer():
+    """`answer` as the host reads it; read with dict's own methods, so a dict subclass, or a
+    content whose str() raises, is no answer rather than the end of the driver."""
     answer = main.get("answer")
     if not isinstance(answer, dict):
         return None
-    content = answer.get("content")
-    if content is not None and not isinstance(content, str):
-        content = _text(content)
-    return {"ready": bool(answer.get("ready")), "content": content}
+    try:
+        content = dict.get(answer, "content")
+        if content is not None and not isinstance(content, str):
+            content = str(content)
+        return {"ready": bool(dict.get(answer, "ready")), "content": content}
+    except BaseException as e:
+        _say(f"[rlm] answer cannot be read ({type(e).__name__}): no answer\n")
+        return None
 
 
 def _snapshot():
@@ -278,11 +312,10 @@ def _snapshot():
             pickle_dumps(space[name], protocol=5)
         except Exception as e:
             dropped.append(name)
-            with contextlib.suppress(Exception):
-                stderr.write(
-                    f"[state] variable {name!r} ({type(space[name]).__name__}) cannot be "
-                    f"pickled ({type(e).__name__}); it will not survive a restore on another pod\n"
-                )
+            _say(
+                f"[state] variable {name!r} ({type(space[name]).__name__}) cannot be pickled "
+                f"({type(e).__name__}); it will not survive a restore on another pod\n"
+            )
             del space[name]
     return pickle_dumps(space, protocol=5), dropped
 
@@ -323,6 +356,8 @@ def cell(plan, code):
             main["context"] = _read("context.in").decode("utf-8")
         elif plan.get("context") == "json":
             main["context"] = json_loads(_read("context.in"))
+        if plan.get("context"):
+            original_context[:] = [main["context"]]
         _bind_contexts(plan)
         if plan.get("vars"):
             main.update(plan["vars"])
@@ -342,8 +377,7 @@ def cell(plan, code):
     except BaseException as e:
         info = _error_info(e)
         meta["error"] = info
-        with contextlib.suppress(Exception):
-            stderr.write(info["traceback"])
+        _say(info["traceback"])
     try:
         _describe(plan, meta)
     except BaseException as e:  # a value's repr or pickling raised past its guards
@@ -354,6 +388,7 @@ def cell(plan, code):
 def _describe(plan, meta):
     """The cell's answer, variables and state into `meta` (the state as a file, or inline)."""
     meta["answer"] = _answer()
+    _restore_scaffold()
     meta["locals"] = {
         n: {"type": type(main[n]).__name__, "preview": _preview(main[n])}
         for n in _user_names()[:200]
