@@ -11,7 +11,14 @@ import re
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from functions.errors import StopCode
 
@@ -327,7 +334,7 @@ class InferRequest(Strict):
     models: list[str] | None = Field(
         default=None, description="More models the guest may name in model=, besides these."
     )
-    models_by_depth: dict[int, str] | None = Field(
+    models_by_depth: dict[Annotated[int, Field(ge=1, le=8)], str] | None = Field(
         default=None, description="Default model of what runs at depth d >= 1 (sub-calls too)."
     )
     custom_tools: ToolCatalog | None = None
@@ -337,6 +344,15 @@ class InferRequest(Strict):
     run_id: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Chosen by the caller."
     )
+
+    @field_validator("models_by_depth", mode="before")
+    @classmethod
+    def _depths_from_json(cls, value: Any) -> Any:
+        """JSON object keys are strings: a depth arrives as "1" and means the number 1."""
+        if not isinstance(value, dict):
+            return value
+        return {int(k) if isinstance(k, str) and re.fullmatch(r"[0-9]{1,2}", k) else k: v
+                for k, v in value.items()}  # fmt: skip
 
 
 RunStatus = Literal["completed", "stopped", "failed"]

@@ -92,7 +92,9 @@ class CellFailed(Exception):
 class CellRunner:
     def __init__(self, settings: ExecuteSettings, transport: Transport | None = None) -> None:
         self.settings = settings
-        self.transport = transport or HttpTransport(settings.subcall_timeout_s)
+        self.transport = transport or HttpTransport(
+            settings.subcall_timeout_s, settings.callback_origins
+        )
         # Each live session is charged its interpreter's linear memory, each blob its bytes;
         # the least recently used go first. A running cell's session is out of the map.
         self.blobs: LRU[bytes] = LRU(settings.cache_bytes // 4)

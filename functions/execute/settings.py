@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from functions.config import env_float, env_int, env_str
+from functions.urls import parse_prefixes
 
 MIB = 1 << 20
 # The process itself, idle: the runtime, the compiled module, the spare interpreter (~150 MB
@@ -32,6 +33,7 @@ ENV_NAMES = (
     "EXECUTE_MAX_BATCH_MB",
     "EXECUTE_READ_TIMEOUT",
     "EXECUTE_MAX_HEADER_KB",
+    "EXECUTE_CALLBACK_ORIGINS",
     "WASI_PYTHON_CACHE",
 )
 
@@ -56,6 +58,9 @@ class ExecuteSettings:
     read_timeout_s: float = 60.0  # EXECUTE_READ_TIMEOUT: a whole request must arrive within it
     max_header_bytes: int = 64 << 10  # EXECUTE_MAX_HEADER_KB: request line and headers
     wasm_cache_dir: str = ""  # WASI_PYTHON_CACHE: the pre-compiled module cache
+    # EXECUTE_CALLBACK_ORIGINS: URL prefixes (infer's address) a cell's callback.url must be
+    # under, checked by functions/urls.py; none: a cell's sub-calls are refused
+    callback_origins: tuple[str, ...] = ()
 
     @property
     def slots(self) -> int:
@@ -79,6 +84,9 @@ class ExecuteSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ExecuteSettings:
         d = cls()
+        origins = parse_prefixes(
+            env_str("EXECUTE_CALLBACK_ORIGINS", "", env), "EXECUTE_CALLBACK_ORIGINS"
+        )
         return cls(
             deadline_s=env_float("EXECUTION_TIMEOUT", d.deadline_s, 0.001, env),
             max_deadline_s=env_float("EXECUTE_MAX_TIMEOUT", d.max_deadline_s, 0.001, env),
@@ -100,4 +108,5 @@ class ExecuteSettings:
             max_header_bytes=env_int("EXECUTE_MAX_HEADER_KB", d.max_header_bytes >> 10, 8, env)
             << 10,
             wasm_cache_dir=env_str("WASI_PYTHON_CACHE", "", env),
+            callback_origins=tuple(p.text for p in origins),
         )

@@ -19,6 +19,7 @@ from functions.contract import (
     merge_usage,
 )
 from functions.execute.sandbox import SubcallRefused
+from functions.urls import Allowlist, UrlRefused
 
 # Delivers one sub-call request for a cell: over HTTP to infer, or in-process when embedded.
 Transport = Callable[[Callback, SubcallRequest, dict[str, str]], SubcallResponse]
@@ -138,31 +139,51 @@ class SubcallGate:
         return reply
 
 
-class HttpTransport:
-    """POSTs to the callback URL with the cell's bearer token; errors become guest exceptions."""
+# What the guest is told when infer refuses a callback: infer's own words are not passed on,
+# so a callback.url that reached some other server could not read that server's answers out.
+REFUSALS = {
+    401: "the cell's sub-call token was refused (expired, or not infer's)",
+    403: "the sub-call is outside what this run may do (its models, depth or tools)",
+    404: "the callback URL is not infer's sub-call endpoint",
+    413: "the sub-call request was too large",
+    422: "the sub-call request was malformed",
+    429: "the infer plane is busy",
+    503: "the infer plane is unavailable",
+}
 
-    def __init__(self, timeout_s: float) -> None:
+
+class HttpTransport:
+    """POSTs to the callback URL, only one under EXECUTE_CALLBACK_ORIGINS and at the address
+    checked there, with the cell's bearer token; errors become guest exceptions."""
+
+    def __init__(self, timeout_s: float, origins: tuple[str, ...] = ()) -> None:
         self._client = http.client(httpx.Timeout(timeout_s, connect=10.0))
+        self.allowed = Allowlist.of("EXECUTE_CALLBACK_ORIGINS", origins)
 
     def __call__(
         self, callback: Callback, request: SubcallRequest, headers: dict[str, str]
     ) -> SubcallResponse:
+        if not self.allowed:
+            raise SubcallRefused("sub-call not sent: EXECUTE_CALLBACK_ORIGINS names no infer")
+        try:
+            target = self.allowed.target(callback.url, "callback.url")
+        except UrlRefused as e:
+            raise SubcallRefused(f"sub-call not sent: {e.message}") from None
         try:
             response = self._client.post(
-                callback.url,
+                target.connect_url,
                 json=request.model_dump(),
-                headers={"Authorization": f"Bearer {callback.token}", **headers},
+                headers={"Authorization": f"Bearer {callback.token}", **headers, **target.headers},
+                extensions=target.extensions,
+                follow_redirects=False,
             )
         except httpx.TimeoutException:
             raise SubcallRefused("sub-call timed out waiting for the infer plane") from None
         except httpx.HTTPError as e:
             raise SubcallRefused(f"sub-call could not reach the infer plane: {e}") from None
         if response.status_code != 200:
-            try:
-                reason = response.json().get("error", response.text)
-            except ValueError:
-                reason = response.text
-            raise SubcallRefused(f"sub-call refused ({response.status_code}): {reason[:300]}")
+            reason = REFUSALS.get(response.status_code, "the callback answered with an error")
+            raise SubcallRefused(f"sub-call refused (HTTP {response.status_code}): {reason}")
         try:
             return SubcallResponse.model_validate_json(response.content)
         except ValidationError:

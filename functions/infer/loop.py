@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from functions.infer.conversations import Turn
 
 Emit = Callable[[str, dict[str, Any]], None]
+EVENT_TEXT_CHARS = 4000  # of a reply (its start) or a cell's output (its end) in an event
 
 
 class Grants(Protocol):
@@ -290,7 +291,11 @@ class Run:
             model=completion.model,
             seconds=round(time.monotonic() - started, 4),
         )
-        self._event("reply", {"iteration": iteration, "chars": len(completion.text)})
+        self._event(
+            "reply",
+            {"iteration": iteration, "chars": len(completion.text),
+             "text": completion.text[:EVENT_TEXT_CHARS]},
+        )  # fmt: skip
         return completion
 
     def _shown(self, response: ExecuteResponse) -> str:
@@ -331,7 +336,8 @@ class Run:
             "output",
             {
                 "iteration": iteration,
-                "stdout": response.stdout[-2000:],
+                "stdout": response.stdout[-EVENT_TEXT_CHARS:],
+                "stderr": response.stderr[-EVENT_TEXT_CHARS:],
                 "error": response.error.message if response.error else None,
                 "subcalls": response.subcalls.count,
             },
