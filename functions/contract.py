@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,6 +23,13 @@ from pydantic import (
 from functions.errors import StopCode
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# A cell's owner on the execute plane: random, so no one else can name it.
+SCOPE_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"
+
+
+def new_scope() -> str:
+    """A fresh scope: 128 random bits."""
+    return secrets.token_urlsafe(16)
 
 
 class Strict(BaseModel):
@@ -172,6 +180,14 @@ class ExecuteRequest(Strict):
         description="A conversation's contexts, oldest first, bound to context_0, context_1, ...; "
         "one whose ref equals rlm_context's is that same value, sent once.",
     )
+    scope: str | None = Field(
+        default=None,
+        pattern=SCOPE_PATTERN,
+        description="The owner of this cell's session and of the state and contexts it sends: "
+        "a random value the caller keeps secret and sends with every cell of a run. A session "
+        "id or a ref reaches only what cells of the same scope made or sent. Absent: the pod "
+        "makes one and returns it.",
+    )
 
 
 class ErrorInfo(Open):
@@ -212,8 +228,11 @@ class ExecuteResponse(Open):
     subcalls: SubcallSummary = Field(default_factory=SubcallSummary)
     trapped: str | None = None
     session_reset: bool = Field(
-        default=False, description="A limit ended the live interpreter; state is the last good one."
+        default=False,
+        description="A limit or a failed cell ended the live interpreter; state is the last "
+        "good one.",
     )
+    scope: str | None = Field(default=None, description="The scope the cell ran in.")
 
 
 class Missing(Open):

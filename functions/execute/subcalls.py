@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from functions.contract import (
 from functions.execute.sandbox import SubcallRefused
 from functions.urls import Allowlist, UrlRefused
 
-MAX_STAGED_CHARS = 256 << 20
-
 # Delivers one sub-call request for a cell: over HTTP to infer, or in-process when embedded.
 Transport = Callable[[Callback, SubcallRequest, dict[str, str]], SubcallResponse]
 
@@ -34,14 +31,16 @@ class CellScope:
 
     callback: Callback | None = None
     max_subcalls: int = 0
+    max_batch_bytes: int = 0  # the most prompt text one staged batch holds on the host
     headers: dict[str, str] = field(default_factory=dict)
     summary: SubcallSummary = field(default_factory=SubcallSummary)
-    staged: list[str] = field(default_factory=list)
     # While the guest waits on a sub-call it uses no CPU: its slot is lent out meanwhile, so
     # cells of child RLMs can run (otherwise deep recursion would deadlock on slots).
     pause: Callable[[], None] = lambda: None
     resume: Callable[[], None] = lambda: None
-    staged_chars: int = 0
+    staged: list[str] = field(default_factory=list)  # whole prompts of the batch being staged
+    pieces: list[str] = field(default_factory=list)  # the prompt being staged, so far
+    staged_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancel: threading.Event = field(default_factory=threading.Event)  # set: the run was cancelled
 
@@ -53,23 +52,38 @@ class SubcallGate:
         self.transport = transport
         self.scope = CellScope()
 
-    def stage(self, part: str) -> None:
+    def stage(self, part: str, end: bool) -> None:
+        """A piece of one prompt of a large batch. Counted as it arrives: the batch may not hold
+        more prompts than the cell has sub-calls left, nor more than `max_batch_bytes`."""
         scope = self.scope
-        scope.staged_chars += len(part)
-        if scope.staged_chars > MAX_STAGED_CHARS:
-            scope.staged.clear()
-            raise SubcallRefused(f"sub-call batch is over {MAX_STAGED_CHARS:,} characters")
-        scope.staged.append(part)
+        with scope.lock:
+            prompts = len(scope.staged) + 1
+            left = scope.max_subcalls - scope.summary.count
+            size = scope.staged_bytes + len(part.encode("utf-8", "surrogatepass"))
+            if prompts > left or size > scope.max_batch_bytes:
+                scope.staged, scope.pieces, scope.staged_bytes = [], [], 0
+                if prompts > left:
+                    raise SubcallRefused(
+                        f"sub-call limit reached: at most {scope.max_subcalls} per cell "
+                        f"({scope.summary.count} made, a batch of more than {left} asked)"
+                    )
+                raise SubcallRefused(
+                    f"sub-call batch is over {scope.max_batch_bytes:,} bytes "
+                    "(EXECUTE_MAX_BATCH_MB): send it in smaller batches"
+                )
+            scope.staged_bytes = size
+            scope.pieces.append(part)
+            if end:
+                scope.staged.append("".join(scope.pieces))
+                scope.pieces = []
 
     def staged_prompts(self) -> list[str]:
         scope = self.scope
-        text, scope.staged, scope.staged_chars = "".join(scope.staged), [], 0
-        try:
-            prompts = json.loads(text)
-        except ValueError:
-            raise SubcallRefused("the staged sub-call batch was malformed") from None
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise SubcallRefused("the staged sub-call batch must be a list of str")
+        with scope.lock:
+            prompts, unfinished = scope.staged, scope.pieces
+            scope.staged, scope.pieces, scope.staged_bytes = [], [], 0
+        if unfinished or not prompts:
+            raise SubcallRefused("the staged sub-call batch was incomplete")
         return prompts
 
     def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]:

@@ -53,6 +53,7 @@ from functions.infer.inputs import load_context
 from functions.infer.ledger import event_key
 from functions.infer.service import InferService
 from functions.infer.settings import InferSettings
+from functions.server import EdgeLimits, serve_hardened
 
 log = logging.getLogger("rlm.infer")
 
@@ -111,6 +112,11 @@ ROUTES = (
     "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, POST /mcp, GET /health"
 )
 json_errors(ROUTES)
+serve_hardened(
+    EdgeLimits(
+        SETTINGS.read_timeout_s, SETTINGS.max_header_bytes, SETTINGS.max_context_bytes + _BODY_SLACK
+    )
+)
 
 
 @functions_framework.http

@@ -61,6 +61,8 @@ ENV_NAMES = (
     "INFER_MAX_CHILDREN",
     "LLM_MAX_OUTPUT_TOKENS",
     "INFER_EVENT_TTL",
+    "INFER_READ_TIMEOUT",
+    "INFER_MAX_HEADER_KB",
     "INFER_MAX_SCHEMA_KB",
     "INFER_SCHEMA_REPAIRS",
     "RLM_MCP_FILE_ROOTS",
@@ -115,6 +117,8 @@ class InferSettings:
     max_children: int = 8  # INFER_MAX_CHILDREN: child RLMs one run may have at once
     llm_max_output_tokens: int = 4096  # LLM_MAX_OUTPUT_TOKENS: a model call's output cap
     event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
+    read_timeout_s: float = 120.0  # INFER_READ_TIMEOUT: a whole request must arrive within it
+    max_header_bytes: int = 64 << 10  # INFER_MAX_HEADER_KB: request line and headers
     max_schema_bytes: int = 64 * 1024  # INFER_MAX_SCHEMA_KB: an output_schema, a tool's parameters
     schema_repairs: int = 1  # INFER_SCHEMA_REPAIRS: turns to fix an answer that misses its schema
     mcp_file_roots: tuple[str, ...] = ()  # RLM_MCP_FILE_ROOTS: where `rlm mcp` reads files; ()=cwd
@@ -178,6 +182,8 @@ class InferSettings:
             max_children=env_int("INFER_MAX_CHILDREN", 8, 0, e),
             llm_max_output_tokens=env_int("LLM_MAX_OUTPUT_TOKENS", 4096, 1, e),
             event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
+            read_timeout_s=env_float("INFER_READ_TIMEOUT", 120.0, 1, e),
+            max_header_bytes=env_int("INFER_MAX_HEADER_KB", 64, 8, e) << 10,
             max_schema_bytes=env_int("INFER_MAX_SCHEMA_KB", 64, 1, e) * 1024,
             schema_repairs=env_int("INFER_SCHEMA_REPAIRS", 1, 0, e),
             mcp_file_roots=_items(e.get("RLM_MCP_FILE_ROOTS", "")),

@@ -613,6 +613,39 @@ def test_scaling_per_overlay() -> None:
         assert cc["rlm-execute"] == limit
 
 
+_QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "": 1}
+
+
+def _bytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"([0-9]+)([KMGT]i)?", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * _QUANTITY[unit or ""]
+
+
+def execute_memory_shortfall(service: dict[str, Any]) -> int:
+    """How far the execute pod's memory limit falls short of what its settings let the process
+    hold with as many cells in flight as Knative sends it (negative: room to spare)."""
+    spec = service["spec"]["template"]["spec"]
+    values = {name: e["value"] for name, e in env(service).items() if "value" in e}
+    settings = execute_settings.ExecuteSettings.from_env(values)
+    cells = min(spec["containerConcurrency"], int(values["THREADS"]))
+    assert settings.slots <= cells, "EXECUTE_CONCURRENCY above the cells a pod is sent"
+    return settings.host_bytes(cells) - _bytes(container(service)["resources"]["limits"]["memory"])
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_execute_memory_limit_covers_its_settings(folder: str) -> None:
+    service = ksvc(folder, "rlm-execute")
+    shortfall = execute_memory_shortfall(service)
+    assert shortfall <= 0, f"the memory limit is {shortfall >> 20} MiB short of the settings"
+    # The check trips: the settings this manifest had (2 GiB guests, four of them, 4 GiB pod).
+    before = copy.deepcopy(service)
+    for variable in container(before)["env"]:
+        if variable["name"] == "EXECUTE_MEMORY_MB":
+            variable["value"] = "2048"
+    container(before)["resources"]["limits"]["memory"] = "4Gi"
+    assert execute_memory_shortfall(before) > 0
+
+
 def test_images_by_overlay() -> None:
     for name in FUNCTIONS:
         prod = container(ksvc("knative/overlays/prod", name))["image"]
