@@ -81,7 +81,7 @@ def _ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        if result.get("status") != "completed":
+        if result.get("status") != "completed" or result.get("stop_code"):
             why = result.get("stop_reason") or result.get("error")
             print(f"rlm: run {result.get('status')}: {why}", file=sys.stderr)
         if result.get("answer") is not None:
@@ -160,7 +160,7 @@ def _demo(args: argparse.Namespace) -> int:
             rlm.close()
     print(f"answer: {result.response} (expected {needle})")
     print(f"iterations: {result.metadata['iterations']}, time: {result.execution_time:.2f}s, "
-          f"sub-calls: {sum(u['calls'] for u in result.usage_summary.values()) - 2}")  # fmt: skip
+          f"sub-calls: {sum(u.calls for u in result.usage.values()) - 2}")  # fmt: skip
     if args.trajectory:
         with open(args.trajectory, "w", encoding="utf-8") as f:
             for entry in result.metadata["trajectory"]:

@@ -328,7 +328,9 @@ class InferResult(Open):
     status: RunStatus
     answer: str | None = None
     stop_code: StopCode | None = Field(
-        default=None, description="The limit or event that stopped the run, when one did."
+        default=None,
+        description="The limit or event that stopped the run, when one did; on a completed "
+        "run, max_iterations says its answer came in the final request.",
     )
     stop_reason: str | None = Field(default=None, description="The stop, in words.")
     error: str | None = None

@@ -14,6 +14,9 @@ summarizes the root conversation near the model's context window (`history` keep
 `environment="remote"` sends them to a deployed execute function
 (`environment_kwargs={"url": ..., "callback_url": ...}`), which calls back into this process
 for sub-calls. The loop is the same in both, and the same one the infer function runs.
+
+The official library's spelling is accepted (`backend=`, its `environment=` names, `verbose=`,
+`RLMLogger`, the result's fields): see `sdk_options` and `sdk_types`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +36,9 @@ from functions.config import ConfigError
 from functions.contract import InferRequest
 from functions.infer.loop import Emit
 from functions.infer.settings import InferSettings
+from functions.sdk_types import RLMChatCompletion, RLMLogger
+
+__all__ = ["RLM", "RLMChatCompletion", "RLMLogger"]
 
 if TYPE_CHECKING:
     from functions.infer.service import InferService
@@ -40,23 +46,12 @@ if TYPE_CHECKING:
 DEFAULT_QUERY = "The task is written in `context`: read it and carry it out."
 
 
-@dataclass
-class RLMChatCompletion:
-    response: str | None
-    usage_summary: dict[str, dict[str, Any]]
-    execution_time: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def status(self) -> str:
-        return self.metadata.get("status", "")
-
-
 class RLM:
     def __init__(
         self,
         backend_kwargs: dict[str, Any] | None = None,
         *,
+        backend: str | None = None,
         max_depth: int | None = None,
         max_iterations: int = 30,
         max_budget: float | None = None,
@@ -64,7 +59,7 @@ class RLM:
         max_tokens: int | None = None,
         max_errors: int | None = None,
         sub_model: str | None = None,
-        logger: str | os.PathLike[str] | Callable[[dict[str, Any]], None] | None = None,
+        logger: str | os.PathLike[str] | Callable[[dict[str, Any]], None] | RLMLogger | None = None,
         environment: str = "wasm",
         environment_kwargs: dict[str, Any] | None = None,
         on_event: Emit | None = None,
@@ -78,11 +73,11 @@ class RLM:
         models: list[str] | None = None,
         models_by_depth: dict[int, str] | None = None,
         endpoints: dict[str, dict[str, Any]] | None = None,
+        verbose: bool = False,
+        raise_on_stop: bool = False,
     ) -> None:
-        kwargs = dict(backend_kwargs or {})
-        given = {"LLM_BASE_URL": kwargs.get("base_url"), "LLM_API_KEY": kwargs.get("api_key"),
-                 "LLM_MODEL": kwargs.get("model_name")}  # fmt: skip
-        env = {**os.environ, **{k: v for k, v in given.items() if v}}
+        given = sdk_options.backend_settings(backend, backend_kwargs or {}, os.environ)
+        env = {**os.environ, **given}
         env.setdefault("LLM_API_KEY", "none")  # a local server needs none
         try:
             self.settings = InferSettings.from_env(env, served=False)
@@ -114,12 +109,18 @@ class RLM:
         self.persistent = persistent
         self.conversation_id: str | None = None  # the conversation `persistent` continues
         self.logger = logger
+        if verbose and on_event is None:
+            from functions.progress import Progress
+
+            on_event = Progress(verbose=True)
         self.on_event = on_event
+        self.raise_on_stop = raise_on_stop
         self._callback_server: ThreadingHTTPServer | None = None
         self._running: set[str] = set()
         if other_backend_kwargs and not sub_model:
             self.request_defaults["sub_model"] = other_backend_kwargs[0].get("model_name")
-        self.service = self._build(environment, environment_kwargs or {})
+        options = environment_kwargs or {}
+        self.service = self._build(sdk_options.environment(environment, options), options)
         self.request_defaults.update(
             sdk_options.register_tools(self.service.tools, custom_tools, custom_sub_tools)
         )
@@ -143,12 +144,16 @@ class RLM:
                 port = self._callback_server.server_address[1]
                 service.callback_url = f"http://{host}:{port}/subcalls"
             return service
-        raise ValueError(f"environment must be 'wasm' or 'remote', not {environment!r}")
+        raise AssertionError(f"sdk_options.environment() let {environment!r} through")
 
     def completion(
         self, prompt: Any, root_prompt: str | None = None, **overrides: Any
     ) -> RLMChatCompletion:
-        """Answer `root_prompt` (or the task written in `prompt`) about the context `prompt`."""
+        """Answer `root_prompt` (or the task written in `prompt`) about the context `prompt`.
+
+        A run stopped by a limit returns its partial answer with `status` "stopped" and its
+        `stop_code`; with `raise_on_stop=True` it raises the official library's typed error
+        instead (`raise_for_status()`)."""
         fields = {"run_id": uuid.uuid4().hex[:16], **self.request_defaults, **overrides}
         if self.persistent:
             fields.update(persistent=True, conversation_id=self.conversation_id)
@@ -160,23 +165,9 @@ class RLM:
             self._running.discard(request.run_id or "")
         if self.persistent:
             self.conversation_id = result.conversation_id
-        trajectory = result.trajectory or []
-        self._log(trajectory)
-        return RLMChatCompletion(
-            response=result.answer,
-            usage_summary={m: u.model_dump() for m, u in result.usage.items()},
-            execution_time=result.execution_time,
-            metadata={
-                "run_id": result.run_id,
-                "status": result.status,
-                "stop_reason": result.stop_reason,
-                "error": result.error,
-                "iterations": result.iterations,
-                "total_cost_usd": result.total_cost_usd,
-                "trajectory": trajectory,
-                "conversation_id": result.conversation_id,
-            },
-        )
+        self._log(result.trajectory or [])
+        completion = RLMChatCompletion.of(result, request.model or self.settings.model, prompt)
+        return completion.raise_for_status() if self.raise_on_stop else completion
 
     async def acompletion(
         self, prompt: Any, root_prompt: str | None = None, **overrides: Any

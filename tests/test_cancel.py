@@ -120,7 +120,7 @@ def test_sdk_cancel_reports_usage_so_far(slow_subcalls):
         threading.Thread(target=lambda: (wait_for_subcall(slow_subcalls), rlm.cancel())).start()
         result = rlm.completion("ctx", root_prompt="q")
     assert result.status == "stopped" and result.metadata["stop_reason"] == "cancelled"
-    assert result.usage_summary["scripted-root"]["calls"] == 1
+    assert result.usage["scripted-root"].calls == 1
     assert result.execution_time < SLOW_S
 
 

@@ -82,7 +82,7 @@ def test_ask_embedded_against_the_scripted_server(llm, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2718"
     kinds = [json.loads(line)["kind"] for line in trajectory.read_text().splitlines()]
-    assert kinds[0] == "llm" and kinds[-1] == "final"
+    assert kinds[:2] == ["run", "llm"] and kinds[-1] == "final"
     done = rlm("ask", "magic?", "--context", "-", "--json", "-q", env=llm_env(llm),
                stdin=haystack(50_000, 99))  # fmt: skip
     result = json.loads(done.stdout)

@@ -69,7 +69,7 @@ def test_a_model_that_never_finishes_gets_the_final_request(infer, llm):
         [repl("print('still looking')")] * 3 + ["It must be this.\nFINAL(forty-two)"]
     )
     body = run(infer)
-    assert body["iterations"] == 3 and body["stop_reason"] == "max_iterations", body
-    assert body["answer"] == "forty-two"
+    assert body["iterations"] == 3 and body["stop_code"] == "max_iterations", body
+    assert body["status"] == "completed" and body["answer"] == "forty-two"
     roots = [r for r in llm.requests if r.is_root]
-    assert len(roots) == 4 and roots[-1].last == final_request_message()
+    assert len(roots) == 4 and roots[-1].last.endswith(final_request_message())

@@ -36,6 +36,7 @@ def model(server: ScriptedModel) -> Iterator[ScriptedModel]:
     server.reset()
     server.api_key = None
     server.send_usage = True
+    server.policy = echo
     yield server
     server.reset()
 
@@ -238,3 +239,76 @@ def test_model_client_from_settings() -> None:
         assert client.timeout_s == 7 and client.backoff.max_retries == 2
         assert client.prices.price("priced") == (1.0, 2.0)
     assert llm.by_model["local"].base_url == "http://127.0.0.1:10/v1"
+
+
+# ----------------------------------------------------------------------------- output cap
+
+
+def test_the_output_cap_is_sent_as_max_tokens(model: ScriptedModel) -> None:
+    llm = client(model)
+    ask(llm, max_tokens=300)
+    ask(llm)  # no cap asked: no field sent, the server's own limit holds
+    first, second = model.requests
+    assert (first.max_tokens, first.max_completion_tokens) == (300, None)
+    assert (second.max_tokens, second.max_completion_tokens) == (None, None)
+
+
+def test_a_reply_cut_at_the_cap_says_so(model: ScriptedModel) -> None:
+    model.policy = lambda request: "word " * 400
+    model.honour_cap = True
+    completion = ask(client(model), max_tokens=20)
+    assert completion.finish_reason == "length" and len(completion.text) < 100
+    assert completion.usage.output_tokens <= 20
+
+
+def test_a_model_that_refuses_max_tokens_gets_max_completion_tokens(model: ScriptedModel) -> None:
+    """As OpenAI's reasoning models answer 400 to `max_tokens`, naming the other field."""
+    model.refused_fields = frozenset({"max_tokens"})
+    llm = client(model, max_retries=0)
+    assert ask(llm, max_tokens=64).text == "answer 7"
+    assert ask(llm, max_tokens=64).text == "answer 7"
+    assert model.received == 3  # the refusal once, then the other field from the start
+    assert [r.max_completion_tokens for r in model.requests] == [64, 64]
+    assert all(r.max_tokens is None for r in model.requests)
+    other = llm.complete([{"role": "user", "content": "1"}], "other", max_tokens=64)
+    assert other.text == "answer 1"
+    assert model.received == 5  # learnt per model: another model is asked the usual way first
+
+
+def test_a_server_refusing_both_fields_is_an_error_not_a_loop(model: ScriptedModel) -> None:
+    model.refused_fields = frozenset({"max_tokens", "max_completion_tokens"})
+    with pytest.raises(LLMError, match="refused the request") as e:
+        ask(client(model), max_tokens=64)
+    assert e.value.provider_status == 400 and model.received == 2
+
+
+def test_a_timed_out_call_is_asked_again_only_once(model: ScriptedModel) -> None:
+    """A stuck local server keeps generating after the client leaves: each retry would queue
+    one more generation. Other failures still get every retry."""
+    model.inject(Fault(delay_s=0.6), times=5)
+    with pytest.raises(LLMError, match="timed out 2 times") as e:
+        ask(client(model, timeout_s=0.15, max_retries=4))
+    assert isinstance(e.value.__cause__, openai.APITimeoutError)
+    assert model.received == 2 and e.value.attempts == 2
+    model.reset()
+    model.inject(Fault(delay_s=0.6), times=5)
+    with pytest.raises(LLMError, match="timed out 1 times"):
+        ask(client(model, timeout_s=0.15, timeout_retries=0))
+    assert model.received == 1
+    model.reset()
+    model.inject(Fault(delay_s=0.6), Fault(status=503), Fault(status=503))
+    assert ask(client(model, timeout_s=0.3)).text == "answer 7"  # 1 timeout + 2 errors retried
+    assert model.received == 4
+
+
+def test_timeout_retries_setting() -> None:
+    from functions.config import ConfigError
+    from functions.infer.settings import InferSettings
+    from functions.infer.wiring import model_client
+
+    base = {"LLM_API_KEY": "k", "LLM_BASE_URL": "http://127.0.0.1:9/v1", "LLM_MODEL": "m"}
+    assert InferSettings.from_env(base, served=False).llm_timeout_retries == 1
+    settings = InferSettings.from_env({**base, "LLM_TIMEOUT_RETRIES": "0"}, served=False)
+    assert model_client(settings).backoff.timeout_retries == 0
+    with pytest.raises(ConfigError, match="LLM_TIMEOUT_RETRIES"):
+        InferSettings.from_env({**base, "LLM_TIMEOUT_RETRIES": "-1"}, served=False)

@@ -71,13 +71,46 @@ def test_first_user_message_lists_parts() -> None:
 
 
 def test_iteration_message_carries_the_outputs() -> None:
-    one = prompts.iteration_user_message(["hello"], 1, max_iterations=5)
-    assert "hello" in one and "4 turns left" in one
-    two = prompts.iteration_user_message(["a", "b"], 5, max_iterations=5)
-    assert "block 1" in two and "block 2" in two and "0 turns left" in two
-    assert "1 turn left" in prompts.iteration_user_message(["a"], 4, max_iterations=5)
-    nothing = prompts.iteration_user_message([], 2)
+    one = prompts.iteration_user_message(["hello"], prompts.Remaining(turns=4))
+    assert "hello" in one and "You have 4 turns left." in one and "Budget" not in one
+    two = prompts.iteration_user_message(["a", "b"], prompts.Remaining(turns=1))
+    assert "block 1" in two and "block 2" in two
+    assert "This is your last turn" in two and 'answer["ready"] = True' in two
+    nothing = prompts.iteration_user_message([], None)
     assert "no ```repl block" in nothing and "left" not in nothing
+
+
+def test_every_turn_states_the_budget_left() -> None:
+    left = prompts.Remaining(turns=3, usd=0.123456, tokens=45_000, seconds=229.6)
+    text = prompts.iteration_user_message(["x"], left)
+    assert "You have 3 turns left. Budget left: $0.1235, 45,000 tokens, 230 s." in text
+    first = prompts.first_user_message("q", "str", 10, [10], left)
+    assert first.endswith(left.line())
+    spent = prompts.Remaining(turns=2, usd=-0.5, tokens=-3, seconds=-1.0)
+    assert "$0.0000, 0 tokens, 0 s" in spent.line()  # over budget reads as nothing left
+
+
+def test_a_cut_off_or_repeated_reply_is_named() -> None:
+    text = prompts.iteration_user_message(["x"], None, cut_off=True, repeated=True)
+    assert "cut off at the output limit" in text
+    assert "same code as the one before" in text
+
+
+@pytest.mark.parametrize(
+    ("window", "output", "chars"),
+    [
+        (128_000, 8192, 100_000),  # a large window: the advice's cap
+        (16_384, 8192, 33_000),  # (16,384 - 1,000 - 4,096) tokens x 3, to the thousand
+        (8_192, 8192, 15_000),
+        (4_096, None, 9_000),
+        (1_000, 8192, 1_000),  # too small to fit anything: the floor
+    ],
+)
+def test_chunk_advice_fits_the_sub_models_window(window: int, output: int, chars: int) -> None:
+    assert prompts.chunk_chars(window, output) == chars
+    text = prompts.system_prompt(1, 0, None, 20_000, chunk_chars=chars)
+    assert f"chunks of at most {chars:,} characters" in text
+    assert f"at most {chars:,} characters of context" in text
 
 
 def test_final_request() -> None:

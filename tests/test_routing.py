@@ -80,7 +80,7 @@ def test_embedded_endpoints_and_models_by_depth(llm, other):
                               "models": ["other-d1"]}}) as rlm:  # fmt: skip
         result = rlm.completion("ctx", root_prompt="q")
     assert result.response == "child on other-d1"
-    assert result.usage_summary["other-d1"]["calls"] == 1
+    assert result.usage["other-d1"].calls == 1
 
 
 def test_official_other_backend_kwargs_serve_the_sub_model(llm, other):

@@ -21,10 +21,10 @@ def test_embedded_completion_shape(llm, tmp_path):
         result = rlm.completion(haystack(200_000, 321), root_prompt="What is the magic number?")
     assert result.response == "321" and result.status == "completed"
     # Two root turns, and two sub-calls (one per 100k chunk) on the same model: no sub_model.
-    assert result.usage_summary["scripted-root"]["calls"] == 4
+    assert result.usage["scripted-root"].calls == 4
     assert result.execution_time > 0
     kinds = [json.loads(line)["kind"] for line in log.read_text().splitlines()]
-    assert kinds[0] == "llm" and kinds[-1] == "final"
+    assert kinds[:2] == ["run", "llm"] and kinds[-1] == "final"
 
 
 def test_acompletion_inside_an_event_loop(llm):
@@ -52,7 +52,7 @@ def test_remote_environment_uses_a_deployed_execute(llm, execute_server):
              environment_kwargs={"url": execute_server.url}) as rlm:  # fmt: skip
         result = rlm.completion(haystack(100_000, 4242), root_prompt="magic?")
     assert result.response == "4242"
-    assert result.usage_summary["scripted-root"]["calls"] >= 3  # root turns + sub-calls
+    assert result.usage["scripted-root"].calls >= 3  # root turns + sub-calls
 
 
 def test_no_llm_configured_is_a_clear_error(monkeypatch):
@@ -61,7 +61,7 @@ def test_no_llm_configured_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="no LLM configured"):
         RLM()
     with pytest.raises(ValueError, match="environment must be"):
-        RLM({"base_url": "http://127.0.0.1:9/v1", "model_name": "m"}, environment="docker")
+        RLM({"base_url": "http://127.0.0.1:9/v1", "model_name": "m"}, environment="kubernetes")
 
 
 def _guest_saw(request) -> str:

@@ -302,9 +302,10 @@ class Ledger:
         heartbeat stopped) is taken over instead: its secret and its last checkpoint.
 
         `Conflict` when that owner has a live run with that id, still beating."""
-        record = {"status": "running", "secret": secret or secrets.token_urlsafe(16),
-                  "usd": budget_usd, "tokens": budget_tokens}  # fmt: skip
         ttl = min(ttl_s, self.run_ttl_s)
+        record = {"status": "running", "secret": secret or secrets.token_urlsafe(16),
+                  "usd": budget_usd, "tokens": budget_tokens,
+                  "expires": time.time() + ttl}  # fmt: skip
         if not self.store.put(key.id, _dump(record), ttl, only_if_absent=True):
             old = _load(self.store.get(key.id)) or {}
             if old.get("status") == "running":
@@ -473,14 +474,20 @@ class Ledger:
     # ------------------------------------------------------------------ log and memo
 
     def log(self, key: RunKey, nonce: str, entry: dict[str, Any]) -> None:
-        self.store.push(f"{key.id}:log:{nonce}", _dump(entry), self.run_ttl_s)
+        self.store.push(f"{key.id}:log:{nonce}", _dump(entry), self._lifetime(key))
 
     def take_log(self, key: RunKey, nonce: str) -> list[dict[str, Any]]:
         return [json.loads(item) for item in self.store.pop_all(f"{key.id}:log:{nonce}")]
 
     def remember(self, key: RunKey, call: str, responses: list[str]) -> None:
         """A sub-call's answers, so a replayed cell gets the same ones (no model called twice)."""
-        self.store.push(f"{key.id}:memo:{_digest(call)}", _dump(responses), self.run_ttl_s)
+        self.store.push(f"{key.id}:memo:{_digest(call)}", _dump(responses), self._lifetime(key))
+
+    def _lifetime(self, key: RunKey) -> float:
+        """Seconds the run may still go on: what it keeps for itself (answers, logs) lives no
+        longer, so a finished run's memo is not kept for a day."""
+        record = self._record(key) or {}
+        return max(1.0, min(self.run_ttl_s, float(record.get("expires", 0)) - time.time()))
 
     def recall(self, key: RunKey, call: str) -> list[str] | None:
         found = self.store.pop_first(f"{key.id}:memo:{_digest(call)}")

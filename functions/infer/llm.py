@@ -4,6 +4,12 @@ The openai SDK's retries are off (`max_retries=0`); ours retry 408/409/429/5xx a
 timeouts and broken connections with exponential backoff and jitter, wait at least as long as
 a Retry-After header asks, and stop at a retry count or at the caller's deadline, whichever
 comes first. Then `LLMError` says what happened, with the last error as its cause.
+
+A timed-out call is retried at most `timeout_retries` times (default once): a local server
+keeps generating after its client hangs up, so every retry would queue one more full
+generation behind the stuck one. Each call may carry an output cap, sent as `max_tokens` (what
+every OpenAI-compatible server reads); a model that refuses that field and names
+`max_completion_tokens` instead (OpenAI's reasoning models) gets the other one from then on.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ log = logging.getLogger("rlm.llm")
 Messages = Sequence[Mapping[str, Any]]
 _RETRIED_STATUS = frozenset({408, 409, 429})
 _MIN_ATTEMPT_S = 0.05  # an attempt with less time than this left is not started
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")  # the output cap's two spellings
 
 
 class LLMError(UpstreamError):
@@ -69,6 +76,7 @@ class Backoff:
     base_s: float = 0.5
     max_s: float = 20.0
     max_retry_after_s: float = 120.0  # a server asking for a longer pause is not waited for
+    timeout_retries: int = 1  # of the retries, how many may follow a timed-out attempt
 
     def wait(self, attempt: int, retry_after: float | None) -> float:
         cap = min(self.max_s, self.base_s * 2**attempt)
@@ -85,6 +93,7 @@ class _Attempts:
         self.deadline = deadline
         self.timeout_s = timeout_s
         self.count = 0
+        self.timeouts = 0
 
     def timeout(self) -> float:
         """The time the next attempt may take; raises when the deadline leaves none."""
@@ -112,6 +121,14 @@ class _Attempts:
         if not _retryable(error):
             verb = "refused the request" if status else "call failed"
             raise self._error(f"{verb}: {_describe(error)}", status) from error
+        if isinstance(error, openai.APITimeoutError):
+            self.timeouts += 1
+            if self.timeouts > self.backoff.timeout_retries:
+                why = (
+                    f"timed out {self.timeouts} times (after {self.timeout_s:g} s each); not "
+                    "asked again, so a slow server is not queued one more generation"
+                )
+                raise self._error(why, None) from error  # fmt: skip
         retry_after = _retry_after(error)
         if retry_after is not None and retry_after > self.backoff.max_retry_after_s:
             why = f"unavailable, asks to retry after {retry_after:.0f} s: {_describe(error)}"
@@ -216,14 +233,18 @@ class LLM:
         backoff_s: float = 0.5,
         max_backoff_s: float = 20.0,
         max_retry_after_s: float = 120.0,
+        timeout_retries: int = 1,
     ) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
-        self.backoff = Backoff(max_retries, backoff_s, max_backoff_s, max_retry_after_s)
+        self.backoff = Backoff(
+            max_retries, backoff_s, max_backoff_s, max_retry_after_s, timeout_retries
+        )
         self.prices = prices
         self.client = openai.OpenAI(
             base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
+        self._token_field: dict[str, str] = {}  # by model, once one refused "max_tokens"
 
     def complete(
         self,
@@ -233,19 +254,42 @@ class LLM:
         max_tokens: int | None = None,
     ) -> Completion:
         """One chat completion. `deadline` (a `time.monotonic()` value) bounds it, retries too;
-        `max_tokens` caps its output (the provider's max tokens field)."""
-        cap = {} if max_tokens is None else {"max_tokens": max_tokens}
+        `max_tokens` caps its output (None or 0: the server's own limit)."""
         attempts = _Attempts(model, self.backoff, deadline, self.timeout_s)
+        switched = False
         while True:
             timeout = attempts.timeout()
+            cap = self._arguments(model, max_tokens)
             try:
                 response = self.client.chat.completions.create(
                     model=model, messages=list(messages), timeout=timeout, **cap
                 )
             except openai.OpenAIError as e:
+                if not switched and self._switch_token_field(e, model, cap):
+                    switched, attempts.count = True, attempts.count - 1
+                    continue
                 time.sleep(attempts.wait_after(e))
                 continue
             return _completion(response, model, messages, self.prices)
+
+    def _arguments(self, model: str, max_tokens: int | None) -> dict[str, Any]:
+        """The output cap in the field this model takes."""
+        if not max_tokens:
+            return {}
+        return {self._token_field.get(model, TOKEN_FIELDS[0]): max_tokens}
+
+    def _switch_token_field(self, error: Exception, model: str, sent: dict[str, Any]) -> bool:
+        """Whether `error` refused the output cap's field and named the other one (then use it)."""
+        if not sent or getattr(error, "status_code", None) != 400:
+            return False
+        (field,) = sent
+        other = TOKEN_FIELDS[1 - TOKEN_FIELDS.index(field)]
+        text = str(getattr(error, "message", "") or error)
+        if field not in text or other not in text:
+            return False
+        log.warning("model %r refuses %s; sending the output cap as %s", model, field, other)
+        self._token_field[model] = other
+        return True
 
     def close(self) -> None:
         self.client.close()

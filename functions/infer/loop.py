@@ -6,6 +6,7 @@ the infer plane's sub-call endpoint, which `Run` reaches only through the tokens
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -25,11 +26,11 @@ from functions.contract import (
 from functions.errors import StopCode
 from functions.infer import compaction, parsing, prompts
 from functions.infer.account import Account
-from functions.infer.compaction import DEFAULT_WINDOW
+from functions.infer.compaction import DEFAULT_WINDOW, context_window
 from functions.infer.executor import ExecuteError, Executor, ReplSession
 from functions.infer.ledger import ANONYMOUS, BudgetRefused, LedgerUnavailable, RunKey
-from functions.infer.llm import DeadlineReached, LLMError
-from functions.infer.routing import allowed_models
+from functions.infer.llm import Completion, DeadlineReached, LLMError
+from functions.infer.routing import allowed_models, default_model
 from functions.infer.tools import prompt_section
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class RunConfig:
     compaction: bool = False
     compaction_threshold: float = 0.85
     context_window: int = DEFAULT_WINDOW  # the root model's, in tokens
+    context_windows: dict[str, int] = field(default_factory=dict)  # LLM_CONTEXT_WINDOWS
+    max_output_tokens: int | None = None  # LLM_MAX_OUTPUT_TOKENS: one model call's cap
     allowed_models: list[str] = field(default_factory=list)  # more models the guest may name
     models_by_depth: dict[int, str] = field(default_factory=dict)
     tools: ToolCatalog = field(default_factory=dict)  # what this run's cells may call
@@ -124,24 +127,28 @@ class Run:
             context_refs=turn.refs if turn else None,
             base=turn.base if turn else None,
         )
-        messages = [
-            {"role": "system", "content": self._system_prompt()},
-            {"role": "user", "content": prompts.first_user_message(query, *_describe(context))},
-        ]
+        system = self._system_prompt()
+        opening = prompts.first_user_message(query, *_describe(context), self._left(0))
         if turn is not None:
-            messages[1]["content"] += turn.note()
+            opening += turn.note()
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": opening}]
         compactor = self._compactor()
-        iterations, errors, partial, first, pending = 0, 0, None, 1, None
+        last = self.config.max_iterations
+        errors, partial, start, pending = 0, None, 1, None
         if self.resume is not None:
-            messages, errors, partial, first, pending = self._resumed(self.resume, session)
+            messages, errors, partial, start, pending = self._resumed(self.resume, session)
+        self._record_run(query, messages[0]["content"], messages[1]["content"])
+        iterations, reply, previous = start - 1, None, None
         try:
-            for iterations in range(first, self.config.max_iterations + 1):
+            for iterations in range(start, last + 1):
+                cut = False
                 if pending is None:
                     self._check_budgets()
                     if compactor is not None and compactor.due(messages):
                         self._compact(compactor, messages, session, iterations)
                     self._event("turn", {"iteration": iterations})
-                    reply = self._ask(messages, iterations)
+                    completion = self._ask(messages, iterations)
+                    reply, cut = completion.text, completion.finish_reason == "length"
                     messages.append({"role": "assistant", "content": reply})
                     self._checkpoint("reply", iterations, messages, session, errors, partial)
                 else:  # resumed after the reply: its cells run again, sub-calls from the memo
@@ -153,56 +160,54 @@ class Run:
                     errors = errors + 1 if response.error else 0
                     if response.answer and response.answer.content is not None:
                         partial = response.answer.content
-                    if response.answer and response.answer.ready:
+                    if _answered(response):
                         return self._finish("completed", iterations, response.answer.content)
-                    outputs.append(
-                        prompts.format_cell_output(
-                            response.stdout,
-                            response.stderr,
-                            response.error.traceback or response.error.message
-                            if response.error
-                            else None,
-                            self.config.output_chars,
-                        )
-                    )
+                    outputs.append(self._shown(response))
                     if self.config.max_errors and errors >= self.config.max_errors:
                         raise BudgetStop(
                             StopCode.MAX_ERRORS, f"max_errors: {errors} failing cells in a row"
                         )
                 self._replaying = False
-                final = self._final_from_text(reply, session, iterations, has_code=bool(blocks))
+                final = self._final_from_text(reply, session, iterations, outputs)
                 if final is not None:
                     return self._finish("completed", iterations, final)
-                messages.append(
-                    {
-                        "role": "user",
-                        "content": prompts.iteration_user_message(outputs, iterations),
-                    }
-                )
+                repeated, previous = bool(blocks) and blocks == previous, blocks
+                left = self._left(iterations) if iterations < last else None
+                message = prompts.iteration_user_message(outputs, left, cut, repeated)
+                if left is None:  # no user message twice in a row: some chat templates refuse it
+                    message += "\n\n" + prompts.final_request_message()
+                messages.append({"role": "user", "content": message})
                 self._checkpoint("outputs", iterations, messages, session, errors, partial)
             self._check_budgets()
-            messages.append({"role": "user", "content": prompts.final_request_message()})
-            reply = self._ask(messages, iterations + 1)
-            final = self._final_from_text(reply, session, iterations, has_code=False)
+            reply = self._ask(messages, iterations + 1, final_request=True).text
+            messages.append({"role": "assistant", "content": reply})
+            final = self._final_from_text(reply, session, iterations, None)
+            if final is not None:
+                reason = f"max_iterations: answered in the final request after {iterations} turns"
+                return self._finish("completed", iterations, final, StopCode.MAX_ITERATIONS,
+                                    reason, final_request=True)  # fmt: skip
+            reason = f"max_iterations: no answer after {iterations} turns and the final request"
             return self._finish(
-                "completed", iterations, final if final is not None else reply.strip(),
-                code=StopCode.MAX_ITERATIONS, reason="max_iterations",
-            )  # fmt: skip
+                "stopped", iterations, partial, StopCode.MAX_ITERATIONS, reason, last_reply=reply
+            )
         except BudgetStop as stop:
-            return self._finish("stopped", iterations, partial, code=stop.code, reason=str(stop))
+            return self._finish(
+                "stopped", iterations, partial, stop.code, str(stop), last_reply=reply
+            )
         except DeadlineReached:  # the run's own time budget, not a model failure
             reason = f"max_timeout_s: {self.config.max_timeout_s} s passed"
             return self._finish(
-                "stopped", iterations, partial, code=StopCode.MAX_TIMEOUT_S, reason=reason
+                "stopped", iterations, partial, StopCode.MAX_TIMEOUT_S, reason, last_reply=reply
             )
         except (LLMError, ExecuteError, LedgerUnavailable) as e:
             remaining = self.remaining()
             if remaining is not None and remaining <= 0:  # the time budget ran out on the way
                 reason = f"max_timeout_s: {self.config.max_timeout_s} s passed ({e})"
                 return self._finish(
-                    "stopped", iterations, partial, code=StopCode.MAX_TIMEOUT_S, reason=reason
-                )
-            return self._finish("failed", iterations, partial, error=str(e))
+                    "stopped", iterations, partial, StopCode.MAX_TIMEOUT_S, reason,
+                    last_reply=reply,
+                )  # fmt: skip
+            return self._finish("failed", iterations, partial, error=str(e), last_reply=reply)
         finally:
             if turn is not None:
                 history = compactor.full_history(messages) if compactor else messages
@@ -210,12 +215,19 @@ class Run:
 
     # ----------------------------------------------------------------- steps
 
+    def _chunk_chars(self) -> int:
+        """What one sub-call of this run's cells can read: from its default model's window."""
+        c = self.config
+        sub = default_model(self.depth, c.model, c.sub_model, c.models_by_depth)
+        return prompts.chunk_chars(context_window(sub, c.context_windows), c.max_output_tokens)
+
     def _system_prompt(self) -> str:
         text = prompts.system_prompt(
             max_depth=self.config.max_depth,
             depth=self.depth,
             sub_model=self.config.sub_model,
             output_chars=self.config.output_chars,
+            chunk_chars=self._chunk_chars(),
         )
         if self.config.root_prompt:
             text += "\n\n" + self.config.root_prompt
@@ -240,7 +252,7 @@ class Run:
     ) -> None:
         """Ask the root for a summary, replace the conversation with it, bind `history`."""
         before = compaction.estimate_tokens(messages)
-        summary = self._ask(compactor.summary_request(messages), iteration)
+        summary = self._ask(compactor.summary_request(messages), iteration).text
         compactor.compact(messages, summary)
         history = compactor.full_history(messages)
         session.run("pass", self.traceparent, {"history": history})
@@ -250,7 +262,9 @@ class Run:
         self._record(kind="compaction", summary=summary, **entry)
         self._event("compaction", entry)
 
-    def _ask(self, messages: list[dict[str, str]], iteration: int) -> str:
+    def _ask(
+        self, messages: list[dict[str, str]], iteration: int, final_request: bool = False
+    ) -> Completion:
         started = time.monotonic()
         try:
             completion = self.account.complete(
@@ -264,12 +278,24 @@ class Run:
             iteration=iteration,
             prompt_chars=sum(len(m["content"]) for m in messages),
             response=completion.text,
+            finish_reason=completion.finish_reason,
+            final_request=final_request,
             usage=completion.usage.model_dump(),
             model=completion.model,
             seconds=round(time.monotonic() - started, 4),
         )
         self._event("reply", {"iteration": iteration, "chars": len(completion.text)})
-        return completion.text
+        return completion
+
+    def _shown(self, response: ExecuteResponse) -> str:
+        """A cell's output as the model sees it next turn."""
+        error = response.error.traceback or response.error.message if response.error else None
+        text = prompts.format_cell_output(
+            response.stdout, response.stderr, error, self.config.output_chars
+        )
+        if response.answer and response.answer.ready and response.answer.content is None:
+            text += '\n[answer["ready"] is True but answer["content"] is not set: no answer yet]'
+        return text
 
     def _cell(self, session: ReplSession, code: str, iteration: int) -> ExecuteResponse:
         if self.cancelled():
@@ -344,16 +370,20 @@ class Run:
         return messages, saved["errors"], saved["partial"], saved["iteration"] + 1, None
 
     def _final_from_text(
-        self, reply: str, session: ReplSession, iteration: int, has_code: bool
+        self, reply: str, session: ReplSession, iteration: int, outputs: list[str] | None
     ) -> str | None:
+        """The answer a FINAL(...) or FINAL_VAR(name) in the reply gives, if it gives one; a
+        FINAL_VAR that fails shows its error in `outputs`, for the model's next turn."""
         final = parsing.find_final(reply)
         if final is None:
             return None
         if final.kind == "text":
             return final.value
         response = self._cell(session, f"FINAL_VAR({final.value!r})", iteration)
-        if response.answer and response.answer.ready:
-            return response.answer.content
+        if _answered(response):
+            return response.answer.content  # type: ignore[union-attr]
+        if outputs is not None:
+            outputs.append(self._shown(response))
         return None
 
     def _finish(
@@ -364,7 +394,11 @@ class Run:
         code: StopCode | None = None,
         reason: str | None = None,
         error: str | None = None,
+        final_request: bool = False,
+        last_reply: str | None = None,
     ) -> InferResult:
+        """The result. The trajectory's final entry adds whether the answer came in the final
+        request and, for a run with no answer, the model's last reply as it was."""
         usage = self.account.usage() if self.depth == 0 else self.usage
         total = total_usage(usage)
         result = InferResult(
@@ -380,11 +414,27 @@ class Run:
             iterations=iterations,
             execution_time=round(time.monotonic() - self.started, 4),
         )
-        self._record(kind="final", **result.model_dump(exclude={"trajectory"}))
-        self._event("final", result.model_dump(exclude={"trajectory"}))
+        summary = result.model_dump(mode="json", exclude={"trajectory"})
+        extra: dict[str, Any] = {"final_request": final_request}
+        if status != "completed":
+            extra["last_reply"] = last_reply
+        self._record(kind="final", **summary, **extra)
+        self._event("final", summary)
         return result
 
     # ----------------------------------------------------------------- budgets
+
+    def _left(self, iteration: int) -> prompts.Remaining:
+        """What the run has left after `iteration` turns, as the model is told it."""
+        c = self.config
+        total = self.account.total()  # the run tree's, as the budgets count it
+        used = total.input_tokens + total.output_tokens
+        return prompts.Remaining(
+            turns=c.max_iterations - iteration,
+            usd=None if c.max_budget_usd is None else c.max_budget_usd - total.cost_usd,
+            tokens=None if c.max_tokens is None else c.max_tokens - used,
+            seconds=self.remaining(),
+        )
 
     def _deadline(self) -> float | None:
         if self.config.max_timeout_s is None:
@@ -423,6 +473,18 @@ class Run:
 
     # ----------------------------------------------------------------- records
 
+    def _record_run(self, query: str, system: str, first: str) -> None:
+        """The trajectory's first entry: what the run was asked, and how it was set up."""
+        self._record(
+            kind="run",
+            query=query,
+            system_prompt=system,
+            system_prompt_sha256=hashlib.sha256(system.encode()).hexdigest(),
+            first_user_message=first,
+            **{name: getattr(self.config, name) for name in _RECORDED_CONFIG},
+            chunk_chars=self._chunk_chars(),
+        )
+
     def _record(self, **entry: Any) -> None:
         entry = {
             "run_id": self.run_id,
@@ -438,6 +500,16 @@ class Run:
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+# The run's settings its trajectory's first entry records.
+_RECORDED_CONFIG = ("model", "sub_model", "max_iterations", "max_depth", "max_budget_usd",
+                    "max_tokens", "max_timeout_s", "max_errors", "max_output_tokens")  # fmt: skip
+
+
+def _answered(response: ExecuteResponse) -> bool:
+    """Whether a cell gave the answer: `answer["ready"]` with its content set."""
+    return bool(response.answer and response.answer.ready and response.answer.content is not None)
 
 
 def _describe(context: Any) -> tuple[str, int, list[int]]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-CHUNK_CHARS = 100_000  # what a sub-model reads well in one prompt
+CHUNK_CHARS = 100_000  # the most one sub-call is advised to read, however large its window
+SAFE_CHARS_PER_TOKEN = 3  # code, digits and most languages but English take more than 4
+QUESTION_TOKENS = 1_000  # room for the question and instructions around a chunk
+MIN_CHUNK_CHARS = 1_000
 
 _SYSTEM = """\
 You are answering a question about a context that is much too large to read at once. The \
@@ -23,8 +27,8 @@ library, numpy, pandas and regex are available; there is no network and no file 
 
 What the REPL gives you:
 - `llm_query(prompt, model=None) -> str`: one question to a language model{sub_model_note}. \
-It reads about {chunk_chars:,} characters well, so put the slice of context it needs into \
-the prompt.
+One prompt fits at most {chunk_chars:,} characters of context with room for your question, \
+so put only the slice of context it needs into the prompt.
 - `llm_query_batched(prompts, model=None) -> list[str]`: many questions at once; they run \
 concurrently and the answers come back in the same order. Use it instead of a loop of \
 llm_query calls.
@@ -36,7 +40,7 @@ How to work:
 few short samples.
 2. Narrow it down with code: search, regular expressions, splitting, filtering. Code is \
 cheaper than sub-calls, so discard what cannot matter first.
-3. Cut what is left into chunks of about {chunk_chars:,} characters and ask the sub-model \
+3. Cut what is left into chunks of at most {chunk_chars:,} characters and ask the sub-model \
 about every chunk with one `llm_query_batched` call. Keep its answers in variables and \
 combine them with code, or with one more query over the collected answers.
 4. Check the result (print it) before you finish.
@@ -60,6 +64,14 @@ llm_query calls, with no REPL of their own.
 """
 
 
+def chunk_chars(window_tokens: int, output_tokens: int | None = None) -> int:
+    """Characters of context per sub-call that fit the sub-model's window (in tokens) with room
+    for the question and its reply (the reply's cap, at most a quarter of the window)."""
+    room = QUESTION_TOKENS + min(output_tokens or 0, window_tokens // 4)
+    fits = (window_tokens - room) * SAFE_CHARS_PER_TOKEN // 1_000 * 1_000
+    return max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, fits))
+
+
 def system_prompt(
     max_depth: int,
     depth: int,
@@ -67,7 +79,8 @@ def system_prompt(
     output_chars: int,
     chunk_chars: int = CHUNK_CHARS,
 ) -> str:
-    """The root's instructions. Mentions the child RLMs only where they exist (depth < max)."""
+    """The root's instructions. Mentions the child RLMs only where they exist (depth < max);
+    `chunk_chars` (from `chunk_chars()`) is the slice of context one sub-call is told fits."""
     sub_model_note = f" (`{sub_model}` unless you name another)" if sub_model else ""
     depth_note = (
         f"\n\nYou are a child RLM at depth {depth} of at most {max_depth}: your `context` is the "
@@ -84,34 +97,81 @@ def system_prompt(
     )
 
 
+@dataclass(frozen=True)
+class Remaining:
+    """What a run has left as a turn starts, told to the model on every turn."""
+
+    turns: int
+    usd: float | None = None
+    tokens: int | None = None
+    seconds: float | None = None
+
+    def line(self) -> str:
+        if self.turns == 1:
+            text = (
+                'This is your last turn: finish in this reply with answer["ready"] = True '
+                "or FINAL(your answer)."
+            )
+        else:
+            text = f"You have {self.turns} turns left."
+        budget = []
+        if self.usd is not None:
+            budget.append(f"${max(0.0, self.usd):.4f}")
+        if self.tokens is not None:
+            budget.append(f"{max(0, self.tokens):,} tokens")
+        if self.seconds is not None:
+            budget.append(f"{max(0.0, self.seconds):.0f} s")
+        if budget:
+            text += f" Budget left: {', '.join(budget)}."
+        return text
+
+
 def first_user_message(
-    query: str, context_type: str, context_length: int, context_chunk_lengths: Sequence[int]
+    query: str,
+    context_type: str,
+    context_length: int,
+    context_chunk_lengths: Sequence[int],
+    remaining: Remaining | None = None,
 ) -> str:
-    """The first turn: what the context is (type, size, parts) and the question."""
+    """The first turn: what the context is (type, size, parts), the question, what is left."""
     shape = f"`context` is a {context_type} of {context_length:,} characters in total"
     if len(context_chunk_lengths) > 1:
         shown = ", ".join(f"{n:,}" for n in context_chunk_lengths[:20])
         more = ", ..." if len(context_chunk_lengths) > 20 else ""
         shape += f", in {len(context_chunk_lengths):,} parts of lengths [{shown}{more}]"
+    left = f" {remaining.line()}" if remaining is not None else ""
     return (
         f"{shape}.\n\nQuestion: {query}\n\n"
         "You have not looked at the context yet. Start by exploring it in the REPL, and give "
-        "the final answer only once your code has found it."
+        f"the final answer only once your code has found it.{left}"
     )
 
 
 def iteration_user_message(
-    outputs: Sequence[str], iteration: int, max_iterations: int | None = None
+    outputs: Sequence[str],
+    remaining: Remaining | None = None,
+    cut_off: bool = False,
+    repeated: bool = False,
 ) -> str:
-    """A continuing turn: what each cell of the last reply printed (already formatted)."""
-    left = ""
-    if max_iterations is not None:
-        remaining = max(0, max_iterations - iteration)
-        left = f" {remaining} turn{'s' if remaining != 1 else ''} left."
+    """A continuing turn: what each cell of the last reply printed (already formatted), and
+    what the run has left. `cut_off`: the reply ended at the output cap; `repeated`: its code
+    was the previous reply's again."""
+    left = f" {remaining.line()}" if remaining is not None else ""
+    cut = ""
+    if cut_off:
+        cut += (
+            "Your reply was cut off at the output limit: keep replies short, one small code "
+            "block each.\n\n"
+        )
+    if repeated:
+        cut += (
+            "Your reply ran the same code as the one before it. Do not send it again: change "
+            "the approach, or answer with what you have.\n\n"
+        )
     if not outputs:
         return (
-            "Your reply had no ```repl block and no final answer. Write one ```repl block that "
-            f'moves toward the answer, or finish with answer["ready"] = True.{left}'
+            f"{cut}Your reply had no ```repl block and no final answer. Write one ```repl block "
+            f'that moves toward the answer, or finish with answer["ready"] = True.{left}'
         )
     if len(outputs) == 1:
         shown = f"REPL output:\n{outputs[0]}"
@@ -119,7 +179,7 @@ def iteration_user_message(
         shown = "\n\n".join(
             f"REPL output of block {i}:\n{text}" for i, text in enumerate(outputs, 1)
         )
-    return f"{shown}\n\nContinue with the next ```repl block, or finish.{left}"
+    return f"{cut}{shown}\n\nContinue with the next ```repl block, or finish.{left}"
 
 
 def final_request_message() -> str:

@@ -98,6 +98,8 @@ class InferService:
             compaction=request.compaction,
             compaction_threshold=request.compaction_threshold or s.compaction_threshold,
             context_window=context_window(request.model or s.model, s.context_windows),
+            context_windows=s.context_windows,
+            max_output_tokens=s.llm_max_output_tokens,
             allowed_models=request.models or [],
             models_by_depth=request.models_by_depth or {},
             tools=request.custom_tools or {},
@@ -347,6 +349,8 @@ class InferService:
             max_timeout_s=remaining,
             output_chars=self.settings.output_chars,
             cell_timeout_s=self.settings.cell_timeout_s,
+            context_windows=self.settings.context_windows,
+            max_output_tokens=self.settings.llm_max_output_tokens,
             allowed_models=claims.models,
             models_by_depth={int(d): m for d, m in claims.by_depth.items()},
             tools=sub_tools or {},
@@ -367,9 +371,12 @@ class InferService:
             result = child.completion(CHILD_QUERY, prompt)
         finally:
             self.ledger.end_child(root)
-        answer = result.answer if result.answer is not None else f"[child RLM {result.status}: "
-        if result.answer is None:
-            answer += f"{result.stop_reason or result.error}]"
+        if result.status == "completed":
+            return result.answer or "", result.usage, child.trajectory
+        # The parent's model is told the child did not finish, and what it had so far.
+        answer = f"[child RLM {result.status}: {result.stop_reason or result.error}]"
+        if result.answer is not None:
+            answer += f" partial answer: {result.answer}"
         return answer, result.usage, child.trajectory
 
 

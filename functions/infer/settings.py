@@ -21,6 +21,7 @@ ENV_NAMES = (
     "LLM_SUB_MODEL",
     "LLM_TIMEOUT",
     "LLM_MAX_RETRIES",
+    "LLM_TIMEOUT_RETRIES",
     "LLM_PRICES",
     "WASM_SERVICE_URL",
     "INFER_CALLBACK_URL",
@@ -59,6 +60,7 @@ class InferSettings:
     sub_model: str | None = None
     llm_timeout_s: float = 120.0
     llm_max_retries: int = 4
+    llm_timeout_retries: int = 1  # LLM_TIMEOUT_RETRIES: of those, after a timed-out call
     prices_json: str = ""  # LLM_PRICES: {"model": [usd per 1M input, usd per 1M output]}
     execute_url: str = ""  # WASM_SERVICE_URL; empty: embedded sandbox in this process
     callback_url: str = ""  # INFER_CALLBACK_URL: how the execute plane reaches /subcalls
@@ -113,6 +115,7 @@ class InferSettings:
             sub_model=env_str("LLM_SUB_MODEL", "", e) or None,
             llm_timeout_s=env_float("LLM_TIMEOUT", 120.0, 1, e),
             llm_max_retries=env_int("LLM_MAX_RETRIES", 4, 0, e),
+            llm_timeout_retries=env_int("LLM_TIMEOUT_RETRIES", 1, 0, e),
             prices_json=env_str("LLM_PRICES", "", e),
             execute_url=env_url("WASM_SERVICE_URL", None, e) if served else "",
             callback_url=env_url("INFER_CALLBACK_URL", "http://127.0.0.1:8080", e),

@@ -26,11 +26,11 @@ def model_client(settings: InferSettings) -> Any:
     """The model client: `LLM_BASE_URL`'s, plus one per `RLM_ENDPOINTS` endpoint, all with the
     same timeout, retries and price table."""
     prices = PriceTable(settings.prices_json)
+    s = settings
 
     def client(base_url: str, api_key: str) -> LLM:
-        return LLM(
-            base_url, api_key, settings.llm_timeout_s, settings.llm_max_retries, prices=prices
-        )
+        return LLM(base_url, api_key, s.llm_timeout_s, s.llm_max_retries, prices=prices,
+                   timeout_retries=s.llm_timeout_retries)  # fmt: skip
 
     return routed(client(settings.base_url, settings.api_key), settings.endpoints, client)
 

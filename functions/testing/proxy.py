@@ -1,5 +1,7 @@
 """A round-robin HTTP proxy on loopback: one address in front of several infer processes, as a
-Knative route is in front of several pods. Each request goes to the next backend in turn."""
+Knative route is in front of several pods. Each request goes to the next backend in turn; one
+that refuses the connection (a killed pod, which a route stops sending to) is passed over for
+the next, since nothing reached it."""
 
 from __future__ import annotations
 
@@ -55,27 +57,37 @@ def _handler(proxy: RoundRobin) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("content-length") or 0)
             body = self.rfile.read(length) if length else b""
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            target = proxy.backends[proxy.pick(self.path, headers, body)] + self.path
-            try:
-                with proxy._client.stream(
-                    self.command, target, headers=headers, content=body
-                ) as reply:
-                    self.send_response(reply.status_code)
-                    for k, v in reply.headers.items():
-                        if k.lower() not in _HOP_BY_HOP:
-                            self.send_header(k, v)
-                    self.send_header("transfer-encoding", "chunked")
-                    self.end_headers()
-                    for chunk in reply.iter_raw():
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                        self.wfile.flush()
-                    self.wfile.write(b"0\r\n\r\n")
-            except httpx.HTTPError as e:
-                message = f"proxy: {target} unreachable: {e}".encode()
-                self.send_response(502)
-                self.send_header("content-length", str(len(message)))
+            for _ in range(len(proxy.backends)):
+                target = proxy.backends[proxy.pick(self.path, headers, body)] + self.path
+                try:
+                    self._relay(target, headers, body)
+                    return
+                except httpx.ConnectError as e:
+                    refused = e
+                except httpx.HTTPError as e:
+                    self._unreachable(target, e)
+                    return
+            self._unreachable(target, refused)
+
+        def _relay(self, target: str, headers: dict[str, str], body: bytes) -> None:
+            with proxy._client.stream(self.command, target, headers=headers, content=body) as reply:
+                self.send_response(reply.status_code)
+                for k, v in reply.headers.items():
+                    if k.lower() not in _HOP_BY_HOP:
+                        self.send_header(k, v)
+                self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
-                self.wfile.write(message)
+                for chunk in reply.iter_raw():
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+
+        def _unreachable(self, target: str, error: Exception) -> None:
+            message = f"proxy: {target} unreachable: {error}".encode()
+            self.send_response(502)
+            self.send_header("content-length", str(len(message)))
+            self.end_headers()
+            self.wfile.write(message)
 
         do_GET = do_POST = _forward
 

@@ -3,7 +3,11 @@
 It is not a language model: a policy function writes each reply. `rlm demo` uses it (and says
 so) so the whole pipeline can be seen without an API key; the tests use it to play the model
 through the real `openai` client. Faults can be queued for the next requests (a status with
-Retry-After, a delay, a dropped connection) and a fixed latency set, to test retries.
+Retry-After, a delay, a dropped connection) and a fixed latency set, to test retries. It
+records each request's output cap (`max_tokens` or `max_completion_tokens`); with `honour_cap`
+it cuts a longer reply there with `finish_reason: "length"`, as a real server does, and
+`refused_fields` makes it refuse one spelling the way OpenAI's reasoning models refuse
+`max_tokens`.
 
     python -m functions.testing.scripted_model --port 8765 --scenario needle
 """
@@ -35,6 +39,12 @@ class ModelRequest:
     model: str
     messages: list[dict[str, Any]]
     stream: bool = False
+    max_tokens: int | None = None  # the output cap as the request sent it, in either field
+    max_completion_tokens: int | None = None
+
+    @property
+    def output_cap(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
     @property
     def is_root(self) -> bool:
@@ -84,6 +94,8 @@ class ScriptedModel:
     port: int = 0
     api_key: str | None = None  # when set, other bearer tokens get 401
     send_usage: bool = True  # False: answers without a usage object, as some servers do
+    refused_fields: frozenset[str] = frozenset()  # output-cap fields answered with a 400
+    honour_cap: bool = False  # cut a reply longer than the request's output cap
     faults: deque[Fault] = field(default_factory=deque)
     requests: list[ModelRequest] = field(default_factory=list)  # the ones the policy answered
     received: int = 0  # chat requests that arrived, faulted ones included
@@ -133,13 +145,15 @@ class ScriptedModel:
             return self._idle.wait_for(lambda: self._busy == 0, timeout_s)
 
     def reset(self, wait_s: float = 5.0) -> None:
-        """No faults, no latency, an empty log (after requests still in flight are done)."""
+        """No faults, latency, refused fields or cap, an empty log (once requests in flight end)."""
         self.wait_idle(wait_s)
         with self._lock:
             self.faults.clear()
             self.requests.clear()
             self.received = 0
             self.latency_s = 0.0
+            self.refused_fields = frozenset()
+            self.honour_cap = False
 
     def root_requests(self) -> list[ModelRequest]:
         with self._lock:
@@ -192,9 +206,26 @@ def _usage(request: ModelRequest, text: str) -> dict[str, int]:
     }
 
 
-def _completion(ident: str, request: ModelRequest, text: str, usage: dict | None) -> dict:
+def _capped(request: ModelRequest, text: str) -> tuple[str, str]:
+    """The reply cut at the request's output cap (as `text_tokens` counts), and why it ended."""
+    cap = request.output_cap
+    if cap is None or text_tokens(text) <= cap:
+        return text, "stop"
+    return text[: max(0, cap - 1) * 4], "length"
+
+
+def _refusal(field: str) -> str:
+    other = "max_completion_tokens" if field == "max_tokens" else "max_tokens"
+    return (
+        f"Unsupported parameter: '{field}' is not supported with this model. Use '{other}' instead."
+    )
+
+
+def _completion(
+    ident: str, request: ModelRequest, text: str, usage: dict | None, finish: str = "stop"
+) -> dict:
     message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "finish_reason": "stop", "logprobs": None, "message": message}
+    choice = {"index": 0, "finish_reason": finish, "logprobs": None, "message": message}
     body = {
         "id": ident,
         "object": "chat.completion",
@@ -205,7 +236,9 @@ def _completion(ident: str, request: ModelRequest, text: str, usage: dict | None
     return body if usage is None else {**body, "usage": usage}
 
 
-def _chunks(ident: str, request: ModelRequest, text: str, usage: dict | None) -> list[dict]:
+def _chunks(
+    ident: str, request: ModelRequest, text: str, usage: dict | None, finish: str = "stop"
+) -> list[dict]:
     """The SSE frames of one streamed reply: role, text in pieces, stop, usage if asked."""
     base = {
         "id": ident,
@@ -218,10 +251,14 @@ def _chunks(ident: str, request: ModelRequest, text: str, usage: dict | None) ->
     frames = [
         {**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas
     ]
-    frames.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    frames.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
     if usage is not None:
         frames.append({**base, "choices": [], "usage": usage})
     return frames
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
@@ -259,8 +296,15 @@ def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
                 self._error(400, "the body must be a JSON object with a 'messages' list")
                 return
+            refused = [f for f in model.refused_fields if body.get(f) is not None]
+            if refused:
+                self._error(400, _refusal(refused[0]))
+                return
             stream = bool(body.get("stream"))
-            request = ModelRequest(str(body.get("model", "")), body["messages"], stream)
+            request = ModelRequest(
+                str(body.get("model", "")), body["messages"], stream,
+                _whole(body.get("max_tokens")), _whole(body.get("max_completion_tokens")),
+            )  # fmt: skip
             model._record(request)
             if model.latency_s:
                 time.sleep(model.latency_s)
@@ -269,14 +313,15 @@ def _handler(model: ScriptedModel) -> type[BaseHTTPRequestHandler]:
             except Exception as e:
                 self._error(500, f"the scripted policy failed: {type(e).__name__}: {e}")
                 return
+            text, finish = _capped(request, text) if model.honour_cap else (text, "stop")
             usage = _usage(request, text) if model.send_usage else None
             ident = f"chatcmpl-scripted-{time.time_ns()}"
             if not stream:
-                self._json(200, _completion(ident, request, text, usage))
+                self._json(200, _completion(ident, request, text, usage, finish))
                 return
             if not (body.get("stream_options") or {}).get("include_usage"):
                 usage = None
-            self._stream(_chunks(ident, request, text, usage))
+            self._stream(_chunks(ident, request, text, usage, finish))
 
         def _body(self) -> Any:
             length = int(self.headers.get("content-length") or 0)
@@ -356,7 +401,7 @@ elif isinstance(context, list):
     text = "\\n".join(map(str, context))
 else:
     text = str(context)
-size = 100_000
+size = {size}
 chunks = [text[i : i + size] for i in range(0, len(text), size)]
 replies = llm_query_batched(
     [
@@ -372,20 +417,28 @@ if found:
 """,
     "I will search the context chunk by chunk with the sub-model.",
 )
+_ADVISED_CHUNK = re.compile(r"chunks of at most ([\d,]+) characters")
+
+
+def advised_chunk_chars(request: ModelRequest, default: int = 100_000) -> int:
+    """The chunk size the root's system prompt advises (as a model that follows it would)."""
+    found = _ADVISED_CHUNK.search(_text(request.messages[0])) if request.messages else None
+    return int(found.group(1).replace(",", "")) if found else default
 
 
 def needle_policy(request: ModelRequest) -> str:
     """Plays a root RLM that finds 'the magic number is N' in `context`, and its sub-model.
 
-    Root turn 0 probes the context; turn 1 searches it with llm_query_batched over ~100k-char
-    chunks and sets `answer`; any later turn answers FINAL(...) with what the search printed.
+    Root turn 0 probes the context; turn 1 searches it with llm_query_batched over chunks of the
+    size the system prompt advises and sets `answer`; any later turn answers FINAL(...) with
+    what the search printed.
     """
     if not request.is_root:
         return answer_from_prompt(request)
     if request.turn == 0:
         return NEEDLE_PROBE
     if request.turn == 1:
-        return NEEDLE_SEARCH
+        return NEEDLE_SEARCH.replace("{size}", f"{advised_chunk_chars(request):_}")
     printed = re.findall(r"found: \[([^\]]*)\]", "\n".join(request.texts("user")))
     first = printed[-1].split(",")[0].strip().strip("'\"") if printed else ""
     return f"The search is done.\nFINAL({first or 'NONE'})"
@@ -411,7 +464,61 @@ def scripted_replies(root_replies: list[Reply], sub_answer: Policy = answer_from
     return policy
 
 
-SCENARIOS: dict[str, Policy] = {"needle": needle_policy}
+# ------------------------------------------------------------------ how small models fail
+
+
+def _root_only(root: Policy) -> Policy:
+    def policy(request: ModelRequest) -> str:
+        return root(request) if request.is_root else answer_from_prompt(request)
+
+    policy.__doc__ = root.__doc__
+    return policy
+
+
+def _asked_for_the_final_answer(request: ModelRequest) -> bool:
+    return "You have no turns left" in request.last
+
+
+@_root_only
+def never_answers(request: ModelRequest) -> str:
+    """Explores every turn and, asked for the final answer, writes code and prose, no FINAL."""
+    if _asked_for_the_final_answer(request):
+        return repl("print(context[:50])", "I need to look a bit more before I can answer.")
+    return repl(f"print(len(context), {request.turn})", "Let me look at the context.")
+
+
+@_root_only
+def loops_on_a_broken_cell(request: ModelRequest) -> str:
+    """Sends the same failing cell every turn, the final request too, as small models do."""
+    return repl("print(total_count)", "Let me print the total.")
+
+
+@_root_only
+def rebinds_context(request: ModelRequest) -> str:
+    """Turn 0 rebinds `context` to a list of words; turn 1 answers with what `context` is then."""
+    if request.turn == 0:
+        return repl("context = context.split()\nprint(len(context))")
+    return repl(
+        "answer['content'] = f'{type(context).__name__} of {len(context)}'\nanswer['ready'] = True"
+    )
+
+
+@_root_only
+def answers_on_its_last_turn(request: ModelRequest) -> str:
+    """Explores until a turn's message says it is the last, then answers with the context's
+    length; asked in the final request instead, it replies in prose without FINAL."""
+    if "This is your last turn" in request.last:
+        return repl("answer['content'] = str(len(context))\nanswer['ready'] = True", "Finishing.")
+    if _asked_for_the_final_answer(request):
+        return "I was still exploring the context and have no answer yet."
+    return repl(f"print(context[:{10 + request.turn}])", "Exploring.")
+
+
+SCENARIOS: dict[str, Policy] = {
+    "needle": needle_policy,
+    "never-answers": never_answers,
+    "loops": loops_on_a_broken_cell,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,6 +166,28 @@ def _install():
         "ToolError": ToolError,
     }
     RESERVED = {*api, "answer"}
+    original_context = []  # [the value the host bound to `context`], once it bound one
+    guest_stderr = sys.stderr
+
+    def _restore_scaffold():
+        """Put back the guest API, `answer` and `context` if the cell rebound or deleted them,
+        with one stderr line naming them: a model that wrote `context = context.split()` keeps
+        its input for the next cell."""
+        rebound = [name for name, value in api.items() if main.get(name) is not value]
+        for name in rebound:
+            main[name] = api[name]
+        kept = original_context and "context" in main and main["context"] is original_context[0]
+        if original_context and not kept:
+            main["context"] = original_context[0]
+            rebound.append("context")
+        if type(main.get("answer")) is not dict:
+            main["answer"] = {"content": None, "ready": False}
+            rebound.append("answer")
+        if rebound:  # on the stream the driver holds: the cell may have replaced sys.stderr
+            guest_stderr.write(
+                f"[rlm] this cell rebound {', '.join(rebound)}; restored. Keep your own "
+                'values under other names (and answer with answer["content"] = ...).\n'
+            )
 
     def _read(name):
         with open(f"{mount}/{name}", "rb") as f:
@@ -204,13 +226,19 @@ def _install():
         return {"type": type(exc).__name__, "message": str(exc), "traceback": text}
 
     def _answer():
+        """`answer` as the host reads it; read with dict's own methods, so a dict subclass, or
+        a content whose str() raises, is no answer rather than the end of the driver."""
         answer = main.get("answer")
         if not isinstance(answer, dict):
             return None
-        content = answer.get("content")
-        if content is not None and not isinstance(content, str):
-            content = str(content)
-        return {"ready": bool(answer.get("ready")), "content": content}
+        try:
+            content = dict.get(answer, "content")
+            if content is not None and not isinstance(content, str):
+                content = str(content)
+            return {"ready": bool(dict.get(answer, "ready")), "content": content}
+        except BaseException as e:
+            guest_stderr.write(f"[rlm] answer cannot be read ({type(e).__name__}): no answer\n")
+            return None
 
     def _snapshot():
         """Pickle the user namespace; values that cannot be pickled are dropped and named."""
@@ -275,6 +303,8 @@ def _install():
                 main["context"] = _read("context.in").decode("utf-8")
             elif plan.get("context") == "json":
                 main["context"] = json.loads(_read("context.in"))
+            if plan.get("context"):
+                original_context[:] = [main["context"]]
             _bind_contexts(plan)
             if plan.get("vars"):
                 main.update(plan["vars"])
@@ -296,6 +326,7 @@ def _install():
             meta["error"] = info
             sys.stderr.write(info["traceback"])
         meta["answer"] = _answer()
+        _restore_scaffold()
         meta["locals"] = {
             n: {"type": type(main[n]).__name__, "preview": _preview(main[n])}
             for n in _user_names()[:200]
