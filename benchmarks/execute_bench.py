@@ -23,11 +23,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.table import print_table
-from functions.contract import context_ref
+from functions.contract import context_ref, new_scope
 from functions.testing.processes import free_port, serve
 
 ROWS: list[tuple[str, str, str, str]] = []
 SETTLE_S = 3.0
+SCOPE = new_scope()  # the run that owns the sessions and blobs, as infer sends it with each cell
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -48,7 +49,7 @@ def row(name: str, samples: list[float], unit: str = "ms", note: str = "") -> fl
 
 
 def post(client: httpx.Client, url: str, body: dict) -> dict:
-    r = client.post(url + "/execute", json=body, timeout=300)
+    r = client.post(url + "/execute", json={"scope": SCOPE, **body}, timeout=300)
     r.raise_for_status()
     return r.json()
 
@@ -115,7 +116,7 @@ def main() -> None:
         first = post(client, pod_a.url, {"code": "x = 0", "session_id": "warm"})
         ref = first["state"]["ref"]
         time.sleep(SETTLE_S)  # the pod opens its next spare interpreter in the background
-        body = {"code": "x += 1", "session_id": "warm", "state": {"ref": ref}}
+        body = {"code": "x += 1", "session_id": "warm", "state": {"ref": ref}, "scope": SCOPE}
 
         lean = KeepAlive(pod_a.url)
 
@@ -184,7 +185,7 @@ def main() -> None:
             )
             # ...then the session is gone from pod B's memory but its blob is cached: restore.
             client.post(pod_b.url + "/execute", json={"code": "1", "session_id": sid + "-x",
-                        "state": {"ref": state["ref"]}})  # fmt: skip
+                        "state": {"ref": state["ref"]}, "scope": SCOPE})  # fmt: skip
             time.sleep(SETTLE_S)  # a pod at rest: its spare interpreter refilled
             started = time.perf_counter()
             result = post(

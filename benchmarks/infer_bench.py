@@ -53,7 +53,7 @@ def main() -> None:
         "LLM_BASE_URL": model.base_url, "LLM_API_KEY": "k", "LLM_MODEL": "scripted",
         "WASM_SERVICE_URL": execute.url, "INFER_CALLBACK_URL": f"http://127.0.0.1:{port}",
         "RLM_TOKEN_KEY": "benchmark-key-0123456789abcdef0123456789", "MAX_ITERATIONS": "50",
-        "INFER_MAX_CONTEXT_MB": "128",
+        "INFER_MAX_CONTEXT_MB": "128", "INFER_AUTH": "none",
     }  # fmt: skip
     redis = RedisServer(logs).start()
     rows = ledger_rows(redis, 200 if args.quick else 2000)

@@ -6,11 +6,9 @@ import argparse
 import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,22 @@ LLM_SETTINGS_HINT = (
     "no LLM configured: set LLM_BASE_URL, LLM_API_KEY and LLM_MODEL (any OpenAI-compatible "
     "endpoint), or run `rlm demo` to see the pipeline work offline"
 )
+EXIT_CODES = {"completed": 0, "stopped": 3}  # anything else (failed): 1
+
+# The request's fields as the command line names them, for messages about bad values.
+FLAGS = {
+    "query": "the question",
+    "model": "--model",
+    "sub_model": "--sub-model",
+    "max_depth": "--max-depth",
+    "max_iterations": "--max-iterations",
+    "max_budget_usd": "--max-budget",
+    "max_timeout_s": "--max-timeout",
+    "max_tokens": "--max-tokens",
+    "max_errors": "--max-errors",
+    "context": "--context",
+    "context_uri": "--context",
+}
 
 
 class UsageError(Exception):
@@ -40,10 +54,10 @@ def _read_context(source: str | None) -> Any:
             return fetch(source, limit)
         path = Path(source)
         if not path.is_file():
-            raise UsageError(f"context file not found: {source}")
+            raise UsageError(f"--context {source}: no such file")
         return read_file(path, limit)
-    except ContextError as e:
-        raise UsageError(str(e)) from None
+    except ContextError as e:  # its messages name the HTTP field; here it is the flag
+        raise UsageError(str(e).replace("context_uri", "--context")) from None
 
 
 def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,64 +74,129 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def checked_request(question: str, fields: dict[str, Any]) -> Any:
+    """The request the run will make, validated now: a bad value is one line naming its flag."""
+    from pydantic import ValidationError
+
+    from functions.contract import InferRequest
+
+    try:
+        return InferRequest(query=question, trajectory=True, **fields)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        given = fields.get(field, question if field == "query" else None)
+        shown = f" {given}" if given is not None and field != "query" else ""
+        message = problem["msg"][0].lower() + problem["msg"][1:]
+        raise UsageError(f"{FLAGS.get(field, field)}{shown}: {message}") from None
+
+
 def _ask(args: argparse.Namespace) -> int:
     from functions.progress import Progress
 
     if not args.endpoint:
-        args.base_url = args.base_url or os.environ.get("LLM_BASE_URL")
-        args.model = args.model or os.environ.get("LLM_MODEL")
-        if not args.base_url or not args.model:
-            raise UsageError(LLM_SETTINGS_HINT)
-    context = _read_context(args.context)
-    progress = Progress(verbose=args.verbose) if not args.quiet else None
-    if args.endpoint:
-        result = _ask_endpoint(args, context, progress)
-    else:
-        result = _ask_embedded(args, context, progress)
+        args.settings = _llm_settings(args)
+        args.base_url, args.model = args.settings.base_url, args.settings.model
+    fields = _request_fields(args)
+    checked_request(args.question, fields)
     if args.trajectory:
-        with open(args.trajectory, "w", encoding="utf-8") as f:
-            for entry in result.get("trajectory") or []:
-                f.write(json.dumps(entry, default=str) + "\n")
+        _writable(Path(args.trajectory), "--trajectory")
+    context = _read_context(args.context)
+    progress = None
+    if not args.quiet:
+        progress = Progress(verbose=args.verbose, header=_header(args, context))
+    if args.endpoint:
+        result = _ask_endpoint(args, fields, context, progress)
+    else:
+        result = _ask_embedded(args, fields, context, progress)
+    if args.trajectory:
+        _write_trajectory(Path(args.trajectory), result.get("trajectory") or [])
+        if progress is not None:
+            progress.console.print(f"trajectory: {args.trajectory} (a page of it: "
+                                   f"`rlm view {args.trajectory}`)")  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        if result.get("status") != "completed" or result.get("stop_code"):
+        ended = result.get("status") != "completed" or result.get("stop_code")
+        if progress is None and ended:  # else the display said
             why = result.get("stop_reason") or result.get("error")
             print(f"rlm: run {result.get('status')}: {why}", file=sys.stderr)
         if result.get("answer") is not None:
             print(result["answer"])
-    return {"completed": 0, "stopped": 3}.get(result.get("status", ""), 1)
+    return EXIT_CODES.get(result.get("status", ""), 1)
 
 
-def _ask_embedded(args: argparse.Namespace, context: Any, progress: Any) -> dict[str, Any]:
-    from functions.contract import InferRequest
+def _llm_settings(args: argparse.Namespace) -> Any:
+    """The embedded run's settings: the environment's, with the flags over them."""
+    from functions.config import ConfigError
+    from functions.infer.settings import InferSettings
+
+    given = {"LLM_BASE_URL": args.base_url, "LLM_MODEL": args.model}
+    env = {**os.environ, **{k: v for k, v in given.items() if v}}
+    env["LLM_API_KEY"] = env.get("LLM_API_KEY") or "none"  # a local server needs none
+    try:
+        return InferSettings.from_env(env, served=False)
+    except ConfigError as e:
+        if "LLM_BASE_URL" in str(e) or "LLM_MODEL" in str(e):
+            raise UsageError(LLM_SETTINGS_HINT) from None
+        raise UsageError(str(e)) from None
+
+
+def _header(args: argparse.Namespace, context: Any) -> dict[str, str]:
+    """What `--verbose` shows before the run starts."""
+    where = args.endpoint or f"embedded, {args.base_url}"
+    size = len(context) if isinstance(context, str | list | dict) else len(str(context))
+    header = {
+        "question": args.question if len(args.question) < 200 else args.question[:199] + "…",
+        "model": args.model or "(the endpoint's default)",
+        "sub-model": args.sub_model
+        or (args.settings.sub_model if not args.endpoint else None)
+        or "(the root model)",
+        "where": where,
+        "context": f"{args.context or '(none)'} · {type(context).__name__} of {size:,}",
+    }
+    limits = [f"{flag.removeprefix('--')} {value}" for field, value in _request_fields(args).items()
+              if (flag := FLAGS[field]).startswith("--max")]  # fmt: skip
+    if limits:
+        header["limits"] = ", ".join(limits)
+    return header
+
+
+def _ask_embedded(
+    args: argparse.Namespace, fields: dict[str, Any], context: Any, progress: Any
+) -> dict[str, Any]:
     from functions.sdk import RLM
 
-    rlm = RLM({"base_url": args.base_url, "model_name": args.model,
-               "api_key": os.environ.get("LLM_API_KEY", "none")}, on_event=progress,
-              max_depth=args.max_depth)  # fmt: skip
+    backend = {"base_url": args.base_url, "model_name": args.model,
+               "api_key": args.settings.api_key}  # fmt: skip
+    rlm = RLM(backend, max_depth=args.max_depth)
     try:
-        fields = _request_fields(args)
+        _load_sandbox(progress)
         fields.setdefault("max_depth", rlm.settings.max_depth)
-        request = InferRequest(query=args.question, trajectory=True, **fields)
-        result = rlm.service.run(request, context, progress)
+        request = checked_request(args.question, fields)
+        with progress or _quiet():
+            result = rlm.service.run(request, context, progress)
     finally:
         rlm.close()
     return result.model_dump(mode="json")
 
 
-def _ask_endpoint(args: argparse.Namespace, context: Any, progress: Any) -> dict[str, Any]:
+def _ask_endpoint(
+    args: argparse.Namespace, fields: dict[str, Any], context: Any, progress: Any
+) -> dict[str, Any]:
     import httpx
 
-    body = {"query": args.question, "context": context, "trajectory": True,
-            **_request_fields(args)}  # fmt: skip
+    body = {"query": args.question, "context": context, "trajectory": True, **fields}
     url = args.endpoint.rstrip("/") + "/infer"
     try:
-        with httpx.stream("POST", url, json=body, timeout=None,
-                          headers={"accept": "text/event-stream"}) as response:  # fmt: skip
+        with (
+            progress or _quiet(),
+            httpx.stream("POST", url, json=body, timeout=None,
+                         headers={"accept": "text/event-stream"}) as response,
+        ):  # fmt: skip
             if response.status_code != 200:
                 response.read()
-                raise UsageError(f"{url} answered {response.status_code}: {response.text[:300]}")
+                raise UsageError(f"{url} answered {response.status_code}: {_problem(response)}")
             kind = ""
             for line in response.iter_lines():
                 if line.startswith("event: "):
@@ -135,84 +214,68 @@ def _ask_endpoint(args: argparse.Namespace, context: Any, progress: Any) -> dict
     raise UsageError(f"{url} closed the stream before the result")
 
 
-# ----------------------------------------------------------------------------- demo
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from functions.progress import Progress
-    from functions.sdk import RLM
-    from functions.testing.haystack import haystack
-    from functions.testing.scripted_model import STAND_IN_NAME, ScriptedModel, needle_policy
-
-    needle = 4_000_000 + secrets.randbelow(999_999)
-    context = haystack(args.size, needle)
-    print(
-        f"model: {STAND_IN_NAME}: a scripted stand-in, NOT a language model; it plays the "
-        "root and sub-models so the loop, sandbox and sub-calls can be seen without a key"
-    )
-    print(f"context: {len(context):,} characters of generated text with one magic number hidden")
-    with ScriptedModel(needle_policy) as model:
-        rlm = RLM({"base_url": model.base_url, "api_key": "none", "model_name": STAND_IN_NAME},
-                  on_event=Progress(verbose=True))  # fmt: skip
-        try:
-            result = rlm.completion(context, root_prompt="What is the magic number?")
-        finally:
-            rlm.close()
-    print(f"answer: {result.response} (expected {needle})")
-    print(f"iterations: {result.metadata['iterations']}, time: {result.execution_time:.2f}s, "
-          f"sub-calls: {sum(u.calls for u in result.usage.values()) - 2}")  # fmt: skip
-    if args.trajectory:
-        with open(args.trajectory, "w", encoding="utf-8") as f:
-            for entry in result.metadata["trajectory"]:
-                f.write(json.dumps(entry, default=str) + "\n")
-        print(f"trajectory: {args.trajectory} (see it with `rlm view {args.trajectory}`)")
-    return 0 if result.response == str(needle) else 1
-
-
-# ----------------------------------------------------------------------------- serve
-
-
-def _serve(args: argparse.Namespace) -> int:
-    for name in ("LLM_BASE_URL", "LLM_MODEL"):
-        if not os.environ.get(name):
-            raise UsageError(LLM_SETTINGS_HINT)
-    host = args.host
-    execute_url = f"http://{host}:{args.execute_port}"
-    infer_url = f"http://{host}:{args.infer_port}"
-    env = {
-        **os.environ,
-        "WASM_SERVICE_URL": execute_url,
-        "INFER_CALLBACK_URL": infer_url,
-        "RLM_TOKEN_KEY": os.environ.get("RLM_TOKEN_KEY") or secrets.token_urlsafe(32),
-        "LLM_API_KEY": os.environ.get("LLM_API_KEY") or "none",
-    }
-    from functions.local import command
-
-    processes = [
-        subprocess.Popen(command(plane, host, port), env=env)
-        for plane, port in (("execute", args.execute_port), ("infer", args.infer_port))
-    ]
-    print(f"execute: {execute_url}/execute\ninfer:   {infer_url}/infer  "
-          f"(also {infer_url}/v1/chat/completions)\nCtrl-C stops both.", flush=True)  # fmt: skip
+def _problem(response: Any) -> str:
+    """An error response's message: its JSON `error`, else the start of its text."""
     try:
-        while all(p.poll() is None for p in processes):
-            time.sleep(0.2)
-        print("rlm: a function exited; stopping the other", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return " ".join(response.text.split())[:300]
 
 
-# ----------------------------------------------------------------------------- exec, warm, view
+def _quiet() -> Any:
+    """What shows while a run goes with --quiet: its warnings, a line each."""
+    from functions.progress import warnings_to
+
+    return warnings_to(lambda message: print(f"warning: {message}", file=sys.stderr))
+
+
+def _writable(path: Path, flag: str) -> None:
+    """Refuse a file the run's end could not write, before the run spends anything."""
+    try:
+        path.open("a").close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+
+
+def _write_trajectory(path: Path, entries: list[dict[str, Any]]) -> None:
+    try:
+        with path.open("w", encoding="utf-8") as f:
+            for entry in entries:
+                f.write(json.dumps(entry, default=str) + "\n")
+    except OSError as e:
+        raise UsageError(f"--trajectory {path}: {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------- sandbox
+
+
+def _load_sandbox(progress: Any = None, cache_dir: str | None = None) -> dict[str, Any]:
+    """Load the compiled sandbox into this process, compiling it first on a new machine (a
+    minute or two, shown with an estimate); its stats."""
+    from functions.execute.sandbox import warm
+    from functions.progress import loading_sandbox
+
+    return loading_sandbox(lambda: warm(cache_dir), progress.console if progress else None)
+
+
+def _warm(args: argparse.Namespace) -> int:
+    import time
+
+    from functions.execute.settings import ExecuteSettings
+
+    cache_dir = args.cache_dir or ExecuteSettings.from_env().wasm_cache_dir
+    if cache_dir:
+        try:
+            os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+            os.chmod(cache_dir, 0o700)
+        except OSError as e:
+            raise UsageError(f"cache folder {cache_dir}: {e.strerror}") from None
+    started = time.monotonic()
+    stats = _load_sandbox(cache_dir=cache_dir or None)
+    how = "compiled" if stats.get("compiled") else "loaded from the cache"
+    print(f"sandbox ready in {time.monotonic() - started:.1f} s "
+          f"({how}; cache: {cache_dir or 'the default cache folder'})")  # fmt: skip
+    return 0
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -221,6 +284,9 @@ def _exec(args: argparse.Namespace) -> int:
     from functions.execute.settings import ExecuteSettings
 
     code = sys.stdin.read() if args.code == "-" else args.code
+    if not code.strip():
+        raise UsageError("no code to run: give it as the argument, or - and standard input")
+    _load_sandbox()
     runner = CellRunner(ExecuteSettings.from_env())
     try:
         result = runner.run(ExecuteRequest(code=code, timeout=args.timeout))
@@ -230,14 +296,76 @@ def _exec(args: argparse.Namespace) -> int:
         print(result.model_dump_json(indent=2))
     else:
         sys.stdout.write(result.stdout)
+        sys.stdout.flush()
         sys.stderr.write(result.stderr)
+        if result.trapped and result.error:
+            print(f"rlm: {result.error.message}", file=sys.stderr)
     return 1 if result.error else 0
 
 
-def _warm(args: argparse.Namespace) -> int:
-    from functions.execute.warm import main
+# ----------------------------------------------------------------------------- demo
 
-    return main([args.cache_dir] if args.cache_dir else [])
+
+def _demo(args: argparse.Namespace) -> int:
+    from functions.progress import Progress
+    from functions.sdk import RLM
+    from functions.testing.haystack import haystack
+    from functions.testing.scripted_model import STAND_IN_NAME, ScriptedModel, needle_policy
+
+    # The stand-in costs nothing; say so, rather than warn that it has no price.
+    os.environ["LLM_PRICES"] = json.dumps({STAND_IN_NAME: [0.0, 0.0]})
+    if args.trajectory:
+        _writable(Path(args.trajectory), "--trajectory")
+    needle = 4_000_000 + secrets.randbelow(999_999)
+    context = haystack(args.size, needle)
+    print(
+        f"model: {STAND_IN_NAME}: a scripted stand-in, NOT a language model; it plays the "
+        "root and sub-models so the loop, sandbox and sub-calls can be seen without a key"
+    )
+    print(f"context: {len(context):,} characters of generated text with one magic number hidden")
+    progress = Progress(verbose=True)
+    with ScriptedModel(needle_policy) as model:
+        rlm = RLM({"base_url": model.base_url, "api_key": "none", "model_name": STAND_IN_NAME},
+                  on_event=progress)  # fmt: skip
+        try:
+            _load_sandbox(progress)
+            with progress:
+                result = rlm.completion(context, root_prompt="What is the magic number?")
+        finally:
+            rlm.close()
+    print(f"answer: {result.response} (expected {needle})")
+    if args.trajectory:
+        _write_trajectory(Path(args.trajectory), result.metadata["trajectory"])
+        print(f"trajectory: {args.trajectory} (a page of it: `rlm view {args.trajectory}`)")
+    return 0 if result.response == str(needle) else 1
+
+
+# ----------------------------------------------------------------------------- serve, view
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from functions.local import ServeError, ServeOptions, serve
+
+    for name in ("LLM_BASE_URL", "LLM_MODEL"):
+        if not os.environ.get(name):
+            raise UsageError(LLM_SETTINGS_HINT)
+    env = {
+        **os.environ,
+        "RLM_TOKEN_KEY": os.environ.get("RLM_TOKEN_KEY") or secrets.token_urlsafe(32),
+        "LLM_API_KEY": os.environ.get("LLM_API_KEY") or "none",
+        "INFER_AUTH": os.environ.get("INFER_AUTH", "none"),  # local: no callers' API keys
+    }
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        execute_port=args.execute_port or args.port + 1,
+        max_runs=args.max_runs,
+        threads=args.threads or 0,
+    )
+    try:
+        return serve(options, env, lambda text: print(text, flush=True))
+    except ServeError as e:
+        raise UsageError(str(e)) from None
 
 
 def _view(args: argparse.Namespace) -> int:
@@ -251,7 +379,10 @@ def _view(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"{source} is not a trajectory: {e}") from None
     target = Path(args.output or source.with_suffix(".html"))
-    target.write_text(render(entries, title=source.name), encoding="utf-8")
+    try:
+        target.write_text(render(entries, title=source.name), encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write {target}: {e.strerror}") from None
     print(target)
     return 0
 
@@ -259,11 +390,18 @@ def _view(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0")
     return value
@@ -279,13 +417,35 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _count(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         self.exit(2, f"rlm: {message}\n")
 
 
+def _version() -> str:
+    try:
+        return version("knative-rlm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlm", description="Recursive Language Models on a WebAssembly sandbox.")
+    parser.add_argument("--version", action="version", version=f"rlm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("ask", help="answer a question about a large context")
@@ -295,27 +455,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $LLM_BASE_URL)")
     p.add_argument("--model", help="root model (default: $LLM_MODEL)")
     p.add_argument("--sub-model", help="model for llm_query (default: $LLM_SUB_MODEL or root)")
-    p.add_argument("--max-depth", type=_count)
-    p.add_argument("--max-iterations", type=_count)
+    p.add_argument("--max-depth", type=_count, help="recursion depth of rlm_query (0: none)")
+    p.add_argument("--max-iterations", type=_positive, help="root turns before an answer is due")
     p.add_argument("--max-budget", type=_positive_float, help="USD")
     p.add_argument("--max-timeout", type=_positive_float, help="seconds")
-    p.add_argument("--max-tokens", type=_count)
-    p.add_argument("--max-errors", type=_count)
+    p.add_argument("--max-tokens", type=_positive)
+    p.add_argument("--max-errors", type=_positive, help="failing cells in a row")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.add_argument("--trajectory", help="write the run's trajectory (JSONL) here")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress")
-    p.add_argument("--verbose", "-v", action="store_true", help="progress lines off a terminal")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="the whole run: replies, code, output, sub-calls")  # fmt: skip
     p.set_defaults(run=_ask)
 
     p = sub.add_parser("demo", help="an offline run with a scripted stand-in model")
-    p.add_argument("--size", type=_count, default=2_000_000, help="context characters")
+    p.add_argument("--size", type=_positive, default=2_000_000, help="context characters")
     p.add_argument("--trajectory", help="write the run's trajectory (JSONL) here")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("serve", help="run both functions locally, wired to each other")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--infer-port", type=_count, default=8080)
-    p.add_argument("--execute-port", type=_count, default=8081)
+    p.add_argument("--port", "--infer-port", type=_port, default=8080, help="infer's (8080)")
+    p.add_argument("--execute-port", type=_port, help="execute's (default: --port + 1)")
+    p.add_argument("--max-runs", type=_positive, default=8, help="runs at once (default 8)")
+    p.add_argument("--threads", type=_positive,
+                   help="each function's threads (default: enough for --max-runs)")  # fmt: skip
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("exec", help="run Python in the sandbox and print what it printed")

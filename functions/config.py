@@ -50,6 +50,17 @@ def env_float(
     return value
 
 
+def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    raw = (env if env is not None else os.environ).get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not true or false")
+
+
 def env_url(name: str, default: str | None = None, env: Mapping[str, str] | None = None) -> str:
     value = env_str(name, default, env)
     parsed = urlparse(value)

@@ -8,13 +8,28 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from functions.errors import StopCode
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# A cell's owner on the execute plane: random, so no one else can name it.
+SCOPE_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"
+
+
+def new_scope() -> str:
+    """A fresh scope: 128 random bits."""
+    return secrets.token_urlsafe(16)
 
 
 class Strict(BaseModel):
@@ -165,6 +180,14 @@ class ExecuteRequest(Strict):
         description="A conversation's contexts, oldest first, bound to context_0, context_1, ...; "
         "one whose ref equals rlm_context's is that same value, sent once.",
     )
+    scope: str | None = Field(
+        default=None,
+        pattern=SCOPE_PATTERN,
+        description="The owner of this cell's session and of the state and contexts it sends: "
+        "a random value the caller keeps secret and sends with every cell of a run. A session "
+        "id or a ref reaches only what cells of the same scope made or sent. Absent: the pod "
+        "makes one and returns it.",
+    )
 
 
 class ErrorInfo(Open):
@@ -205,8 +228,11 @@ class ExecuteResponse(Open):
     subcalls: SubcallSummary = Field(default_factory=SubcallSummary)
     trapped: str | None = None
     session_reset: bool = Field(
-        default=False, description="A limit ended the live interpreter; state is the last good one."
+        default=False,
+        description="A limit or a failed cell ended the live interpreter; state is the last "
+        "good one.",
     )
+    scope: str | None = Field(default=None, description="The scope the cell ran in.")
 
 
 class Missing(Open):
@@ -308,7 +334,7 @@ class InferRequest(Strict):
     models: list[str] | None = Field(
         default=None, description="More models the guest may name in model=, besides these."
     )
-    models_by_depth: dict[int, str] | None = Field(
+    models_by_depth: dict[Annotated[int, Field(ge=1, le=8)], str] | None = Field(
         default=None, description="Default model of what runs at depth d >= 1 (sub-calls too)."
     )
     custom_tools: ToolCatalog | None = None
@@ -318,6 +344,15 @@ class InferRequest(Strict):
     run_id: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Chosen by the caller."
     )
+
+    @field_validator("models_by_depth", mode="before")
+    @classmethod
+    def _depths_from_json(cls, value: Any) -> Any:
+        """JSON object keys are strings: a depth arrives as "1" and means the number 1."""
+        if not isinstance(value, dict):
+            return value
+        return {int(k) if isinstance(k, str) and re.fullmatch(r"[0-9]{1,2}", k) else k: v
+                for k, v in value.items()}  # fmt: skip
 
 
 RunStatus = Literal["completed", "stopped", "failed"]

@@ -144,3 +144,24 @@ LIMIT_ERRORS: dict[StopCode, type[LimitExceeded]] = {
         CancellationError,
     )
 }
+
+
+# The execute plane's refusals of a cell. Execute raises them; infer's executors raise the same
+# classes for what an execute pod answered, so each has one name and one status on both sides.
+
+
+class MissingRefs(Conflict):
+    """The pod does not hold these refs for this scope (409): re-send them with their data."""
+
+    def __init__(self, missing: list[str]) -> None:
+        message = f"this pod does not hold {' and '.join(missing)}: re-send with data"
+        super().__init__(message, body={"missing": list(missing), "error": message})
+        self.missing = list(missing)
+
+
+class BadCell(Unprocessable):
+    """The request is well-formed JSON but cannot be run as given (422)."""
+
+
+class Saturated(Unavailable):
+    """Every sandbox slot is busy (503 with Retry-After): retry after a pause."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -74,7 +76,7 @@ def parse_json(data: bytes) -> Any:
     if not data:
         raise BadRequest("request body is empty: send a JSON object")
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = loads_json(data.decode("utf-8"))
         lone_surrogate = has_lone_surrogate(data, value)
     except UnicodeDecodeError as e:
         raise BadRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
@@ -82,11 +84,40 @@ def parse_json(data: bytes) -> Any:
         raise BadRequest(
             f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except BadNumber as e:
+        raise BadRequest(f"request body {e}") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
     if lone_surrogate:
         raise BadRequest(f"request body {LONE_SURROGATE}")
     return value
+
+
+class BadNumber(ValueError):
+    """A JSON number no field can mean: NaN, an infinity, or an integer past Python's digits."""
+
+
+def loads_json(text: str | bytes) -> Any:
+    """`json.loads` that refuses NaN, Infinity, floats that overflow to them and integers of
+    more digits than Python converts (`BadNumber`), instead of taking them or failing later."""
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except ValueError as e:
+        if isinstance(e, json.JSONDecodeError | BadNumber) or "digits" not in str(e):
+            raise
+        raise BadNumber(f"has an integer of more than {sys.get_int_max_str_digits()} digits: "
+                        "send it as a string") from None  # fmt: skip
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadNumber("has a number too large for a float: send a finite one")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise BadNumber(f"has {name}, which JSON does not allow: send a finite number or null")
 
 
 LONE_SURROGATE = "has a \\ud800-\\udfff escape without its pair: send valid Unicode text"

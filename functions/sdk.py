@@ -86,8 +86,9 @@ class RLM:
                 f"no LLM configured ({e}): set LLM_BASE_URL, LLM_MODEL (and LLM_API_KEY), or "
                 "pass backend_kwargs={'base_url', 'model_name', 'api_key'}"
             ) from None
-        # The caller is the operator here: its max_depth (else MAX_DEPTH, else 1) is the ceiling
-        # as well as the default.
+        # The caller is the operator here: its max_depth (else MAX_DEPTH, else 1) and its
+        # max_iterations are the ceilings as well as the defaults.
+        self.settings = replace(self.settings, max_iterations=max_iterations)
         if max_depth is not None:
             self.settings = replace(self.settings, max_depth=max_depth)
         extra = sdk_options.endpoints(endpoints, other_backend_kwargs, other_backends)

@@ -18,6 +18,8 @@ Inputs (fetch them yourself; each is public):
                          /tmp/kv/kubernetes_validate/kubernetes-json-schema/v1.33.0-local-strict
   --func-schema FILE   schema/func_yaml-schema.json from https://github.com/knative/func
                        (Apache-2.0).
+  --kinds KIND ...     only these kinds (`func.yaml` for the func schema): to add a kind
+                       without moving the others to newer inputs.
 
 Example:
   python scripts/vendor_manifest_schemas.py --crds-catalog ~/src/CRDs-catalog \
@@ -60,6 +62,11 @@ CRDS = {
     ("eventing.knative.dev/v1", "Trigger"): "eventing.knative.dev/trigger_v1.json",
     ("sources.knative.dev/v1", "SinkBinding"): "sources.knative.dev/sinkbinding_v1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com/servicemonitor_v1.json",
+    (
+        "serving.knative.dev/v1beta1",
+        "DomainMapping",
+    ): "serving.knative.dev/domainmapping_v1beta1.json",
+    ("cert-manager.io/v1", "Certificate"): "cert-manager.io/certificate_v1.json",
 }
 # (apiVersion, kind) -> file in the local-strict folder
 K8S = {
@@ -67,6 +74,7 @@ K8S = {
     ("v1", "Secret"): "secret-v1.json",
     ("v1", "Service"): "service-v1.json",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicy-networking-v1.json",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudget-policy-v1.json",
     ("apps/v1", "StatefulSet"): "statefulset-apps-v1.json",
 }
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
@@ -177,7 +185,9 @@ def main() -> int:
     parser.add_argument("--k8s-schemas", type=Path, required=True)
     parser.add_argument("--func-schema", type=Path, help="skip func.yaml's schema when not given")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--kinds", nargs="*", help="only these kinds (default: all)")
     args = parser.parse_args()
+    wanted = lambda kind: not args.kinds or kind in args.kinds  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
 
     definitions_doc = json.loads((args.k8s_schemas / "_definitions.json").read_text())
@@ -191,6 +201,8 @@ def main() -> int:
         print(f"wrote {name} ({len(text)} bytes)")
 
     for (api_version, kind), file in K8S.items():
+        if not wanted(kind):
+            continue
         raw = json.loads((args.k8s_schemas / file).read_text())
         schema = drop_descriptions(inliner.inline(raw))
         schema.get("properties", {}).pop("status", None)
@@ -198,9 +210,11 @@ def main() -> int:
         write(out_name(api_version, kind), schema)
     if args.crds_catalog:
         for (api_version, kind), file in CRDS.items():
+            if not wanted(kind):
+                continue
             raw = json.loads((args.crds_catalog / file).read_text())
             write(out_name(api_version, kind), crd_schema(raw, api_version, kind, meta))
-    if args.func_schema:
+    if args.func_schema and wanted("func.yaml"):
         write("func_yaml-schema.json", json.loads(args.func_schema.read_text()))
     return 0
 

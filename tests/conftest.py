@@ -93,9 +93,12 @@ def infer_env(scripted_llm, execute_url: str, infer_port: int, **extra: str) -> 
         "MAX_ITERATIONS": "6",
         "MAX_DEPTH": "2",
         "THREADS": "16",
-        "RLM_TOOL_URL_PREFIXES": "http://127.0.0.1:",
-        "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:",
+        "RLM_TOOL_URL_PREFIXES": "http://127.0.0.1:*/",
+        "INFER_CONTEXT_URL_PREFIXES": "http://127.0.0.1:*/",
         "INFER_CELL_TIMEOUT": "60",
+        # No API keys: these tests are about runs, not callers (tests/test_callers.py serves
+        # infer with keys, as a deployment does).
+        "INFER_AUTH": "none",
         **extra,
     }
 

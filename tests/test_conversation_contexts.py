@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from functions.contract import ExecuteRequest, context_ref
-from functions.execute.cells import MissingRefs
+from functions.errors import MissingRefs
 
 
 def ref(value, data=False):

@@ -20,14 +20,17 @@ from functions import events
 from functions.contract import (
     ContextRef,
     ExecuteRequest,
+    ExecuteResponse,
     InferRequest,
     StateRef,
     SubcallRequest,
     context_ref,
     has_lone_surrogate,
+    sha256_hex,
 )
-from functions.errors import RLMError
-from functions.execute.cells import BadCell, unpack_state
+from functions.errors import BadCell, RLMError
+from functions.execute.cells import CellFailed, take_report, unpack_state
+from functions.execute.sandbox import TurnResult
 from functions.http import parse_json, validate
 from functions.infer.chat import ChatRequest
 
@@ -139,14 +142,19 @@ packed = st.one_of(
 
 
 @FUZZ
-@given(data=packed)
-def test_state_data_unpacks_or_is_refused(data) -> None:
+@given(data=packed, right_ref=st.booleans())
+def test_state_data_unpacks_or_is_refused(data, right_ref) -> None:
     try:
-        blob = unpack_state(data, limit=50_000)
+        expected = zlib.decompress(base64.b64decode(data, validate=True))
+    except (ValueError, zlib.error):
+        expected = None
+    ref = sha256_hex(expected) if expected is not None and right_ref else "0" * 64
+    try:
+        blob = unpack_state(data, 50_000, ref)
     except BadCell as e:
         assert "state.data" in str(e)
         return
-    assert len(blob) <= 50_000
+    assert blob == expected and len(blob) <= 50_000
 
 
 @FUZZ
@@ -203,3 +211,29 @@ def test_lone_surrogates_are_refused_and_pairs_kept() -> None:
     assert e.value.status == 400
     assert parse_json(b'{"s": "\\ud83d\\ude00"}') == {"s": "\U0001f600"}
     assert parse_json(b'{"s": "\\\\ud800"}') == {"s": "\\ud800"}  # an escaped backslash
+
+
+# ----------------------------------------------------------------------------- the guest's report
+
+report_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+report_keys = st.sampled_from(
+    ["error", "answer", "locals", "state_inline", "state_error", "load_failed", "other"]
+)
+
+
+@FUZZ
+@given(meta=st.dictionaries(report_keys, report_values, max_size=5) | report_values)
+def test_a_report_is_taken_or_the_cell_failed(meta) -> None:
+    """Whatever the guest writes after the marker, the host takes a report or fails the cell."""
+    result = TurnResult(b"", b"", json.dumps(meta).encode(), None, ())
+    try:
+        taken = take_report(result, ExecuteResponse())
+    except CellFailed:
+        return
+    assert isinstance(taken, dict) and taken

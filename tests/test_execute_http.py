@@ -154,3 +154,18 @@ def test_openapi_document(execute_server):
     assert {"ExecuteRequest", "ExecuteResponse", "Missing", "Problem"} <= doc["components"][
         "schemas"
     ].keys()
+
+
+def test_a_session_continues_only_with_its_scope(execute_server):
+    first = post(execute_server, {"code": "n = 41", "session_id": "scoped"})
+    assert first.status_code == 200, first.text
+    scope, state = first.json()["scope"], first.json()["state"]
+    assert len(scope) >= 16  # made by the pod, as no scope came
+    follow = {"code": "print(n + 1)", "session_id": "scoped", "state": {"ref": state["ref"]}}
+    without = post(execute_server, follow)
+    assert without.status_code == 409 and without.json()["missing"] == ["state"]
+    with_it = post(execute_server, {**follow, "scope": scope})
+    assert with_it.status_code == 200 and with_it.json()["stdout"] == "42\n"
+    for bad in ("short", "s" * 129, "has space in it!!", 12345678901234567):
+        r = post(execute_server, {"code": "1", "scope": bad})
+        assert r.status_code == 422 and "scope" in r.json()["error"], r.text

@@ -13,7 +13,10 @@ import zlib
 import pytest
 
 from functions.contract import ExecuteRequest, context_ref, sha256_hex
-from functions.execute.cells import BadCell, MissingRefs, pack_state
+from functions.errors import BadCell, MissingRefs
+from functions.execute.cells import pack_state
+
+SCOPE = "sandbox-tests-scope-0001"  # the caller's owner of its sessions and blobs
 
 
 def cell(runner, code: str, **fields):
@@ -22,6 +25,7 @@ def cell(runner, code: str, **fields):
 
 def session_cell(runner, sid: str, code: str, state=None, **fields):
     state_ref = {"ref": state.ref} if state else None
+    fields.setdefault("scope", SCOPE)
     return runner.run(ExecuteRequest(code=code, session_id=sid, state=state_ref, **fields))
 
 
@@ -71,6 +75,7 @@ def test_state_survives_across_cells_and_pods(runner):
             code="print(b.n)",
             session_id=sid,
             state={"ref": r3.state.ref, "data": r3.state.data},
+            scope=SCOPE,
         )
     )
     assert r4.stdout == "7\n"
@@ -99,8 +104,10 @@ def test_context_by_reference(runner):
     r1 = session_cell(runner, "ctx", "len(context)", rlm_context={"ref": ref, "data": text})
     assert r1.stdout == f"{len(text)}\n"
     assert "context" not in r1.locals
-    # A second session on the same pod gets the context by reference alone.
+    # A second session of the same scope on the same pod gets the context by reference alone.
     r2 = session_cell(runner, "ctx-2", "context.count('needle')", rlm_context={"ref": ref})
+    assert r2.stdout == "1000\n"
+    r2 = cell(runner, "context.count('needle')", rlm_context={"ref": ref}, scope=SCOPE)
     assert r2.stdout == "1000\n"
     data = {"docs": ["a", "b"], "n": 2}
     r3 = cell(runner, "print(type(context).__name__, context['n'])",
@@ -297,15 +304,16 @@ def test_eviction_under_memory_pressure_falls_back_to_restore():
     from functions.execute.cells import CellRunner
     from functions.execute.settings import MIB, ExecuteSettings
 
-    # Room for one live interpreter: the other session is evicted and restored from its blob.
-    small = CellRunner(ExecuteSettings(cache_bytes=160 * MIB, queue_wait_s=30))
+    # Room for one live interpreter (each is charged its linear memory, ~40 MB idle): the other
+    # session is evicted and restored from its blob.
+    small = CellRunner(ExecuteSettings(cache_bytes=120 * MIB, queue_wait_s=30))
     try:
         refs: dict[str, str | None] = {"a": None, "b": None}
         for step in range(3):
             for sid in ("a", "b"):
                 state = {"ref": refs[sid]} if refs[sid] else None
                 code = f"n = {sid!r} * {step + 1}" if step == 0 else "n += n[0]\nprint(n)"
-                r = small.run(ExecuteRequest(code=code, session_id=sid, state=state))
+                r = small.run(ExecuteRequest(code=code, session_id=sid, state=state, scope=SCOPE))
                 assert r.error is None, r.error
                 refs[sid] = r.state.ref
                 if step:

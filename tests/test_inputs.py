@@ -7,8 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from functions.infer.inputs import ContextError, load_context
+from functions.errors import Unprocessable
+from functions.infer.inputs import load_context
 from functions.testing.haystack import haystack
+from functions.urls import Allowlist
 
 TEXT = haystack(200_000, 31337)
 
@@ -43,8 +45,12 @@ def files() -> Iterator[str]:
     server.shutdown()
 
 
+def allowed(*prefixes: str) -> Allowlist:
+    return Allowlist.of("INFER_CONTEXT_URL_PREFIXES", prefixes)
+
+
 def test_a_url_under_the_prefixes_is_fetched(files):
-    prefixes = (files + "/",)
+    prefixes = allowed(files + "/")
     assert load_context(None, files + "/haystack.txt", 1 << 20, prefixes) == TEXT
     assert load_context(None, files + "/data.json", 1 << 20, prefixes) == {"rows": [1, 2]}
 
@@ -52,7 +58,7 @@ def test_a_url_under_the_prefixes_is_fetched(files):
 @pytest.mark.parametrize(
     ("path", "prefixes", "words"),
     [
-        ("/haystack.txt", (), "INFER_CONTEXT_URL_PREFIXES"),  # none allowed until configured
+        ("/haystack.txt", ("",), "INFER_CONTEXT_URL_PREFIXES"),  # none until configured
         ("/haystack.txt", ("https://data.example.com/",), "not under"),
         ("/away", None, "302"),  # the redirect is not followed out of the prefixes
         ("/haystack.txt", None, "over 1000 bytes"),
@@ -60,8 +66,8 @@ def test_a_url_under_the_prefixes_is_fetched(files):
 )
 def test_a_url_is_refused_with_the_reason(files, path, prefixes, words):
     limit = 1000 if words.startswith("over") else 1 << 20
-    with pytest.raises(ContextError, match=words):
-        load_context(None, files + path, limit, (files + "/",) if prefixes is None else prefixes)
+    with pytest.raises(Unprocessable, match=words):
+        load_context(None, files + path, limit, allowed(*(prefixes or (files + "/",))))
 
 
 def test_a_run_on_a_fetched_context(stack, llm, files):

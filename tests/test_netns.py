@@ -91,10 +91,11 @@ def netns(tmp_path_factory, scripted_llm) -> Iterator[Namespaced]:
         ip("netns", "exec", name, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
         ip("netns", "exec", name, "ip", "link", "set", ns_if, "up")
         ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
-        execute = serve("execute", {}, tmp, ready="/health/readiness", host=ns_ip,
+        port = free_port()
+        callbacks = {"EXECUTE_CALLBACK_ORIGINS": f"http://{host_ip}:{port}/subcalls"}
+        execute = serve("execute", callbacks, tmp, ready="/health/readiness", host=ns_ip,
                         prefix=["ip", "netns", "exec", name])  # fmt: skip
         started.append(execute)
-        port = free_port()
         filtered = _only_infers_port(name, host_ip, port)
         env = infer_env(scripted_llm, execute.url, port)
         env["INFER_CALLBACK_URL"] = f"http://{host_ip}:{port}"

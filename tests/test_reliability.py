@@ -87,8 +87,9 @@ def test_runs_are_bounded_so_callbacks_find_a_thread():
 
 @pytest.fixture(scope="module")
 def small_execute(tmp_path_factory):
-    """Two slots that answer 503 after 0.2 s; room for one live session (the rest evicted)."""
-    env = {"EXECUTE_CONCURRENCY": "2", "EXECUTE_QUEUE_WAIT": "0.2", "EXECUTE_CACHE_MB": "160",
+    """Two slots that answer 503 after 0.2 s; room for one live session (each is charged its
+    ~40 MB of linear memory; the rest are evicted)."""
+    env = {"EXECUTE_CONCURRENCY": "2", "EXECUTE_QUEUE_WAIT": "0.2", "EXECUTE_CACHE_MB": "120",
            "EXECUTE_SUBCALL_TIMEOUT": "30"}  # fmt: skip
     served = serve("execute", env, tmp_path_factory.mktemp("small"), ready="/health/readiness")
     yield served

@@ -105,3 +105,18 @@ def test_default_model_per_depth():
     assert default_model(0, "root", "sub", {1: "d1"}) == "d1"
     assert default_model(1, "root", "sub", {1: "d1"}) == "sub"
     assert default_model(1, "root", None, {}) == "root"
+
+
+def test_models_by_depth_arrive_over_json_with_string_keys(stack, llm):
+    """JSON object keys are strings: {"1": "m"} is depth 1, and a key that is no depth is 422."""
+    import httpx
+
+    body = {"query": "What is the magic number?", "context": "the magic number is 6",
+            "models_by_depth": {"1": "scripted-sub"}}  # fmt: skip
+    r = httpx.post(stack.infer.url + "/infer", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["answer"] == "6", r.text
+    for bad in ({"one": "m"}, {"0": "m"}, {"1.5": "m"}):
+        r = httpx.post(
+            stack.infer.url + "/infer", json={**body, "models_by_depth": bad}, timeout=30
+        )
+        assert r.status_code == 422 and "models_by_depth" in r.text, r.text

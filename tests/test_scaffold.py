@@ -23,6 +23,9 @@ API = [
 ]
 
 
+SCOPE = "scaffold-tests-scope-01"  # the run the sessions belong to
+
+
 def run(runner, sid: str, code: str, state=None):
     return runner.run(
         ExecuteRequest(
@@ -30,6 +33,7 @@ def run(runner, sid: str, code: str, state=None):
             session_id=sid,
             state={"ref": state.ref} if state else None,
             rlm_context={"ref": context_ref(TEXT), "data": TEXT},
+            scope=SCOPE,
         )
     )
 

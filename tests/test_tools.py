@@ -15,6 +15,7 @@ from functions.contract import ToolSpec
 from functions.infer import tokens, tools
 from functions.sdk import RLM
 from functions.testing.scripted_model import repl, scripted_replies
+from functions.urls import Allowlist
 
 
 def backend(model) -> dict[str, str]:
@@ -196,11 +197,15 @@ def test_http_tool_without_url_is_refused(stack):
 
 def test_tool_urls_can_be_limited_to_prefixes():
     spec = ToolSpec(url="http://169.254.169.254/latest")
+
+    def allowed(*prefixes: str) -> Allowlist:
+        return Allowlist.of("RLM_TOOL_URL_PREFIXES", prefixes)
+
     with pytest.raises(ValueError, match="RLM_TOOL_URL_PREFIXES"):
-        tools.check_catalog({"t": spec}, {}, ("https://tools.example.com/",))
+        tools.check_catalog({"t": spec}, {}, allowed("https://tools.example.com/"))
     with pytest.raises(ValueError, match="calls no HTTP tools"):
-        tools.check_catalog({"t": spec}, {}, ())  # none allowed until the operator says so
-    tools.check_catalog({"t": spec}, {}, ("http://169.254.169.254/",))
+        tools.check_catalog({"t": spec}, {}, allowed())  # none allowed until the operator says so
+    tools.check_catalog({"t": spec}, {}, allowed("http://169.254.169.254/"))
 
 
 def test_tool_calls_are_in_the_trajectory(llm):

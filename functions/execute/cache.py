@@ -1,4 +1,4 @@
-"""Pod-local caches, bounded by bytes: blobs by sha256, and live sessions by id.
+"""Pod-local caches, bounded by bytes: blobs by (scope, sha256), live sessions by (scope, id).
 
 Both are the fast path only. Losing an entry is always safe: the caller re-sends data on a
 409, or rebuilds the session from its state blob.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -21,16 +21,16 @@ class LRU(Generic[V]):
         self,
         max_bytes: int,
         max_items: int = 1 << 30,
-        on_evict: Callable[[str, V], None] | None = None,
+        on_evict: Callable[[Hashable, V], None] | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_items = max_items
         self._on_evict = on_evict
-        self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> V | None:
+    def get(self, key: Hashable) -> V | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -38,9 +38,9 @@ class LRU(Generic[V]):
             self._items.move_to_end(key)
             return item[0]
 
-    def put(self, key: str, value: V, size: int) -> None:
+    def put(self, key: Hashable, value: V, size: int) -> None:
         """Keep `value`; entries larger than the whole bound are not kept."""
-        evicted: list[tuple[str, V]] = []
+        evicted: list[tuple[Hashable, V]] = []
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -60,7 +60,7 @@ class LRU(Generic[V]):
                 evicted.append((k, v))
         self._evict(evicted)
 
-    def pop(self, key: str) -> V | None:
+    def pop(self, key: Hashable) -> V | None:
         with self._lock:
             item = self._items.pop(key, None)
             if item is None:
@@ -75,7 +75,7 @@ class LRU(Generic[V]):
             self._bytes = 0
         self._evict(evicted)
 
-    def _evict(self, evicted: list[tuple[str, V]]) -> None:
+    def _evict(self, evicted: list[tuple[Hashable, V]]) -> None:
         if self._on_evict:
             for key, value in evicted:
                 self._on_evict(key, value)

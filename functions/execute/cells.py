@@ -1,7 +1,13 @@
 """Running one cell: sessions, state and context by reference, limits. No HTTP here.
 
-`CellRunner.run` turns an `ExecuteRequest` into an `ExecuteResponse`, or raises one of the
-errors below, each of which the API maps to a 4xx/503 with a message.
+`CellRunner.run` turns an `ExecuteRequest` into an `ExecuteResponse`, or raises `MissingRefs`,
+`BadCell` or `Saturated` (functions.errors), each of which the API answers with its status.
+
+Every session and cached blob belongs to a scope: the random value a caller sends with each cell
+of a run (or one the pod makes and returns). A session is found by (scope, session id), a blob by
+(scope, sha256), so a cell reaches only what cells of its own scope made or sent: another
+caller's session id or ref names nothing, and its 409 says nothing about other scopes. A live
+interpreter is reused only for the state its last good cell produced.
 """
 
 from __future__ import annotations
@@ -10,13 +16,14 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -29,42 +36,30 @@ from functions.contract import (
     ExecuteResponse,
     LocalInfo,
     StateOut,
-    SubcallSummary,
     ToolSpec,
     context_bytes,
+    new_scope,
     sha256_hex,
 )
-from functions.errors import Conflict, Unavailable, Unprocessable
+from functions.errors import BadCell, MissingRefs, Saturated
 from functions.execute import metrics
 from functions.execute.cache import LRU
-from functions.execute.sandbox import TRAP_CANCELLED, TRAP_DEADLINE, TRAP_FUEL, Interpreter
+from functions.execute.sandbox import (
+    TRAP_CANCELLED,
+    TRAP_DEADLINE,
+    TRAP_FUEL,
+    Interpreter,
+    TurnResult,
+)
 from functions.execute.settings import ExecuteSettings
 from functions.execute.subcalls import CellScope, HttpTransport, SubcallGate, Transport
 
 log = logging.getLogger("rlm.execute")
 
 _TRUNCATED = "\n[... {stream} truncated: more than {limit} bytes were written ...]\n"
-_SESSION_OVERHEAD = 48 << 20  # what an idle interpreter costs the pod, roughly
-
-
-class MissingRefs(Conflict):
-    """A ref this pod does not hold came without its data: the caller re-sends with data."""
-
-    def __init__(self, missing: list[str]) -> None:
-        message = f"this pod does not hold {' and '.join(missing)}: re-send with data"
-        super().__init__(message, body={"missing": missing, "error": message})
-        self.missing = missing
-
-
-class BadCell(Unprocessable, ValueError):
-    """The request is well-formed JSON but cannot be run as given."""
-
-
-class Saturated(Unavailable):
-    """Every slot is busy; the caller retries after a pause."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"{message}; retry shortly")
+_INFLATE_CHUNK = 1 << 20
+# What the host keeps of the report's previews: the guest writes it, so the host bounds it.
+_MAX_LOCALS, _MAX_PREVIEW = 200, 300
 
 
 @dataclass
@@ -73,9 +68,8 @@ class Live:
 
     interpreter: Interpreter
     gate: SubcallGate
-    state_ref: str | None = None
+    state_ref: str | None = None  # the state its last good cell produced (or it restored)
     context_ref: str | None = None
-    size: int = _SESSION_OVERHEAD
     contexts: tuple[str, ...] = ()  # refs bound to context_0, context_1, ...
 
     def close(self) -> None:
@@ -91,10 +85,18 @@ class _Plan:
     context_count: int = 0
 
 
+class CellFailed(Exception):
+    """The cell ended without a report the host can take: its interpreter is not reused."""
+
+
 class CellRunner:
     def __init__(self, settings: ExecuteSettings, transport: Transport | None = None) -> None:
         self.settings = settings
-        self.transport = transport or HttpTransport(settings.subcall_timeout_s)
+        self.transport = transport or HttpTransport(
+            settings.subcall_timeout_s, settings.callback_origins
+        )
+        # Each live session is charged its interpreter's linear memory, each blob its bytes;
+        # the least recently used go first. A running cell's session is out of the map.
         self.blobs: LRU[bytes] = LRU(settings.cache_bytes // 4)
         self.contexts: LRU[tuple[bytes, str]] = LRU(settings.cache_bytes // 4)
         self.sessions: LRU[Live] = LRU(
@@ -110,16 +112,20 @@ class CellRunner:
 
     def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
         if not self._slots.acquire(timeout=self.settings.queue_wait_s):
-            raise Saturated("all sandbox slots are busy")
+            raise Saturated("all sandbox slots are busy; retry shortly")
         lease = SlotLease(self._slots)
+        scope = request.scope or new_scope()
         try:
             if request.session_id is None:
-                return self._run_once(request, traceparent, lease)
-            with self._session_locks.hold(request.session_id):
-                return self._run_in_session(request, traceparent, lease)
+                response = self._run_once(request, scope, traceparent, lease)
+            else:
+                with self._session_locks.hold((scope, request.session_id)):
+                    response = self._run_in_session(request, scope, traceparent, lease)
         finally:
             lease.end()
             self._top_up()
+        response.scope = scope
+        return response
 
     def prewarm(self) -> None:
         """Open one interpreter ahead of need (the first request then skips the ~1 s start)."""
@@ -134,106 +140,124 @@ class CellRunner:
     # ------------------------------------------------------------------ paths
 
     def _run_once(
-        self, request: ExecuteRequest, traceparent: str | None, lease: SlotLease
+        self, request: ExecuteRequest, scope: str, traceparent: str | None, lease: SlotLease
     ) -> ExecuteResponse:
         plan = _Plan()
-        self._add_context(request, None, plan)
-        self._add_contexts(request, None, plan)
+        missing = []
+        if not self._add_context(request, scope, None, plan):
+            missing.append("rlm_context")
+        if not self._add_contexts(request, scope, None, plan):
+            missing.append("rlm_contexts")
+        if missing:
+            raise MissingRefs(missing)
         live = self._take_spare()
         try:
-            response, _ = self._turn(live, request, plan, traceparent, lease, snapshot=False)
+            response, _ = self._turn(live, request, scope, plan, traceparent, lease, False)
+        except CellFailed as failed:
+            return _failed_response(failed)
         finally:
             live.close()
         return response
 
     def _run_in_session(
-        self, request: ExecuteRequest, traceparent: str | None, lease: SlotLease
+        self, request: ExecuteRequest, scope: str, traceparent: str | None, lease: SlotLease
     ) -> ExecuteResponse:
-        sid = request.session_id
-        assert sid is not None
-        live = self.sessions.pop(sid)
+        assert request.session_id is not None
+        key = (scope, request.session_id)
+        live = self.sessions.pop(key)
         want = request.state.ref if request.state else None
         if live is not None and (not live.interpreter.alive or live.state_ref != want):
-            live.close()
+            live.close()  # the owner went back to another state: this namespace is not it
             live = None
         plan = _Plan()
         missing: list[str] = []
         if live is None and want is not None:
-            blob = self._state_blob(request)
+            blob = self._state_blob(request, scope)
             if blob is None:
                 missing.append("state")
             else:
                 plan.inputs["state.in"], plan.restore = blob, True
-        if not self._add_context(request, live, plan):
+        if not self._add_context(request, scope, live, plan):
             missing.append("rlm_context")
-        if not self._add_contexts(request, live, plan):
+        if not self._add_contexts(request, scope, live, plan):
             missing.append("rlm_contexts")
         if missing:
             if live is not None:
-                self.sessions.put(sid, live, live.size)
+                self.sessions.put(key, live, live.interpreter.memory_in_use())
             raise MissingRefs(missing)
 
         live = live or self._take_spare()
+        if plan.restore:
+            live.state_ref = want
         try:
-            response, meta = self._turn(live, request, plan, traceparent, lease, snapshot=True)
+            response, meta = self._turn(live, request, scope, plan, traceparent, lease, True)
+        except CellFailed as failed:
+            live.close()
+            return self._back_to(want, scope, request, _failed_response(failed))
         except BaseException:
             live.close()
             raise
         if meta.get("load_failed"):
             live.close()
-            raise BadCell(f"the state or context could not be loaded: {response.error.message}")
+            why = response.error.message if response.error else "the guest gave no reason"
+            raise BadCell(f"the state or context could not be loaded: {why}")
         if response.trapped or not live.interpreter.alive:
             live.close()
-            response.session_reset = True
             response.stderr += (
                 f"\n[session reset: the cell was stopped ({response.trapped or 'interpreter exit'})"
                 "; variables are as they were before this cell]\n"
             )
-            response.state = StateOut(ref=want, size=0) if want else None
-            if want and request.return_state:
-                blob = self.blobs.get(want)
-                response.state.data = pack_state(blob) if blob else None
-            return response
+            return self._back_to(want, scope, request, response)
         if request.rlm_context:
             live.context_ref = request.rlm_context.ref
         if request.rlm_contexts is not None:
             live.contexts = tuple(c.ref for c in request.rlm_contexts)
         live.state_ref = response.state.ref if response.state else None
-        # What the interpreter holds, roughly: its base, the unpickled state, the decoded context.
-        held = self.contexts.get(live.context_ref) if live.context_ref else None
-        context_size = len(held[0]) if held else 0
-        for ref in set(live.contexts) - {live.context_ref}:
-            other = self.contexts.get(ref)
-            context_size += len(other[0]) if other else 0
-        live.size = _SESSION_OVERHEAD + 2 * (int(meta.get("raw_state_size") or 0) + context_size)
-        self.sessions.put(sid, live, live.size)
+        self.sessions.put(key, live, live.interpreter.memory_in_use())
+        return response
+
+    def _back_to(
+        self, want: str | None, scope: str, request: ExecuteRequest, response: ExecuteResponse
+    ) -> ExecuteResponse:
+        """The session is where it was before the cell: its interpreter is gone, and the state
+        is the one the request named."""
+        response.session_reset = True
+        response.state = StateOut(ref=want) if want else None
+        if want and response.state is not None:
+            blob = self.blobs.get((scope, want))
+            if blob is not None:
+                response.state.size = len(blob)
+                if request.return_state:
+                    response.state.data = pack_state(blob)
         return response
 
     # ------------------------------------------------------------------ pieces
 
-    def _state_blob(self, request: ExecuteRequest) -> bytes | None:
+    def _state_blob(self, request: ExecuteRequest, scope: str) -> bytes | None:
         state = request.state
         assert state is not None
         if state.data is None:
-            return self.blobs.get(state.ref)
-        blob = unpack_state(state.data, self.settings.max_state_bytes)
-        if sha256_hex(blob) != state.ref:
-            raise BadCell("state.data does not match state.ref (sha256 of the uncompressed pickle)")
-        self.blobs.put(state.ref, blob, len(blob))
+            return self.blobs.get((scope, state.ref))
+        blob = unpack_state(state.data, self.settings.max_state_bytes, state.ref)
+        self.blobs.put((scope, state.ref), blob, len(blob))
         return blob
 
-    def _add_context(self, request: ExecuteRequest, live: Live | None, plan: _Plan) -> bool:
+    def _add_context(
+        self, request: ExecuteRequest, scope: str, live: Live | None, plan: _Plan
+    ) -> bool:
         """Put the RLM context (and seed variables) into the plan; False if the pod lacks it."""
         rc = request.rlm_context
         if rc is None or (live is not None and live.context_ref == rc.ref):
             return True
-        held = self._context_data(rc, "rlm_context")
+        held = self._context_data(rc, scope, "rlm_context")
         if held is None:
             return False
         plan.inputs["context.in"], plan.context_kind = held
         return True
 
-    def _add_contexts(self, request: ExecuteRequest, live: Live | None, plan: _Plan) -> bool:
+    def _add_contexts(
+        self, request: ExecuteRequest, scope: str, live: Live | None, plan: _Plan
+    ) -> bool:
         """A conversation's contexts as context_0, context_1, ...; False if the pod lacks one."""
         wanted = request.rlm_contexts
         if wanted is None:
@@ -249,7 +273,7 @@ class CellRunner:
             if wanted[index].ref == current:  # the same value as `context`: bound, not sent twice
                 plan.contexts.append((index, "alias"))
                 continue
-            held = self._context_data(wanted[index], "rlm_contexts")
+            held = self._context_data(wanted[index], scope, "rlm_contexts")
             if held is None:
                 return False
             plan.inputs[f"context_{index}.in"] = held[0]
@@ -257,10 +281,12 @@ class CellRunner:
         plan.context_count = len(wanted)
         return True
 
-    def _context_data(self, rc: ContextRef, field_name: str) -> tuple[bytes, str] | None:
+    def _context_data(
+        self, rc: ContextRef, scope: str, field_name: str
+    ) -> tuple[bytes, str] | None:
         """A context's canonical bytes and kind ("text" or "json"), from the request or cache."""
         if rc.data is None:
-            return self.contexts.get(rc.ref)
+            return self.contexts.get((scope, rc.ref))
         data = context_bytes(rc.data)
         if hashlib.sha256(data).hexdigest() != rc.ref:
             raise BadCell(
@@ -268,18 +294,20 @@ class CellRunner:
                 "the text's UTF-8, or of compact sorted-key JSON for other values"
             )
         kind = "text" if isinstance(rc.data, str) else "json"
-        self.contexts.put(rc.ref, (data, kind), len(data))
+        self.contexts.put((scope, rc.ref), (data, kind), len(data))
         return data, kind
 
     def _turn(
         self,
         live: Live,
         request: ExecuteRequest,
+        scope: str,
         plan: _Plan,
         traceparent: str | None,
         lease: SlotLease,
         snapshot: bool,
     ) -> tuple[ExecuteResponse, dict]:
+        """Run the cell; raises `CellFailed` when it leaves no report the host can take."""
         s = self.settings
         limits = request.limits
         deadline = min(limits.deadline_s or request.timeout or s.deadline_s, s.max_deadline_s)
@@ -297,9 +325,10 @@ class CellRunner:
             cell["force_state"] = True
         if request.callback and request.callback.tools:
             cell["tools"] = {n: _tool_doc(t) for n, t in request.callback.tools.items()}
-        scope = live.gate.scope = CellScope(
+        cell_scope = live.gate.scope = CellScope(
             callback=request.callback,
             max_subcalls=max_subcalls,
+            max_batch_bytes=s.max_batch_bytes,
             headers={"traceparent": traceparent} if traceparent else {},
             pause=lease.pause,
             resume=lease.resume,
@@ -307,7 +336,7 @@ class CellRunner:
         started = time.perf_counter()
         result = live.interpreter.turn(
             cell, request.code, plan.inputs, deadline_s=deadline, fuel=fuel, output_bytes=output,
-            cancel=scope.cancel,
+            cancel=cell_scope.cancel,
         )  # fmt: skip
         elapsed = time.perf_counter() - started
         metrics.observe_cell(elapsed, result.trapped)
@@ -318,12 +347,11 @@ class CellRunner:
             stdout += _TRUNCATED.format(stream="stdout", limit=output)
         if "stderr" in result.truncated:
             stderr += _TRUNCATED.format(stream="stderr", limit=output)
-        meta = _read_meta(result.report)
         response = ExecuteResponse(
             stdout=stdout,
             stderr=stderr,
             execution_time=elapsed,
-            subcalls=live.gate.scope.summary or SubcallSummary(),
+            subcalls=cell_scope.summary,
             trapped=_trap_name(result.trapped),
         )
         live.gate.scope = CellScope()
@@ -332,45 +360,39 @@ class CellRunner:
                 type="TimeoutError" if result.trapped == TRAP_DEADLINE else "ResourceError",
                 message=_trap_message(result.trapped, deadline, fuel),
             )
-            return response, meta
-        if not meta:
+            return response, {}
+        if not live.interpreter.alive:
             response.error = ErrorInfo(
-                type="SystemExit", message="the cell ended the interpreter (exit or os._exit)"
+                type="SystemExit",
+                message="the interpreter ended during the cell (exit, os._exit, or a limit "
+                "reached while the host read its report)",
             )
-            return response, meta
-        try:
-            if meta.get("error"):
-                response.error = ErrorInfo.model_validate(meta["error"])
-            if meta.get("answer"):
-                response.answer = Answer.model_validate(meta["answer"])
-            response.locals = {
-                str(k): LocalInfo.model_validate(v) for k, v in (meta.get("locals") or {}).items()
-            }
-        except ValidationError:
-            response.error = ErrorInfo(
-                type="ProtocolError", message="the cell's report was malformed"
-            )
+            return response, {}
+        meta = take_report(result, response)
         if snapshot:
             blob = result.outputs.get("state.out")
-            if blob is None and isinstance(meta.get("state_inline"), str):
+            if blob is None and "state_inline" in meta:
                 try:
                     blob = base64.b64decode(meta["state_inline"], validate=True)
-                except (binascii.Error, ValueError):
-                    response.error = ErrorInfo(type="ProtocolError", message="bad inline state")
-            response.state = self._new_state(live, request, blob)
+                except (binascii.Error, ValueError, TypeError):
+                    raise CellFailed(response, "its report held a malformed state") from None
+            response.state = self._new_state(live, scope, request, blob)
         return response, meta
 
-    def _new_state(self, live: Live, request: ExecuteRequest, blob: bytes | None) -> StateOut:
-        """The state after the cell: the blob the guest wrote, or the one it had if unchanged."""
+    def _new_state(
+        self, live: Live, scope: str, request: ExecuteRequest, blob: bytes | None
+    ) -> StateOut:
+        """The state after the cell: the blob the guest wrote, or the one it had if unchanged.
+        Its size is the host's count of its bytes."""
         if blob is None and live.state_ref is not None:
-            blob = self.blobs.get(live.state_ref)
+            blob = self.blobs.get((scope, live.state_ref))
             if blob is None:
                 return StateOut(ref=live.state_ref)
         if blob is None:
             blob = b""
         ref = sha256_hex(blob)
         if len(blob) <= self.settings.max_state_bytes:
-            self.blobs.put(ref, blob, len(blob))
+            self.blobs.put((scope, ref), blob, len(blob))
         inline = request.return_state or len(blob) <= self.settings.state_inline_bytes
         return StateOut(ref=ref, data=pack_state(blob) if inline else None, size=len(blob))
 
@@ -417,8 +439,46 @@ class CellRunner:
             self._refilling.release()
 
     @staticmethod
-    def _evicted(_sid: str, live: Live) -> None:
+    def _evicted(_key: Hashable, live: Live) -> None:
         live.close()
+
+
+def take_report(result: TurnResult, response: ExecuteResponse) -> dict:
+    """The driver's report onto `response`, checked and bounded by the host; `CellFailed` when
+    there is none (the cell replaced the driver's writer, or overflowed stderr past its deadline),
+    it came twice (the cell forged one) or it does not hold together."""
+    if result.tampered:
+        raise CellFailed(response, "the driver's report marker appeared more than once")
+    meta = _read_meta(result.report)
+    if not meta:
+        raise CellFailed(response, "it left no report (the driver's writer was replaced or cut)")
+    if isinstance(meta.get("state_error"), str):
+        raise CellFailed(response, f"its state could not be kept: {meta['state_error'][:300]}")
+    if isinstance(meta.get("driver_error"), str):
+        raise CellFailed(response, f"it could not be reported ({meta['driver_error'][:300]})")
+    try:
+        if meta.get("error"):
+            response.error = ErrorInfo.model_validate(meta["error"])
+        if meta.get("answer"):
+            response.answer = Answer.model_validate(meta["answer"])
+        shown = list((meta.get("locals") or {}).items())[:_MAX_LOCALS]
+        for name, info in shown:
+            local = LocalInfo.model_validate(info)
+            local.type, local.preview = local.type[:_MAX_PREVIEW], local.preview[:_MAX_PREVIEW]
+            response.locals[str(name)[:_MAX_PREVIEW]] = local
+    except (ValidationError, AttributeError, TypeError):
+        raise CellFailed(response, "its report was malformed") from None
+    return meta
+
+
+def _failed_response(failed: CellFailed) -> ExecuteResponse:
+    response, why = failed.args
+    response.error = ErrorInfo(
+        type="CellFailed",
+        message=f"the cell failed: {why}; its variables are as they were before it",
+    )
+    response.answer, response.locals, response.state = None, {}, None
+    return response
 
 
 class SlotLease:
@@ -471,11 +531,11 @@ class KeyedLocks:
     """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+        self._locks: dict[Hashable, tuple[threading.Lock, int]] = {}
         self._guard = threading.Lock()
 
     @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
+    def hold(self, key: Hashable) -> Iterator[None]:
         with self._guard:
             lock, users = self._locks.get(key, (None, 0))
             lock = lock or threading.Lock()
@@ -497,16 +557,43 @@ def pack_state(blob: bytes) -> str:
     return base64.b64encode(zlib.compress(blob, 1)).decode("ascii")
 
 
-def unpack_state(data: str, limit: int) -> bytes:
+def unpack_state(data: str, limit: int, ref: str) -> bytes:
+    """The pickle inside state.data, checked against `ref` before it is kept. A first pass
+    inflates a chunk at a time, counting and hashing and keeping nothing, so a small body that
+    inflates past `limit` (EXECUTE_MAX_STATE_MB) or to another ref costs the host no memory;
+    only a state that passes is inflated again and kept."""
     try:
         packed = base64.b64decode(data, validate=True)
-        inflater = zlib.decompressobj()
-        blob = inflater.decompress(packed, limit + 1)
+        _, digest = _inflate(packed, limit, None)
+        if digest != ref:
+            raise BadCell("state.data does not match state.ref (sha256 of the uncompressed pickle)")
+        kept = io.BytesIO()
+        _inflate(packed, limit, kept)
     except (binascii.Error, ValueError, zlib.error):
         raise BadCell("state.data is not base64 of a zlib-compressed state") from None
-    if len(blob) > limit or inflater.unconsumed_tail:
-        raise BadCell(f"state.data unpacks to more than {limit} bytes (EXECUTE_MAX_STATE_MB)")
-    return blob
+    return kept.getvalue()
+
+
+def _inflate(packed: bytes, limit: int, into: io.BytesIO | None) -> tuple[int, str]:
+    """Inflate `packed` a chunk at a time: its size and sha256, each chunk written `into`."""
+    inflater = zlib.decompressobj()
+    digest = hashlib.sha256()
+    size, rest = 0, packed
+    while True:
+        chunk = inflater.decompress(rest, _INFLATE_CHUNK)
+        rest = inflater.unconsumed_tail
+        last = inflater.eof or (not rest and len(chunk) < _INFLATE_CHUNK)
+        if last:
+            chunk += inflater.flush()
+        size += len(chunk)
+        if size > limit:
+            raise BadCell(f"state.data unpacks to more than {limit} bytes (EXECUTE_MAX_STATE_MB)")
+        digest.update(chunk)
+        if into is not None:
+            into.write(chunk)
+        if last:
+            break
+    return size, digest.hexdigest()
 
 
 def _read_meta(raw: bytes | None) -> dict:
@@ -514,7 +601,7 @@ def _read_meta(raw: bytes | None) -> dict:
         return {}
     try:
         meta = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return meta if isinstance(meta, dict) else {}
 

@@ -18,9 +18,9 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import ExecuteRequest
-from functions.errors import RLMError, Unavailable
+from functions.errors import BadCell, MissingRefs, RLMError, Saturated, Unavailable
 from functions.execute import metrics
-from functions.execute.cells import BadCell, CellRunner, MissingRefs, Saturated
+from functions.execute.cells import CellRunner
 from functions.execute.settings import ExecuteSettings
 from functions.http import (
     HEALTH_PATHS,
@@ -33,6 +33,7 @@ from functions.http import (
     read_body,
     validate,
 )
+from functions.server import EdgeLimits, serve_hardened
 
 log = logging.getLogger("rlm.execute")
 
@@ -69,6 +70,9 @@ def _warm_up(cells: CellRunner) -> None:
 
 ROUTES = "POST /execute, POST /, GET /health, GET /metrics"
 json_errors(ROUTES)
+serve_hardened(
+    EdgeLimits(SETTINGS.read_timeout_s, SETTINGS.max_header_bytes, SETTINGS.max_request_bytes)
+)
 
 
 @functions_framework.http
@@ -99,18 +103,16 @@ def _route(request: Request) -> Response:
     raise not_found(request, ROUTES)
 
 
+# The outcome label each refusal counts under; the refusal itself is the answer (409/422/503).
+REFUSALS = {MissingRefs: "missing", BadCell: "invalid", Saturated: "saturated"}
+
+
 def run_cell(cell: ExecuteRequest, traceparent: str | None = None):
-    """Run a validated request; refusals raise their `RLMError`."""
+    """Run a validated request; a refusal is counted and raised as it is."""
     try:
         response = runner().run(cell, traceparent)
-    except MissingRefs:
-        metrics.requests_total.labels(outcome="missing").inc()
-        raise
-    except BadCell:
-        metrics.requests_total.labels(outcome="invalid").inc()
-        raise
-    except Saturated:
-        metrics.requests_total.labels(outcome="saturated").inc()
+    except (MissingRefs, BadCell, Saturated) as e:
+        metrics.requests_total.labels(outcome=REFUSALS[type(e)]).inc()
         raise
     outcome = "trapped" if response.trapped else "error" if response.error else "ok"
     metrics.requests_total.labels(outcome=outcome).inc()

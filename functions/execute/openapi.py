@@ -10,7 +10,7 @@ from functions.openapi import document as build
 
 
 def document() -> dict[str, Any]:
-    statuses = (400, 404, (409, Missing), 413, 422, 503)
+    statuses = (400, 404, 408, (409, Missing), 413, 414, 422, 431, 503)
     return build(
         "rlm execute",
         [

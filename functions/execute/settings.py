@@ -7,8 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from functions.config import env_float, env_int, env_str
+from functions.urls import parse_prefixes
 
 MIB = 1 << 20
+# The process itself, idle: the runtime, the compiled module, the spare interpreter (~150 MB
+# measured by benchmarks/execute_bench.py), with room to spare.
+PROCESS_BYTES = 384 * MIB
 
 # Every variable this plane reads; the manifests are checked against this list.
 ENV_NAMES = (
@@ -26,6 +30,10 @@ ENV_NAMES = (
     "EXECUTE_MAX_SESSIONS",
     "EXECUTE_CONCURRENCY",
     "EXECUTE_QUEUE_WAIT",
+    "EXECUTE_MAX_BATCH_MB",
+    "EXECUTE_READ_TIMEOUT",
+    "EXECUTE_MAX_HEADER_KB",
+    "EXECUTE_CALLBACK_ORIGINS",
     "WASI_PYTHON_CACHE",
 )
 
@@ -46,15 +54,39 @@ class ExecuteSettings:
     max_sessions: int = 64  # EXECUTE_MAX_SESSIONS: live interpreters held by the pod
     concurrency: int = 0  # EXECUTE_CONCURRENCY: cells at once (0: one per CPU)
     queue_wait_s: float = 2.0  # EXECUTE_QUEUE_WAIT: wait for a slot before answering 503
+    max_batch_bytes: int = 64 * MIB  # EXECUTE_MAX_BATCH_MB: prompt text of one staged batch
+    read_timeout_s: float = 60.0  # EXECUTE_READ_TIMEOUT: a whole request must arrive within it
+    max_header_bytes: int = 64 << 10  # EXECUTE_MAX_HEADER_KB: request line and headers
     wasm_cache_dir: str = ""  # WASI_PYTHON_CACHE: the pre-compiled module cache
+    # EXECUTE_CALLBACK_ORIGINS: URL prefixes (infer's address) a cell's callback.url must be
+    # under, checked by functions/urls.py; none: a cell's sub-calls are refused
+    callback_origins: tuple[str, ...] = ()
 
     @property
     def slots(self) -> int:
         return self.concurrency or (os.cpu_count() or 1)
 
+    def host_bytes(self, cells: int) -> int:
+        """The most memory the process holds with `cells` cells in flight (running, or waiting
+        on sub-calls): the process, the cache (live sessions charged their linear memory, and
+        blobs), and per cell its guest and, on the host, its request (the body, its parse and a
+        context's bytes), its state (inflated, and packed into the answer), a staged batch and
+        its output. A pod's memory limit must cover it for the cells the pod may be sent."""
+        per_cell = (
+            self.memory_bytes
+            + 3 * self.max_request_bytes
+            + 4 * self.max_state_bytes
+            + self.max_batch_bytes
+            + 2 * self.output_bytes
+        )
+        return PROCESS_BYTES + self.cache_bytes + cells * per_cell
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ExecuteSettings:
         d = cls()
+        origins = parse_prefixes(
+            env_str("EXECUTE_CALLBACK_ORIGINS", "", env), "EXECUTE_CALLBACK_ORIGINS"
+        )
         return cls(
             deadline_s=env_float("EXECUTION_TIMEOUT", d.deadline_s, 0.001, env),
             max_deadline_s=env_float("EXECUTE_MAX_TIMEOUT", d.max_deadline_s, 0.001, env),
@@ -71,5 +103,10 @@ class ExecuteSettings:
             max_sessions=env_int("EXECUTE_MAX_SESSIONS", d.max_sessions, 1, env),
             concurrency=env_int("EXECUTE_CONCURRENCY", d.concurrency, 0, env),
             queue_wait_s=env_float("EXECUTE_QUEUE_WAIT", d.queue_wait_s, 0, env),
+            max_batch_bytes=env_int("EXECUTE_MAX_BATCH_MB", d.max_batch_bytes // MIB, 1, env) * MIB,
+            read_timeout_s=env_float("EXECUTE_READ_TIMEOUT", d.read_timeout_s, 1, env),
+            max_header_bytes=env_int("EXECUTE_MAX_HEADER_KB", d.max_header_bytes >> 10, 8, env)
+            << 10,
             wasm_cache_dir=env_str("WASI_PYTHON_CACHE", "", env),
+            callback_origins=tuple(p.text for p in origins),
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from functions.contract import (
     merge_usage,
 )
 from functions.execute.sandbox import SubcallRefused
-
-MAX_STAGED_CHARS = 256 << 20
+from functions.urls import Allowlist, UrlRefused
 
 # Delivers one sub-call request for a cell: over HTTP to infer, or in-process when embedded.
 Transport = Callable[[Callback, SubcallRequest, dict[str, str]], SubcallResponse]
@@ -33,14 +31,16 @@ class CellScope:
 
     callback: Callback | None = None
     max_subcalls: int = 0
+    max_batch_bytes: int = 0  # the most prompt text one staged batch holds on the host
     headers: dict[str, str] = field(default_factory=dict)
     summary: SubcallSummary = field(default_factory=SubcallSummary)
-    staged: list[str] = field(default_factory=list)
     # While the guest waits on a sub-call it uses no CPU: its slot is lent out meanwhile, so
     # cells of child RLMs can run (otherwise deep recursion would deadlock on slots).
     pause: Callable[[], None] = lambda: None
     resume: Callable[[], None] = lambda: None
-    staged_chars: int = 0
+    staged: list[str] = field(default_factory=list)  # whole prompts of the batch being staged
+    pieces: list[str] = field(default_factory=list)  # the prompt being staged, so far
+    staged_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancel: threading.Event = field(default_factory=threading.Event)  # set: the run was cancelled
 
@@ -52,23 +52,38 @@ class SubcallGate:
         self.transport = transport
         self.scope = CellScope()
 
-    def stage(self, part: str) -> None:
+    def stage(self, part: str, end: bool) -> None:
+        """A piece of one prompt of a large batch. Counted as it arrives: the batch may not hold
+        more prompts than the cell has sub-calls left, nor more than `max_batch_bytes`."""
         scope = self.scope
-        scope.staged_chars += len(part)
-        if scope.staged_chars > MAX_STAGED_CHARS:
-            scope.staged.clear()
-            raise SubcallRefused(f"sub-call batch is over {MAX_STAGED_CHARS:,} characters")
-        scope.staged.append(part)
+        with scope.lock:
+            prompts = len(scope.staged) + 1
+            left = scope.max_subcalls - scope.summary.count
+            size = scope.staged_bytes + len(part.encode("utf-8", "surrogatepass"))
+            if prompts > left or size > scope.max_batch_bytes:
+                scope.staged, scope.pieces, scope.staged_bytes = [], [], 0
+                if prompts > left:
+                    raise SubcallRefused(
+                        f"sub-call limit reached: at most {scope.max_subcalls} per cell "
+                        f"({scope.summary.count} made, a batch of more than {left} asked)"
+                    )
+                raise SubcallRefused(
+                    f"sub-call batch is over {scope.max_batch_bytes:,} bytes "
+                    "(EXECUTE_MAX_BATCH_MB): send it in smaller batches"
+                )
+            scope.staged_bytes = size
+            scope.pieces.append(part)
+            if end:
+                scope.staged.append("".join(scope.pieces))
+                scope.pieces = []
 
     def staged_prompts(self) -> list[str]:
         scope = self.scope
-        text, scope.staged, scope.staged_chars = "".join(scope.staged), [], 0
-        try:
-            prompts = json.loads(text)
-        except ValueError:
-            raise SubcallRefused("the staged sub-call batch was malformed") from None
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise SubcallRefused("the staged sub-call batch must be a list of str")
+        with scope.lock:
+            prompts, unfinished = scope.staged, scope.pieces
+            scope.staged, scope.pieces, scope.staged_bytes = [], [], 0
+        if unfinished or not prompts:
+            raise SubcallRefused("the staged sub-call batch was incomplete")
         return prompts
 
     def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
@@ -124,31 +139,51 @@ class SubcallGate:
         return reply
 
 
-class HttpTransport:
-    """POSTs to the callback URL with the cell's bearer token; errors become guest exceptions."""
+# What the guest is told when infer refuses a callback: infer's own words are not passed on,
+# so a callback.url that reached some other server could not read that server's answers out.
+REFUSALS = {
+    401: "the cell's sub-call token was refused (expired, or not infer's)",
+    403: "the sub-call is outside what this run may do (its models, depth or tools)",
+    404: "the callback URL is not infer's sub-call endpoint",
+    413: "the sub-call request was too large",
+    422: "the sub-call request was malformed",
+    429: "the infer plane is busy",
+    503: "the infer plane is unavailable",
+}
 
-    def __init__(self, timeout_s: float) -> None:
+
+class HttpTransport:
+    """POSTs to the callback URL, only one under EXECUTE_CALLBACK_ORIGINS and at the address
+    checked there, with the cell's bearer token; errors become guest exceptions."""
+
+    def __init__(self, timeout_s: float, origins: tuple[str, ...] = ()) -> None:
         self._client = http.client(httpx.Timeout(timeout_s, connect=10.0))
+        self.allowed = Allowlist.of("EXECUTE_CALLBACK_ORIGINS", origins)
 
     def __call__(
         self, callback: Callback, request: SubcallRequest, headers: dict[str, str]
     ) -> SubcallResponse:
+        if not self.allowed:
+            raise SubcallRefused("sub-call not sent: EXECUTE_CALLBACK_ORIGINS names no infer")
+        try:
+            target = self.allowed.target(callback.url, "callback.url")
+        except UrlRefused as e:
+            raise SubcallRefused(f"sub-call not sent: {e.message}") from None
         try:
             response = self._client.post(
-                callback.url,
+                target.connect_url,
                 json=request.model_dump(),
-                headers={"Authorization": f"Bearer {callback.token}", **headers},
+                headers={"Authorization": f"Bearer {callback.token}", **headers, **target.headers},
+                extensions=target.extensions,
+                follow_redirects=False,
             )
         except httpx.TimeoutException:
             raise SubcallRefused("sub-call timed out waiting for the infer plane") from None
         except httpx.HTTPError as e:
             raise SubcallRefused(f"sub-call could not reach the infer plane: {e}") from None
         if response.status_code != 200:
-            try:
-                reason = response.json().get("error", response.text)
-            except ValueError:
-                reason = response.text
-            raise SubcallRefused(f"sub-call refused ({response.status_code}): {reason[:300]}")
+            reason = REFUSALS.get(response.status_code, "the callback answered with an error")
+            raise SubcallRefused(f"sub-call refused (HTTP {response.status_code}): {reason}")
         try:
             return SubcallResponse.model_validate_json(response.content)
         except ValidationError:

@@ -2,8 +2,9 @@
 
     python -m functions.execute.warm [CACHE_DIR]
 
-The directory (default: $WASI_PYTHON_CACHE) is made mode 0700; the runtime reuses the compiled
-file only when it is owned by the uid that runs the process, so run this as that uid.
+The directory (default: WASI_PYTHON_CACHE, read by the plane's settings) is made mode 0700;
+the runtime reuses the compiled file only when it is owned by the uid that runs the process, so
+run this as that uid.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import os
 import sys
 import time
 
+from functions.execute.settings import ExecuteSettings
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    cache_dir = args[0] if args else os.environ.get("WASI_PYTHON_CACHE", "")
+    cache_dir = args[0] if args else ExecuteSettings.from_env().wasm_cache_dir
     if cache_dir:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         os.chmod(cache_dir, 0o700)

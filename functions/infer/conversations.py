@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from functions.contract import ContextRef, Conversation, StateRef, context_bytes
+from functions.contract import ContextRef, Conversation, StateRef, context_bytes, new_scope
 from functions.errors import (
     Conflict,
     NotFound,
@@ -67,6 +67,7 @@ class Turn:
     added_bytes: int = 0  # this turn's context
     state: StateRef | None = None  # the state after the turn, set by `close`
     owner: str = ANONYMOUS
+    scope: str = field(default_factory=new_scope)  # its session's owner on the execute plane
 
     @property
     def index(self) -> int:
@@ -74,7 +75,10 @@ class Turn:
 
     @property
     def session_id(self) -> str:
-        return _key(self.owner, self.conversation_id).replace(":", "-")
+        """With a part only infer can make (the scope's hash): a caller who knows the owner and
+        the conversation id still cannot name the session."""
+        scoped = hashlib.sha256(self.scope.encode()).hexdigest()[:16]
+        return _key(self.owner, self.conversation_id).replace(":", "-") + "-" + scoped
 
     def note(self) -> str:
         """Added to the first user message of a later turn: what the REPL holds from before."""
@@ -127,7 +131,7 @@ class ConversationStore:
         ref, added = hashlib.sha256(data).hexdigest(), len(data)
         if conversation_id is None:
             conversation_id = uuid.uuid4().hex
-            record: dict[str, Any] = {"refs": [], "state": None, "bytes": 0}
+            record: dict[str, Any] = {"refs": [], "state": None, "bytes": 0, "scope": new_scope()}
             self.store.put(_key(owner, conversation_id), _dump(record), self.ttl_s)
         else:
             record = self._load(owner, conversation_id)
@@ -152,6 +156,7 @@ class ConversationStore:
             [*record["refs"], ref],
             added,
             owner=owner,
+            scope=record.get("scope") or new_scope(),
         )
 
     def end(self, turn: Turn) -> Conversation | None:
@@ -167,7 +172,8 @@ class ConversationStore:
                 for ref, value in zip(new, turn.contexts[len(record["refs"]) :], strict=True):
                     self.store.put(f"{key}:ctx:{ref}", _dump(value), self.ttl_s)
                 record = {"refs": turn.refs, "state": turn.state.model_dump(),
-                          "bytes": record["bytes"] + turn.added_bytes}  # fmt: skip
+                          "bytes": record["bytes"] + turn.added_bytes,
+                          "scope": turn.scope}  # fmt: skip
             size = record["bytes"] + len((record["state"] or {}).get("data") or "")
             if size > self.max_bytes:
                 self._drop(key, self._too_large(turn.conversation_id))
@@ -223,7 +229,8 @@ class ConversationStore:
             self.store.put(f"{key}:ctx:{held.ref}", _dump(held.data), self.ttl_s)
             size += len(data)
         state = carried.state.model_dump() if carried.state else None
-        return {"refs": [c.ref for c in carried.contexts], "state": state, "bytes": size}
+        return {"refs": [c.ref for c in carried.contexts], "state": state, "bytes": size,
+                "scope": new_scope()}  # fmt: skip
 
     def _sign(
         self,

@@ -23,18 +23,15 @@ from functions.contract import (
     ExecuteRequest,
     ExecuteResponse,
     Limits,
+    Missing,
     StateRef,
     context_ref,
+    new_scope,
 )
+from functions.errors import BadCell, MissingRefs, RLMError, Saturated, UpstreamError
 
 
-class ExecuteMissing(Exception):
-    def __init__(self, missing: list[str]) -> None:
-        super().__init__(", ".join(missing))
-        self.missing = missing
-
-
-class ExecuteError(Exception):
+class ExecuteError(UpstreamError):
     """The execute plane could not run the cell (after retries), or refused it."""
 
 
@@ -42,13 +39,38 @@ class Executor(Protocol):
     def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse: ...
 
 
+def run_until_free(
+    attempt: Callable[[], ExecuteResponse], busy_for_s: float, backoff_s: float = 0.25
+) -> ExecuteResponse:
+    """Run `attempt`, the one place both executors decide what execute's refusals mean.
+
+    `MissingRefs` goes to the session, which re-sends data. A saturated pod (`Saturated`, 503)
+    is asked again after its Retry-After for as long as the cell's own deadline: saturation is
+    normal under load, not a failure. Any other refusal (`BadCell`, 422) fails the cell.
+    """
+    busy_until = time.monotonic() + busy_for_s
+    for attempt_number in itertools.count():
+        try:
+            return attempt()
+        except MissingRefs:
+            raise
+        except Saturated as e:
+            wait = min(4.0, backoff_s * 2**attempt_number) * (0.5 + random.random())
+            wait = max(wait, _seconds(e.headers.get("Retry-After")))
+            if time.monotonic() + wait >= busy_until:
+                raise ExecuteError(f"the execute plane stayed busy: {e}") from None
+            time.sleep(wait)
+        except BadCell as e:
+            raise ExecuteError(f"the execute plane refused the cell: {e}") from None
+    raise AssertionError("unreachable")
+
+
 class RemoteExecutor:
     """POSTs cells to an execute function; retries what is safe to retry.
 
     A cell re-sent with the same state ref is safe: the pod either still holds the session at
     that ref or rebuilds it from the ref, so the cell runs on the same variables. A saturated
-    pod (429/503) is asked again after its Retry-After for as long as the cell's own deadline
-    (saturation is normal under load, not a failure); other failures `retries` times.
+    pod is asked again (`run_until_free`); a failed connection or a 502/504 `retries` times.
     """
 
     def __init__(
@@ -69,14 +91,16 @@ class RemoteExecutor:
         headers = {"content-type": "application/json"}
         if traceparent:
             headers["traceparent"] = traceparent
-        busy_until = time.monotonic() + (request.limits.deadline_s or self.timeout_s)
-        failures = 0
-        for attempt in itertools.count():
-            wait = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
+        busy_for = request.limits.deadline_s or self.timeout_s
+        return run_until_free(lambda: self._post(body, headers), busy_for, self.backoff_s)
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> ExecuteResponse:
+        """One cell, through failed connections and 502/504s; refusals as execute raised them."""
+        for failures in itertools.count(1):
+            wait = min(self.max_backoff_s, self.backoff_s * 2**failures) * (0.5 + random.random())
             try:
                 response = self._client.post(self.url, content=body, headers=headers)
             except httpx.HTTPError as e:
-                failures += 1
                 if failures > self.retries:
                     raise ExecuteError(f"execute plane unreachable at {self.url}: {e}") from None
                 time.sleep(wait)
@@ -87,18 +111,10 @@ class RemoteExecutor:
                     return ExecuteResponse.model_validate_json(response.content)
                 except ValidationError:
                     raise ExecuteError("execute plane sent an unreadable response") from None
-            if status == 409:
-                raise ExecuteMissing(response.json().get("missing", []))
-            wait = max(wait, _retry_after(response))
-            if status in (429, 503) and time.monotonic() + wait < busy_until:
-                time.sleep(wait)
-                continue
-            failures += status in (502, 504)
             if status in (502, 504) and failures <= self.retries:
-                time.sleep(wait)
+                time.sleep(max(wait, _seconds(response.headers.get("retry-after"))))
                 continue
-            raise ExecuteError(f"execute plane refused the cell ({status}): "
-                               f"{_error_text(response)}")  # fmt: skip
+            raise _refusal(response)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -108,22 +124,13 @@ class RemoteExecutor:
 class LocalExecutor:
     """The execute plane's cell runner in this process (embedded mode): same sandbox, no HTTP."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, busy_for_s: float = 900.0) -> None:
         self.runner = runner
+        self.busy_for_s = busy_for_s
 
     def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
-        from functions.execute.cells import BadCell, MissingRefs, Saturated
-
-        for _ in range(100):
-            try:
-                return self.runner.run(request, traceparent)
-            except MissingRefs as e:
-                raise ExecuteMissing(e.missing) from None
-            except BadCell as e:
-                raise ExecuteError(str(e)) from None
-            except Saturated:
-                time.sleep(0.1)
-        raise ExecuteError("the embedded sandbox stayed busy")
+        busy_for = request.limits.deadline_s or self.busy_for_s
+        return run_until_free(lambda: self.runner.run(request, traceparent), busy_for, 0.05)
 
     def close(self) -> None:
         self.runner.close()
@@ -145,6 +152,9 @@ class ReplSession:
     context_refs: list[str] | None = None  # their refs, when the caller has them already
     base: StateRef | None = None  # the state the first cell starts from (a conversation's)
     cell_vars: dict[int, dict[str, Any]] = field(default_factory=dict)  # bound before cell i
+    # The session's owner on the execute plane, sent with every cell: only cells that send it
+    # reach the session and the state and contexts it sent.
+    scope: str = field(default_factory=new_scope)
 
     def __post_init__(self) -> None:
         if self.contexts and not self.context_refs:
@@ -188,11 +198,12 @@ class ReplSession:
             callback=callback,
             return_state=return_state,
             rlm_contexts=[ContextRef(ref=r) for r in self.context_refs] if self.contexts else None,
+            scope=self.scope,
         )
         for _ in range(3):
             try:
                 return self.executor.run(request, traceparent)
-            except ExecuteMissing as e:
+            except MissingRefs as e:
                 if "rlm_context" in e.missing:
                     request.rlm_context = ContextRef(ref=self.context_ref, data=self.context)
                 if "rlm_contexts" in e.missing and self.contexts:
@@ -229,9 +240,26 @@ class ReplSession:
             self.state_data = response.state.data
 
 
-def _retry_after(response: httpx.Response) -> float:
+def _refusal(response: httpx.Response) -> RLMError:
+    """Execute's answer other than 200, as the error execute raised for it."""
+    text = _error_text(response)
+    if response.status_code == 409:
+        try:
+            missing = Missing.model_validate_json(response.content).missing
+        except ValidationError:
+            raise ExecuteError(f"execute plane sent an unreadable 409: {text}") from None
+        return MissingRefs(list(missing))
+    if response.status_code == 422:
+        return BadCell(text)
+    if response.status_code in (429, 503):
+        return Saturated(text, retry_after_s=round(_seconds(response.headers.get("retry-after"))))
+    return ExecuteError(f"execute plane refused the cell ({response.status_code}): {text}")
+
+
+def _seconds(header: str | None) -> float:
+    """A Retry-After value in seconds (at most 30), 0 when absent or unreadable."""
     try:
-        return min(30.0, float(response.headers.get("retry-after", "0")))
+        return max(0.0, min(30.0, float(header or 0)))
     except ValueError:
         return 0.0
 

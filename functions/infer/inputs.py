@@ -8,30 +8,30 @@ from typing import Any
 
 import httpx
 
+from functions import http
 from functions.errors import Unprocessable
+from functions.urls import Allowlist, Target
 
 
 class ContextError(Unprocessable):
     """The context cannot be had: the message says why and what to send instead."""
 
 
-def load_context(value: Any, uri: str | None, max_bytes: int, url_prefixes: tuple[str, ...]) -> Any:
-    """The served function's context: inline, or fetched from a URL under `url_prefixes`
-    (the operator's INFER_CONTEXT_URL_PREFIXES; none set, no URL is fetched)."""
+def load_context(value: Any, uri: str | None, max_bytes: int, allowed: Allowlist) -> Any:
+    """The served function's context: inline, or fetched from a URL `allowed` takes (the
+    operator's INFER_CONTEXT_URL_PREFIXES; none set, no URL is fetched)."""
     if uri is None:
         return "" if value is None else value  # its size was bounded with the request body
     if value is not None:
         raise ContextError("send either context or context_uri, not both")
     if uri.startswith("file://"):
         raise ContextError("file:// context_uri is only for the embedded mode; send http(s)")
-    if not url_prefixes:
+    if not allowed:
         raise ContextError(
             "this infer fetches no context_uri; send the context inline, or its operator allows "
             "URL prefixes in INFER_CONTEXT_URL_PREFIXES (a URL is fetched from infer's network)"
         )
-    if not uri.startswith(url_prefixes):
-        raise ContextError(f"context_uri {uri} is not under INFER_CONTEXT_URL_PREFIXES")
-    return fetch(uri, max_bytes, follow_redirects=False)  # a redirect could leave the prefixes
+    return fetch(uri, max_bytes, target=allowed.target(uri, "context_uri"))
 
 
 def read_file(path: Path, max_bytes: int) -> Any:
@@ -44,11 +44,13 @@ def read_file(path: Path, max_bytes: int) -> Any:
     return decode(path.read_bytes(), path.suffix == ".json")
 
 
-def fetch(uri: str, max_bytes: int, timeout_s: float = 60.0, follow_redirects: bool = True) -> Any:
+def fetch(uri: str, max_bytes: int, timeout_s: float = 60.0, target: Target | None = None) -> Any:
+    """GET `uri`; with a `target` (a URL the operator's list allows), at the address it was
+    checked at and never past a redirect. Without one (the CLI's own URL), past redirects."""
+    url, options = (target.connect_url, target.options()) if target else (uri, {})
+    options.setdefault("follow_redirects", True)
     try:
-        with httpx.stream(
-            "GET", uri, timeout=timeout_s, follow_redirects=follow_redirects
-        ) as response:
+        with http.client(timeout_s) as client, client.stream("GET", url, **options) as response:
             if response.status_code != 200:
                 raise ContextError(f"context_uri answered {response.status_code}: {uri}")
             chunks, size = [], 0

@@ -77,6 +77,13 @@ class Store(Protocol):
 
     def pop_first(self, key: str) -> bytes | None: ...
 
+    def hold(self, key: str, member: str, limit: int, ttl_s: float) -> bool:
+        """Hold `member` in the set `key` for `ttl_s` (again, if it is there), unless `limit`
+        members whose time has not run out are there already: then False."""
+        ...
+
+    def unhold(self, key: str, member: str) -> None: ...
+
 
 class MemoryStore:
     """The ledger in this process's memory: one process is the whole deployment."""
@@ -154,6 +161,22 @@ class MemoryStore:
             items = self._live(key)
             return items.popleft() if items else None
 
+    def hold(self, key: str, member: str, limit: int, ttl_s: float) -> bool:
+        with self._lock:
+            now = self._clock()
+            members = {m: t for m, t in (self._live(key) or {}).items() if t > now}
+            if member not in members and len(members) >= limit:
+                return False
+            members[member] = now + ttl_s
+            self._set(key, members, max(members.values()) - now)
+            return True
+
+    def unhold(self, key: str, member: str) -> None:
+        with self._lock:
+            members = self._live(key)
+            if members:
+                members.pop(member, None)
+
 
 _ADD = """
 local n = tonumber(ARGV[2])
@@ -172,6 +195,19 @@ for i = 0, n - 1 do
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return out
+"""
+
+_HOLD = """
+local now = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return 1
 """
 
 _POP_ALL = """
@@ -199,6 +235,7 @@ class RedisStore:
         )
         self._add = self._redis.register_script(_ADD)
         self._pop_all = self._redis.register_script(_POP_ALL)
+        self._hold = self._redis.register_script(_HOLD)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -245,6 +282,14 @@ class RedisStore:
 
     def pop_first(self, key: str) -> bytes | None:
         return self._call(self._redis.lpop, key)
+
+    def hold(self, key: str, member: str, limit: int, ttl_s: float) -> bool:
+        now_ms = int(time.time() * 1000)  # the pods' clocks; a place lasts minutes, not ms
+        args = [member, limit, _ms(ttl_s), now_ms]
+        return bool(self._call(self._hold, keys=[key], args=args))
+
+    def unhold(self, key: str, member: str) -> None:
+        self._call(self._redis.zrem, key, member)
 
     def ping(self) -> None:
         self._call(self._redis.ping)
@@ -544,9 +589,10 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def event_key(source: str, event_id: str, data: Any) -> str:
-    """A CloudEvent's identity: its source, its id and its data, however encoded (another
-    producer reusing an id, or other data under the same id, is another event)."""
+def event_key(source: str, event_id: str, data: Any, owner: str = ANONYMOUS) -> str:
+    """A CloudEvent's identity: its sender (`owner`), its source, its id and its data, however
+    encoded (another caller or producer reusing an id, or other data under it, is another
+    event)."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    parts = [source, event_id, hashlib.sha256(canonical.encode()).hexdigest()]
+    parts = [owner, source, event_id, hashlib.sha256(canonical.encode()).hexdigest()]
     return _digest("\0".join(parts))

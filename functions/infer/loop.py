@@ -7,6 +7,7 @@ the infer plane's sub-call endpoint, which `Run` reaches only through the tokens
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from functions.contract import (
     ToolCatalog,
     UsageByModel,
     merge_usage,
+    new_scope,
     total_usage,
 )
 from functions.errors import StopCode
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from functions.infer.conversations import Turn
 
 Emit = Callable[[str, dict[str, Any]], None]
+EVENT_TEXT_CHARS = 4000  # of a reply (its start) or a cell's output (its end) in an event
 
 
 class Grants(Protocol):
@@ -119,7 +122,11 @@ class Run:
         turn = self.turn
         session = ReplSession(
             executor=self.executor,
-            session_id=turn.session_id if turn else f"{self.run_id}-d{self.depth}",
+            # A caller may choose the run id: the session id adds a part no one can guess.
+            session_id=turn.session_id
+            if turn
+            else f"{self.run_id}-d{self.depth}-{secrets.token_hex(8)}",
+            scope=turn.scope if turn else new_scope(),
             context=context,
             limits=Limits(deadline_s=self.config.cell_timeout_s),
             mint_callback=self._grant,
@@ -284,7 +291,11 @@ class Run:
             model=completion.model,
             seconds=round(time.monotonic() - started, 4),
         )
-        self._event("reply", {"iteration": iteration, "chars": len(completion.text)})
+        self._event(
+            "reply",
+            {"iteration": iteration, "chars": len(completion.text),
+             "text": completion.text[:EVENT_TEXT_CHARS]},
+        )  # fmt: skip
         return completion
 
     def _shown(self, response: ExecuteResponse) -> str:
@@ -325,7 +336,8 @@ class Run:
             "output",
             {
                 "iteration": iteration,
-                "stdout": response.stdout[-2000:],
+                "stdout": response.stdout[-EVENT_TEXT_CHARS:],
+                "stderr": response.stderr[-EVENT_TEXT_CHARS:],
                 "error": response.error.message if response.error else None,
                 "subcalls": response.subcalls.count,
             },
@@ -351,6 +363,7 @@ class Run:
             "phase": phase, "iteration": iteration, "messages": messages, "errors": errors,
             "partial": partial, "state_ref": session.state_ref, "state_data": session.state_data,
             "cells": session.cells, "cell_vars": session.cell_vars,
+            "session_id": session.session_id, "scope": session.scope,
         })  # fmt: skip
 
     @staticmethod
@@ -360,6 +373,9 @@ class Run:
         """The loop's place from a checkpoint: messages, errors, partial answer, the first
         iteration to run and, when the process died after a reply, that reply."""
         session.state_ref, session.state_data = saved["state_ref"], saved["state_data"]
+        # The same session on the execute plane: a pod may still hold it live.
+        session.session_id = saved.get("session_id", session.session_id)
+        session.scope = saved.get("scope", session.scope)
         session.cells = list(saved["cells"])
         session.cell_vars = {int(i): v for i, v in saved["cell_vars"].items()}
         messages = saved["messages"]

@@ -5,11 +5,16 @@
 Routes: POST /infer and POST / (JSON, `Accept: text/event-stream` for progress, or a
 CloudEvent `<prefix>.infer.requested`), POST /subcalls (the sandbox's callbacks),
 POST /v1/chat/completions (OpenAI-compatible), GET /health*, GET /metrics, GET /openapi.json.
+
+Every route but /health* and /subcalls (which takes the sandbox's own tokens) needs a caller's
+API key (`callers.py`), unless the operator chose INFER_AUTH=none; /metrics and /openapi.json
+need an operator's key, or a peer address in INFER_METRICS_CIDRS.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import queue
@@ -29,7 +34,7 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import CancelReply, InferRequest, InferResult
-from functions.errors import BadRequest, Conflict, RLMError
+from functions.errors import BadRequest, Conflict, Forbidden, RLMError
 from functions.http import (
     HEALTH_PATHS,
     answer,
@@ -41,29 +46,41 @@ from functions.http import (
     read_body,
     validate,
 )
-from functions.infer import chat, metrics, subcalls
+from functions.infer import callers, chat, metrics, subcalls
+from functions.infer.callers import Admission, Caller, Ticket
 from functions.infer.inputs import load_context
-from functions.infer.ledger import ANONYMOUS, event_key
+from functions.infer.ledger import event_key
 from functions.infer.service import InferService
 from functions.infer.settings import InferSettings
+from functions.server import EdgeLimits, serve_hardened
 
 log = logging.getLogger("rlm.infer")
 
 try:
     SETTINGS = InferSettings.from_env()
+    KEYS = callers.key_ring(SETTINGS.auth, SETTINGS.api_keys_json, SETTINGS.api_keys_file)
 except ConfigError as e:
     sys.exit(f"infer: configuration error: {e}")
 logs.setup()
+if KEYS is None:
+    log.warning(
+        "INFER_AUTH=none: no API key is asked for; anyone who reaches this server may spend "
+        "its model key, up to its ceilings (INFER_MAX_BUDGET_USD per run)"
+    )
+_METRICS_PEERS = tuple(ipaddress.ip_network(c) for c in SETTINGS.metrics_cidrs)
 
 _service: InferService | None = None
+_admission: Admission | None = None
 _service_lock = threading.Lock()
 _BODY_SLACK = 1 << 20
 _HEARTBEAT_S = 0.5
+_TICKET_SLACK_S = 120.0  # a run's place among its key's runs outlives its deadline by this
+EVENT_KEY_ATTRIBUTE = "rlmkey"  # a CloudEvent's extension attribute carrying the caller's key
 
 
 def service() -> InferService:
     """Built on first use, in the worker process (clients and threads do not survive fork)."""
-    global _service
+    global _service, _admission
     with _service_lock:
         if _service is None:
             from functions.infer.wiring import build_service
@@ -79,11 +96,24 @@ def service() -> InferService:
                 from functions.infer.sink import ProgressSink
 
                 _service.sink = ProgressSink(SETTINGS.sink_url)
+            # each key's spend and runs are counted where the runs are: in the ledger's store
+            _admission = Admission(callers.StoreCounters(_service.ledger.store))
         return _service
+
+
+def admission() -> Admission:
+    service()
+    assert _admission is not None
+    return _admission
 
 
 ROUTES = "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
 json_errors(ROUTES)
+serve_hardened(
+    EdgeLimits(
+        SETTINGS.read_timeout_s, SETTINGS.max_header_bytes, SETTINGS.max_context_bytes + _BODY_SLACK
+    )
+)
 
 
 @functions_framework.http
@@ -97,38 +127,75 @@ def _route(request: Request) -> Response:
     if method == "GET" and path in HEALTH_PATHS:
         return json_response({"status": "ok"})
     if method == "GET" and path == "/metrics":
+        _internal_only(request)
         return metrics_response(metrics.REGISTRY, None)
     if method == "GET" and path == "/openapi.json":
         from functions.infer.openapi import document
 
-        return json_response(document())
+        _internal_only(request)
+        return json_response(document(keys=KEYS is not None))
     if method == "POST" and path == "/subcalls":
         read = lambda n: read_body(request, n)  # noqa: E731
         return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
     if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
+        caller = _caller(request)
         run_id = path[len("/infer/") : -len("/cancel")]
         token = request.headers.get(CANCEL_TOKEN_HEADER)
-        service().cancel(run_id, _caller(request), token)
+        service().cancel(run_id, caller.name, token)
         return json_response(CancelReply(run_id=run_id), 202)
     if method == "POST" and path == "/v1/chat/completions":
+        caller = _caller(request)
         body = validate(chat.ChatRequest, parse_json(_body(request)))
-        return chat.respond(body, lambda r: _run(r, request.headers.get("traceparent")))
+        traceparent = request.headers.get("traceparent")
+        return chat.respond(body, lambda r: _run(*_admit(r, caller), traceparent))
     if method == "POST" and path in ("/", "/infer"):
         if events.is_cloudevent(request.headers):
             return _serve_event(request)
+        caller = _caller(request)
         infer_request = validate(InferRequest, parse_json(_body(request)))
+        cancel_token = _chosen_cancel_token(request)
+        admitted, ticket = _admit(infer_request, caller)
         traceparent = request.headers.get("traceparent")
         if "text/event-stream" in request.headers.get("accept", ""):
-            return _stream(infer_request, traceparent, _caller(request))
-        run_id = infer_request.run_id or uuid.uuid4().hex[:16]
-        caller = _caller(request)
-        with _cancelled_on_hang_up(request, run_id, caller):
-            result = _run(
-                infer_request.model_copy(update={"run_id": run_id}), traceparent,
-                caller=caller, cancel_token=_chosen_cancel_token(request),
-            )  # fmt: skip
+            return _stream(admitted, ticket, traceparent)
+        with _cancelled_on_hang_up(request, ticket.run_id, caller.name):
+            result = _run(admitted, ticket, traceparent, cancel_token=cancel_token)
         return json_response(result, 502 if result.status == "failed" else 200)
     raise not_found(request, ROUTES)
+
+
+def _caller(request: Request) -> Caller:
+    """Who is asking (the owner of the runs this request starts or reaches): the caller whose
+    API key the Authorization header carries; in local mode (INFER_AUTH=none), the operator."""
+    return callers.authenticate(KEYS, request.headers.get("authorization"))
+
+
+def _internal_only(request: Request) -> None:
+    """/metrics and /openapi.json: for a peer in INFER_METRICS_CIDRS (a scrape that reaches the
+    pod's port directly; Knative's queue-proxy forwards routed requests from 127.0.0.1), else
+    for an operator's key."""
+    try:
+        peer = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        peer = None
+    if peer is not None and any(peer in network for network in _METRICS_PEERS):
+        return
+    if not _caller(request).operator:
+        raise Forbidden(f"{request.path} is for operator keys (or peers in INFER_METRICS_CIDRS)")
+
+
+def _admit(request: InferRequest, caller: Caller) -> tuple[InferRequest, Ticket]:
+    """Check the request against the operator's ceilings (422) and the caller's key (403, 429)
+    before anything is spent; the request as it will run, and the caller's ticket for it."""
+    config = service().config_for(request)
+    run_id = request.run_id or uuid.uuid4().hex[:16]
+    lifetime = config.max_timeout_s or config.cell_timeout_s * (config.max_iterations + 2)
+    ticket = admission().admit(
+        caller, run_id, config.models, request.max_budget_usd, config.max_budget_usd,
+        lifetime + _TICKET_SLACK_S,
+    )  # fmt: skip
+    admitted = request.model_copy(update={"run_id": run_id, "max_budget_usd": ticket.budget_usd})
+    return admitted, ticket
 
 
 @contextmanager
@@ -169,18 +236,39 @@ def _body(request: Request) -> bytes:
 
 def _run(
     request: InferRequest,
+    ticket: Ticket,
     traceparent: str | None,
     emit: Any = None,
     cancelled: Any = None,
-    caller: str = ANONYMOUS,
     on_start: Any = None,
     cancel_token: str | None = None,
 ) -> InferResult:
+    """Run an admitted request; its ticket is settled with what the run spent."""
+    try:
+        result = _run_admitted(
+            request, ticket.caller, traceparent, emit, cancelled, on_start, cancel_token
+        )
+    except RLMError:  # refused before any model call (busy, a conversation's turn, ...)
+        ticket.settle(0.0)
+        raise
+    except BaseException:  # what the run spent is not known: its whole reservation stays spent
+        ticket.settle(ticket.reserved_usd)
+        raise
+    ticket.settle(result.total_cost_usd)
+    return result
+
+
+def _run_admitted(
+    request: InferRequest,
+    caller: Caller,
+    traceparent: str | None,
+    emit: Any,
+    cancelled: Any,
+    on_start: Any,
+    cancel_token: str | None,
+) -> InferResult:
     context = load_context(
-        request.context,
-        request.context_uri,
-        SETTINGS.max_context_bytes,
-        SETTINGS.context_url_prefixes,
+        request.context, request.context_uri, SETTINGS.max_context_bytes, service().context_urls
     )
     svc = service()
     sink = svc.sink
@@ -195,7 +283,7 @@ def _run(
     started = time.monotonic()
     result = svc.run(
         request, context, fan_out, traceparent, cancelled,
-        caller=caller, on_start=on_start, cancel_token=cancel_token,
+        caller=caller.name, on_start=on_start, cancel_token=cancel_token,
     )  # fmt: skip
     metrics.requests_total.labels(status=result.status).inc()
     metrics.duration.observe(time.monotonic() - started)
@@ -206,19 +294,18 @@ def _run(
         "run %s",
         result.status,
         extra={"run_id": result.run_id, "depth": 0, "status": result.status,
-               "duration_s": result.execution_time},
+               "duration_s": result.execution_time, "caller": caller.name},
     )  # fmt: skip
     return result
 
 
-def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Response:
+def _stream(request: InferRequest, ticket: Ticket, traceparent: str | None) -> Response:
     """Server-sent events: the run id (and its cancel token) first, progress as the run goes,
     then the result.
 
     A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
     """
-    run_id = request.run_id or uuid.uuid4().hex[:16]
-    request = request.model_copy(update={"run_id": run_id})
+    run_id, caller = ticket.run_id, ticket.caller.name
     updates: queue.Queue[tuple[str, Any]] = queue.Queue()
     gone = threading.Event()
 
@@ -227,8 +314,8 @@ def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Resp
 
     def work() -> None:
         try:
-            result = _run(request, traceparent, lambda k, d: updates.put((k, d)), gone.is_set,
-                          caller, started)  # fmt: skip
+            emit = lambda k, d: updates.put((k, d))  # noqa: E731
+            result = _run(request, ticket, traceparent, emit, gone.is_set, started)
             updates.put(("result", result.model_dump(mode="json")))
         except RLMError as problem:
             updates.put(("error", {"error": problem.message, "status": problem.status}))
@@ -256,18 +343,27 @@ def _stream(request: InferRequest, traceparent: str | None, caller: str) -> Resp
 def _serve_event(request: Request) -> Response:
     """A CloudEvent asking for a run. Its redelivery, to any pod, gets the first answer without
     a second run; while the first delivery's run is alive, a redelivery is asked to come back
-    later (409); a run whose pod died is resumed from its last checkpoint."""
+    later (409); a run whose pod died is resumed from its last checkpoint.
+
+    The caller's key is the event's `rlmkey` extension attribute (the Broker carries it from
+    the producer), else the request's Authorization header. Events are the caller's own: the
+    same source, id and data from another caller is another event."""
+    binary_key = request.headers.get(f"ce-{EVENT_KEY_ATTRIBUTE}")
+    caller = _event_caller(binary_key, request) if binary_key else None  # before the body
     body = _body(request)
     event = events.parse(dict(request.headers), body, events.INFER_REQUESTED)
+    if caller is None:
+        key = event.get(EVENT_KEY_ATTRIBUTE)
+        caller = _event_caller(key if isinstance(key, str) else None, request)
     ledger = service().ledger
-    key = event_key(str(event["source"]), str(event["id"]), event.data)
+    key = event_key(str(event["source"]), str(event["id"]), event.data, caller.name)
     state, answered = ledger.claim_event(key, SETTINGS.event_ttl_s)
     if state == "answered":
         log.info("redelivered event answered from the ledger", extra={"event_id": key[:16]})
         kind, data = answered
     else:
         try:
-            kind, data = _answer_event(event, request, key)
+            kind, data = _answer_event(event, request, key, caller)
         except Conflict:
             raise  # its first delivery still runs
         except BaseException:
@@ -279,12 +375,19 @@ def _serve_event(request: Request) -> Response:
     return Response(payload, status=200, headers=headers)
 
 
-def _answer_event(event: Any, request: Request, key: str) -> tuple[str, dict[str, Any]]:
+def _event_caller(key: str | None, request: Request) -> Caller:
+    header = f"Bearer {key}" if key else request.headers.get("authorization")
+    return callers.authenticate(KEYS, header)
+
+
+def _answer_event(
+    event: Any, request: Request, key: str, caller: Caller
+) -> tuple[str, dict[str, Any]]:
     try:
         infer_request = validate(InferRequest, event.data)
         if infer_request.run_id is None:  # one event, one run: a redelivery may resume it
             infer_request = infer_request.model_copy(update={"run_id": f"event-{key[:32]}"})
-        result = _run(infer_request, request.headers.get("traceparent"), caller=_caller(request))
+        result = _run(*_admit(infer_request, caller), request.headers.get("traceparent"))
     except RLMError as problem:
         if problem.status in (409, 429, 503):
             raise  # the broker redelivers later
@@ -305,8 +408,3 @@ def _chosen_cancel_token(request: Request) -> str | None:
     if not 16 <= len(token) <= 200:
         raise BadRequest(f"{CANCEL_TOKEN_HEADER} must be 16 to 200 characters of secret")
     return token
-
-
-def _caller(request: Request) -> str:
-    """Who is asking: the owner of the runs this request starts or reaches."""
-    return ANONYMOUS

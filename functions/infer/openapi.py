@@ -15,9 +15,10 @@ from functions.openapi import Health
 from functions.openapi import document as build
 
 
-def document() -> dict[str, Any]:
+def document(keys: bool = True) -> dict[str, Any]:
+    """`keys`: callers send an API key (`INFER_AUTH=keys`), and the document says so."""
     # A run that failed (the model unreachable, the sandbox down) is a 502 with its result.
-    statuses = (400, 404, 409, 413, 422, 429, (502, InferResult))
+    statuses = (400, 401, 403, 404, 409, 413, 422, 429, (502, InferResult))
     doc = build(
         "rlm infer",
         [
@@ -36,9 +37,17 @@ def document() -> dict[str, Any]:
         "responses": {
             "202": {"description": "cancelling", "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/CancelReply"}}}},
-            "404": {"description": "no such run in progress on this instance",
-                    "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Problem"}}}},
+            **{str(status): {"description": reason, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Problem"}}}}
+               for status, reason in ((401, "no API key, or not a known one"),
+                                      (403, "local mode: the run's cancel token is missing"),
+                                      (404, "no run of yours by that id is in progress"))},
         },
     }}  # fmt: skip
+    if keys:  # every operation but /health and /subcalls (the sandbox's own tokens) needs one
+        doc["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"apiKey": []}]
+        for path in ("/health", "/subcalls"):
+            for operation in doc["paths"][path].values():
+                operation["security"] = []
     return doc

@@ -79,11 +79,35 @@ def _blocks(text: str) -> list[_Block]:
 def find_code_blocks(text: str) -> list[str]:
     """The code of each ```repl block (or, with none, each ```python block), dedented, ending
     in one newline."""
-    blocks = _blocks(_normalize(text))
-    chosen = [b.code for b in blocks if b.lang in _REPL]
-    if not chosen:
-        chosen = [b.code for b in blocks if b.lang in _PYTHON]
-    return [_tidy(code) for code in chosen if code.strip()]
+    return [segment.text for segment in segments(text) if segment.runs]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a reply: prose, or a fenced block (`runs`: one `find_code_blocks` returns)."""
+
+    text: str
+    fenced: bool = False
+    runs: bool = False
+    lang: str = ""
+
+
+def segments(text: str) -> list[Segment]:
+    """`text` cut into prose and fenced blocks, in order, for showing a reply with its code."""
+    text = _normalize(text)
+    blocks = _blocks(text)
+    chosen = _REPL if any(b.lang in _REPL for b in blocks) else _PYTHON
+    parts, pos = [], 0
+    for block in blocks:
+        if block.start > pos:
+            parts.append(Segment(text[pos : block.start]))
+        runs = block.lang in chosen and bool(block.code.strip())
+        code = _tidy(block.code) if runs else block.code
+        parts.append(Segment(code, fenced=True, runs=runs, lang=block.lang))
+        pos = block.end
+    if pos < len(text):
+        parts.append(Segment(text[pos:]))
+    return parts
 
 
 def _tidy(code: str) -> str:

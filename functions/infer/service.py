@@ -43,9 +43,11 @@ from functions.infer.ledger import (
 )
 from functions.infer.loop import Emit, Run, RunConfig
 from functions.infer.settings import InferSettings
+from functions.urls import Allowlist
 
 _TOKEN_SLACK_S = 30.0  # past a cell's deadline, for its last sub-call to arrive
 LOGGED_CHARS = 4000  # of each sub-call prompt and answer, in the trajectory
+PREVIEW_CHARS = 300  # of each sub-call prompt and answer, in a `subcall` progress event
 
 
 class InferService:
@@ -72,26 +74,35 @@ class InferService:
             settings.conversation_max_bytes,
             turn_s=settings.cell_timeout_s * (settings.max_iterations + 2),
         )
-        self.tools = tools.ToolRunner()  # embedded: the SDK registers its functions here
+        self.tools = tools.ToolRunner(  # embedded, the SDK registers its functions here
+            Allowlist.of("RLM_TOOL_URL_PREFIXES", settings.tool_url_prefixes)
+        )
+        self.context_urls = Allowlist.of(
+            "INFER_CONTEXT_URL_PREFIXES", settings.context_url_prefixes
+        )
+        # The progress callbacks of the root runs this process serves, for their sub-calls
+        # served here too (on another pod a run's sub-calls report nothing).
+        self._emits: dict[RunKey, Emit] = {}
 
     # ----------------------------------------------------------------- runs
 
     def config_for(self, request: InferRequest) -> RunConfig:
-        """The run's configuration; `Unprocessable` for a depth above the deployment's MAX_DEPTH."""
+        """The run's configuration within the operator's ceilings: `Unprocessable`, naming the
+        setting, for a request that asks for more than they allow, names a model they do not,
+        or declares tools this process cannot or may not call."""
         s = self.settings
-        if request.max_depth is not None and request.max_depth > s.max_depth:
-            raise Unprocessable(
-                f"max_depth {request.max_depth} is above this deployment's MAX_DEPTH "
-                f"{s.max_depth}: ask for at most {s.max_depth}"
-            )
-        return RunConfig(
+        _at_most("max_depth", request.max_depth, s.max_depth, "MAX_DEPTH")
+        _at_most("max_iterations", request.max_iterations, s.max_iterations, "MAX_ITERATIONS")
+        _at_most("max_budget_usd", request.max_budget_usd, s.max_budget_usd, "INFER_MAX_BUDGET_USD")
+        _at_most("max_timeout_s", request.max_timeout_s, s.max_timeout_s, "INFER_MAX_TIMEOUT")
+        config = RunConfig(
             model=request.model or s.model,
             sub_model=request.sub_model or s.sub_model,
             max_depth=s.max_depth if request.max_depth is None else request.max_depth,
             max_iterations=request.max_iterations or s.max_iterations,
-            max_budget_usd=request.max_budget_usd,
+            max_budget_usd=request.max_budget_usd or s.default_budget_usd,
             max_tokens=request.max_tokens,
-            max_timeout_s=request.max_timeout_s,
+            max_timeout_s=request.max_timeout_s or s.max_timeout_s,
             max_errors=request.max_errors,
             output_chars=s.output_chars,
             cell_timeout_s=s.cell_timeout_s,
@@ -106,6 +117,22 @@ class InferService:
             tools=request.custom_tools or {},
             sub_tools=_inherit(request.custom_sub_tools, request.custom_tools),
         )
+        for model in config.models:
+            self._check_model(model)
+        for catalog in (config.tools, config.sub_tools):
+            tools.check_catalog(catalog, self.tools.functions, self.tools.allowed)
+        return config
+
+    def _check_model(self, model: str) -> None:
+        s = self.settings
+        if s.models is not None and model not in s.models:
+            raise Unprocessable(f"model {model!r} is not one this deployment serves "
+                                f"(INFER_MODELS: {', '.join(s.models)})")  # fmt: skip
+        if not s.allow_unpriced and self.llm.prices.price(model) is None:
+            raise Unprocessable(
+                f"model {model!r} has no price, so no budget would bound it; this deployment "
+                "runs only priced models (LLM_PRICES; INFER_ALLOW_UNPRICED is off)"
+            )
 
     def run(
         self,
@@ -127,8 +154,6 @@ class InferService:
         cannot serve, `ConversationError` when the conversation cannot take another turn,
         `LedgerUnavailable` when the ledger cannot be reached."""
         config = self.config_for(request)
-        for catalog in (config.tools, config.sub_tools):
-            tools.check_catalog(catalog, self.tools.functions, self.settings.tool_url_prefixes)
         root = RunKey(caller, run_id or request.run_id or uuid.uuid4().hex[:16])
         if not self._runs.acquire(timeout=0.5):
             raise Busy(f"this infer process is running its maximum of {self.settings.max_runs}")
@@ -142,6 +167,8 @@ class InferService:
             self._runs.release()
             raise
         turn, status, beating = None, "failed", _Heartbeat(self.ledger, root)
+        if emit is not None:
+            self._emits[root] = emit
         try:
             if on_start is not None:
                 on_start(root.run_id, secret)
@@ -168,6 +195,7 @@ class InferService:
                 result.trajectory = run.trajectory
         finally:
             beating.stop()
+            self._emits.pop(root, None)
             carried = self.conversations.end(turn) if turn is not None else None
             self._runs.release()
             with contextlib.suppress(LedgerUnavailable):  # the record expires by itself
@@ -259,10 +287,13 @@ class InferService:
         lock = threading.Lock()
         recursive = request.kind == "rlm" and claims.depth < claims.max_depth
         stop = threading.Event()
+        report = self._progress(root, claims, request.kind, model, len(request.prompts))
+        finished = [0]
 
         def one(prompt: str) -> tuple[str, list[dict[str, Any]] | None]:
             if stop.is_set():
                 raise _Cancelled
+            started = time.monotonic()
             if recursive:
                 text, used, trajectory = self._child(claims, root, prompt, model, request.tools)
             else:
@@ -270,7 +301,17 @@ class InferService:
                 text, used, trajectory = completion.text, {completion.model: completion.usage}, None
             with lock:
                 merge_usage(usage, used)
+                finished[0] += 1
+                done = finished[0]
+            report("subcall", {
+                "done": done, "prompt": prompt[:PREVIEW_CHARS], "prompt_chars": len(prompt),
+                "response": text[:PREVIEW_CHARS], "response_chars": len(text),
+                "seconds": round(time.monotonic() - started, 4),
+                "usage": {m: u.model_dump() for m, u in used.items()},
+            })  # fmt: skip
             return text, trajectory
+
+        report("subcalls", {})
 
         workers = max(1, min(len(request.prompts), self.settings.subcall_concurrency))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="subcall")
@@ -303,6 +344,21 @@ class InferService:
             },
         )
         return SubcallResponse(responses=responses, usage=usage)
+
+    def _progress(
+        self, root: RunKey, claims: tokens.TokenClaims, kind: str, model: str, total: int
+    ) -> Callable[[str, dict[str, Any]], None]:
+        """How a batch reports to its root run's progress: `subcalls` when it starts, then a
+        `subcall` as each call completes (any order), with previews of its prompt and answer."""
+        emit = self._emits.get(root)
+        common = {"run_id": claims.run_id, "depth": claims.depth, "kind": kind,
+                  "model": model, "total": total}  # fmt: skip
+
+        def report(event: str, data: dict[str, Any]) -> None:
+            if emit is not None:
+                emit(event, {**common, **data})
+
+        return report
 
     def _tool(
         self, claims: tokens.TokenClaims, root: RunKey, request: SubcallRequest
@@ -400,6 +456,12 @@ class Busy(TooManyRequests):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"{message}; retry shortly", headers={"Retry-After": "2"})
+
+
+def _at_most(field: str, asked: float | None, ceiling: float | None, setting: str) -> None:
+    if asked is not None and ceiling is not None and asked > ceiling:
+        raise Unprocessable(f"{field} {asked:g} is above this deployment's {setting} "
+                            f"{ceiling:g}: ask for at most {ceiling:g}")  # fmt: skip
 
 
 def _inherit(sub_tools: Any, tools: Any) -> Any:

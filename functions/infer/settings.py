@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from functions.config import ConfigError, env_float, env_int, env_str, env_url
+from functions import urls
+from functions.config import ConfigError, env_bool, env_float, env_int, env_str, env_url
 from functions.infer.compaction import parse_windows
+from functions.infer.pricing import PriceTable
 from functions.infer.routing import Endpoint, parse_endpoints
 
 MIB = 1 << 20
@@ -42,13 +46,25 @@ ENV_NAMES = (
     "RLM_TOOL_URL_PREFIXES",
     "INFER_CONTEXT_URL_PREFIXES",
     "THREADS",
+    "INFER_AUTH",
+    "INFER_API_KEYS",
+    "INFER_API_KEYS_FILE",
+    "INFER_METRICS_CIDRS",
+    "INFER_MAX_BUDGET_USD",
+    "INFER_DEFAULT_BUDGET_USD",
+    "INFER_MAX_TIMEOUT",
+    "INFER_MODELS",
+    "INFER_ALLOW_UNPRICED",
     "INFER_STORE_URL",
     "INFER_STORE_PASSWORD",
     "INFER_CELL_SUBCALLS",
     "INFER_MAX_CHILDREN",
     "LLM_MAX_OUTPUT_TOKENS",
     "INFER_EVENT_TTL",
+    "INFER_READ_TIMEOUT",
+    "INFER_MAX_HEADER_KB",
 )
+AUTH_MODES = ("keys", "none")
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
 
 
@@ -81,12 +97,25 @@ class InferSettings:
     tool_url_prefixes: tuple[str, ...] = ()  # RLM_TOOL_URL_PREFIXES: where tools may be; ()=none
     context_url_prefixes: tuple[str, ...] = ()  # INFER_CONTEXT_URL_PREFIXES: likewise context_uri
     threads: int = 4 * (os.cpu_count() or 1)  # THREADS: gunicorn's threads (the served function)
+    # Who may call, and the most a request may ask for. The defaults here are the embedded
+    # mode's (its caller is the operator); `from_env(served=True)` gives the served ones.
+    auth: str = "keys"  # INFER_AUTH: "keys" (callers send an API key) or "none" (local mode)
+    api_keys_json: str = ""  # INFER_API_KEYS: the callers' keys as JSON (callers.py)
+    api_keys_file: str = ""  # INFER_API_KEYS_FILE: the same, in a file (a mounted Secret)
+    metrics_cidrs: tuple[str, ...] = ()  # INFER_METRICS_CIDRS: peers reading /metrics keyless
+    max_budget_usd: float | None = None  # INFER_MAX_BUDGET_USD: the most a request may ask
+    default_budget_usd: float | None = None  # INFER_DEFAULT_BUDGET_USD: when it asks none
+    max_timeout_s: float | None = None  # INFER_MAX_TIMEOUT: the most, and the default
+    models: tuple[str, ...] | None = None  # INFER_MODELS: models a request may name; None: any
+    allow_unpriced: bool = True  # INFER_ALLOW_UNPRICED: models with no price may run
     store_url: str = ""  # INFER_STORE_URL: redis://… the run ledger; empty: in this process
     store_password: str = ""  # INFER_STORE_PASSWORD: the ledger's password (from a Secret)
     cell_subcalls: int = 1000  # INFER_CELL_SUBCALLS: sub-call prompts and tool calls per cell
     max_children: int = 8  # INFER_MAX_CHILDREN: child RLMs one run may have at once
     llm_max_output_tokens: int = 4096  # LLM_MAX_OUTPUT_TOKENS: a model call's output cap
     event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
+    read_timeout_s: float = 120.0  # INFER_READ_TIMEOUT: a whole request must arrive within it
+    max_header_bytes: int = 64 << 10  # INFER_MAX_HEADER_KB: request line and headers
 
     def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -108,7 +137,7 @@ class InferSettings:
         parse_windows(windows)  # a malformed table fails at start
         if served and len(key) < 32:
             raise ConfigError("RLM_TOKEN_KEY must be at least 32 characters of secret")
-        return cls(
+        settings = cls(
             api_key=env_str("LLM_API_KEY", None, e),
             base_url=env_url("LLM_BASE_URL", None, e),
             model=env_str("LLM_MODEL", None, e),
@@ -138,8 +167,8 @@ class InferSettings:
             compaction_threshold=_fraction("RLM_COMPACTION_THRESHOLD", 0.85, e),
             context_windows_json=windows,
             endpoints=parse_endpoints(e.get("RLM_ENDPOINTS", ""), e),
-            tool_url_prefixes=_prefixes(e.get("RLM_TOOL_URL_PREFIXES", "")),
-            context_url_prefixes=_prefixes(e.get("INFER_CONTEXT_URL_PREFIXES", "")),
+            tool_url_prefixes=_prefixes("RLM_TOOL_URL_PREFIXES", e),
+            context_url_prefixes=_prefixes("INFER_CONTEXT_URL_PREFIXES", e),
             threads=env_int("THREADS", 4 * (os.cpu_count() or 1), 1, e),
             store_url=_store_url(e),
             store_password=env_str("INFER_STORE_PASSWORD", "", e),
@@ -147,6 +176,64 @@ class InferSettings:
             max_children=env_int("INFER_MAX_CHILDREN", 8, 0, e),
             llm_max_output_tokens=env_int("LLM_MAX_OUTPUT_TOKENS", 4096, 1, e),
             event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
+            read_timeout_s=env_float("INFER_READ_TIMEOUT", 120.0, 1, e),
+            max_header_bytes=env_int("INFER_MAX_HEADER_KB", 64, 8, e) << 10,
+        )
+        return settings._with_ceilings(e) if served else settings
+
+    def _with_ceilings(self, e: Mapping[str, str]) -> InferSettings:
+        """The served function's caller settings and ceilings, checked against each other."""
+        auth = env_str("INFER_AUTH", "keys", e).lower()
+        if auth not in AUTH_MODES:
+            raise ConfigError(f"INFER_AUTH={auth!r} must be one of {', '.join(AUTH_MODES)}")
+        keys_json, keys_file = (
+            env_str("INFER_API_KEYS", "", e),
+            env_str("INFER_API_KEYS_FILE", "", e),
+        )
+        if auth == "keys" and not (keys_json or keys_file):
+            raise ConfigError(
+                "no API keys: set INFER_API_KEYS_FILE (or INFER_API_KEYS) to the callers' keys "
+                "(docs/deploy.md), or INFER_AUTH=none for a local server anyone who reaches it "
+                "may use"
+            )
+        if auth == "none" and (keys_json or keys_file):
+            raise ConfigError("INFER_AUTH=none and API keys are both set: choose one")
+        max_budget = env_float("INFER_MAX_BUDGET_USD", 10.0, 0.000001, e)
+        default_budget = env_float("INFER_DEFAULT_BUDGET_USD", 1.0, 0.000001, e)
+        if default_budget > max_budget:
+            raise ConfigError(
+                f"INFER_DEFAULT_BUDGET_USD={default_budget} is above "
+                f"INFER_MAX_BUDGET_USD={max_budget}"
+            )
+        models_text = env_str("INFER_MODELS", "", e)
+        if models_text == "*":
+            models = None
+        elif models_text:
+            models = tuple(dict.fromkeys(m.strip() for m in models_text.split(",") if m.strip()))
+        else:  # the models the operator configured, and no others
+            configured = [self.model, self.sub_model]
+            configured += [m for endpoint in self.endpoints.values() for m in endpoint.models]
+            models = tuple(dict.fromkeys(m for m in configured if m))
+        allow_unpriced = env_bool("INFER_ALLOW_UNPRICED", auth == "none", e)
+        if not allow_unpriced:
+            prices = PriceTable(self.prices_json)
+            for name, model in (("LLM_MODEL", self.model), ("LLM_SUB_MODEL", self.sub_model)):
+                if model and prices.price(model) is None:
+                    raise ConfigError(
+                        f"{name}={model} has no price, so no budget would bound it: add it to "
+                        "LLM_PRICES, or set INFER_ALLOW_UNPRICED=true"
+                    )
+        return dataclasses.replace(
+            self,
+            auth=auth,
+            api_keys_json=keys_json,
+            api_keys_file=keys_file,
+            metrics_cidrs=_networks("INFER_METRICS_CIDRS", e),
+            max_budget_usd=max_budget,
+            default_budget_usd=default_budget,
+            max_timeout_s=env_float("INFER_MAX_TIMEOUT", 3600.0, 1, e),
+            models=models,
+            allow_unpriced=allow_unpriced,
         )
 
     @property
@@ -168,6 +255,18 @@ def _store_url(env: Mapping[str, str]) -> str:
     return url
 
 
-def _prefixes(text: str) -> tuple[str, ...]:
-    """A comma-separated list of URL prefixes."""
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+def _prefixes(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """A comma-separated list of URL prefixes, each checked (`functions.urls`)."""
+    return tuple(p.text for p in urls.parse_prefixes(env.get(name, ""), name))
+
+
+def _networks(name: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """A comma-separated list of CIDRs."""
+    found = []
+    for item in (i.strip() for i in env.get(name, "").split(",")):
+        if item:
+            try:
+                found.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} is not an address range (a CIDR)") from None
+    return tuple(found)

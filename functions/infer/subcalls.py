@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 from functions.contract import Callback, SubcallRequest, SubcallResponse
-from functions.errors import PayloadTooLarge, RLMError, Unauthorized, UpstreamError
+from functions.errors import Forbidden, PayloadTooLarge, RLMError, Unauthorized, UpstreamError
 from functions.http import parse_json, validate
 
 if TYPE_CHECKING:
@@ -40,16 +40,27 @@ def parse(body: bytes) -> SubcallRequest:
 
 
 def dispatch(service: InferService, token: str, request: SubcallRequest) -> SubcallResponse:
-    """Serve one sub-call; every failure is an `RLMError` whose message the guest reads."""
+    """Serve one sub-call. What the run may not do (`Forbidden`: out of the token's scope, over
+    the cell's prompts or the run's children, past its budget) and a sub-model that failed are
+    answers with `error` set, which the guest raises as they are: the execute plane never passes
+    on an error response's body. Any other failure is an `RLMError` (an HTTP error)."""
     from functions.infer import metrics
     from functions.infer.llm import LLMError
 
     try:
         reply = service.subcall(token, request)
+    except Forbidden as e:
+        return refusal(e)
     except LLMError as e:
-        raise UpstreamError(f"the sub-model failed: {e}") from None
+        return refusal(UpstreamError(f"the sub-model failed: {e}"))
     metrics.subcalls_total.labels(kind=request.kind).inc(len(request.prompts))
     return reply
+
+
+def refusal(error: RLMError) -> SubcallResponse:
+    return SubcallResponse(
+        responses=[], error=f"sub-call refused ({error.status}): {error.message}"
+    )
 
 
 def serve(

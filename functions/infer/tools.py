@@ -21,6 +21,7 @@ from functions import http
 from functions.contract import ToolCatalog, ToolSpec
 from functions.errors import RLMError, Unprocessable
 from functions.infer.tokens import OutOfScope, TokenClaims
+from functions.urls import Allowlist, UrlRefused
 
 # Names the guest already has (as the official library reserves them, plus ours).
 RESERVED = frozenset({"llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
@@ -48,23 +49,25 @@ def catalog_digest(catalog: ToolCatalog) -> str:
 
 
 def check_catalog(
-    catalog: ToolCatalog,
-    functions: Mapping[str, Callable[..., Any]],
-    url_prefixes: tuple[str, ...] = (),
+    catalog: ToolCatalog, functions: Mapping[str, Callable[..., Any]], allowed: Allowlist
 ) -> None:
-    """Raise `ValueError` for a reserved name or a spec this process cannot or may not call."""
+    """Raise `BadCatalog` for a reserved name or a spec this process cannot or may not call
+    (an HTTP tool's url must be one `allowed` takes: the operator's RLM_TOOL_URL_PREFIXES)."""
     for name, spec in catalog.items():
         if name in RESERVED:
             raise BadCatalog(f"tool name {name!r} is reserved ({', '.join(sorted(RESERVED))})")
         if spec.url is None and spec.ref not in functions:
             raise BadCatalog(f"tool {name!r} needs a url")
-        if spec.url and not url_prefixes:
+        if spec.url and not allowed:
             raise BadCatalog(
                 f"tool {name!r}: this infer calls no HTTP tools; its operator allows them by "
                 "URL prefix in RLM_TOOL_URL_PREFIXES (a tool is called from infer's network)"
             )
-        if spec.url and not spec.url.startswith(url_prefixes):
-            raise BadCatalog(f"tool {name!r}: its url is not under RLM_TOOL_URL_PREFIXES")
+        if spec.url:
+            try:
+                allowed.check(spec.url, f"tool {name!r}: url")
+            except UrlRefused as e:
+                raise BadCatalog(e.message) from None
 
 
 def authorize(claims: TokenClaims, name: str, catalog: ToolCatalog) -> ToolSpec:
@@ -124,10 +127,11 @@ def check_arguments(schema: Mapping[str, Any], arguments: dict[str, Any]) -> Non
 
 
 class ToolRunner:
-    """Calls tools: functions registered by `ref`, or HTTP endpoints."""
+    """Calls tools: functions registered by `ref`, or HTTP endpoints `allowed` takes."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: Allowlist) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}
+        self.allowed = allowed
         self._client = http.client(30.0, follow_redirects=False)
 
     def call(self, name: str, spec: ToolSpec, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -151,8 +155,14 @@ class ToolRunner:
             raise ToolCallError(f"{name} raised {type(e).__name__}: {e}"[:500]) from None
 
     def _post(self, spec: ToolSpec, arguments: dict[str, Any]) -> Any:
+        try:  # resolved where it is called: the address checked is the one dialled
+            target = self.allowed.target(spec.url or "", "url")
+        except UrlRefused as e:
+            raise ToolCallError(e.message) from None
         try:
-            response = self._client.post(spec.url or "", json=arguments, timeout=spec.timeout_s)
+            response = self._client.post(
+                target.connect_url, json=arguments, timeout=spec.timeout_s, **target.options()
+            )
         except httpx.TimeoutException:
             raise ToolCallError(f"timed out after {spec.timeout_s:g} s") from None
         except httpx.HTTPError as e:

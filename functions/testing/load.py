@@ -106,6 +106,7 @@ def start_stack(
         "LLM_MAX_RETRIES": "6", "WASM_SERVICE_URL": execute.url,
         "INFER_CALLBACK_URL": f"http://127.0.0.1:{port}", "RLM_TOKEN_KEY": TOKEN_KEY,
         "MAX_ITERATIONS": "6", "INFER_CELL_TIMEOUT": "60", "INFER_MAX_RUNS": str(max_runs),
+        "INFER_AUTH": "none",  # load, not callers: no API keys
         # Each run holds a request thread; its cells' sub-call callbacks need threads too.
         "THREADS": str(2 * max_runs + 8), **(infer_env or {}),
     }  # fmt: skip

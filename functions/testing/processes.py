@@ -61,6 +61,11 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
+# Execute posts sub-calls only under EXECUTE_CALLBACK_ORIGINS; on one machine infer is on some
+# loopback port. A test that checks the origins, or runs infer elsewhere, sets its own.
+LOOPBACK_DEFAULTS = {"execute": {"EXECUTE_CALLBACK_ORIGINS": "http://127.0.0.1:*"}}
+
+
 def serve(
     plane: str,
     env: dict[str, str],
@@ -78,7 +83,7 @@ def serve(
     process = subprocess.Popen(
         [*prefix, *command(plane, host, port)],
         cwd=PACKAGE.parent,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **LOOPBACK_DEFAULTS.get(plane, {}), **env},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

@@ -55,7 +55,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 DOC = ROOT / "docs" / "deploy.md"
 
-KUSTOMIZATIONS = ("knative/overlays/dev", "knative/overlays/prod", "eventing", "knative/monitoring")
+KUSTOMIZATIONS = (
+    "knative/overlays/dev",
+    "knative/overlays/prod",
+    "eventing",
+    "knative/monitoring",
+    "knative/tls",
+)
 OVERLAYS = ("knative/overlays/dev", "knative/overlays/prod")
 KSVC = ("serving.knative.dev/v1", "Service")
 FUNCTIONS = {"rlm-infer": "infer", "rlm-execute": "execute"}
@@ -156,7 +162,8 @@ def test_every_rendered_object_is_valid(folder: str) -> None:
 
 def test_secret_example_is_valid_and_not_deployed() -> None:
     docs = load_all((ROOT / "knative/base/secret.example.yaml").read_text())
-    assert {d["metadata"]["name"] for d in docs} == {"llm-secrets", "rlm-token-key"}
+    names = {"llm-secrets", "rlm-token-key", "rlm-api-keys", "rlm-metrics-key"}
+    assert {d["metadata"]["name"] for d in docs} == names
     for doc in docs:
         assert not errors(doc), errors(doc)
     for folder in KUSTOMIZATIONS:
@@ -239,6 +246,12 @@ def test_validator_rejects_broken_service(name: str) -> None:
         ("eventing/sinkbinding.yaml", "subject:", "subjekt:"),
         ("knative/base/namespace.yaml", 'bindings.knative.dev/include: "true"', "x: true"),
         ("knative/monitoring/servicemonitors.yaml", "interval: 30s", "intervl: 30s"),
+        ("knative/monitoring/servicemonitors.yaml", "type: Bearer", "type: [Bearer]"),
+        ("knative/overlays/prod/disruption-budget.yaml", "maxUnavailable:", "maxUnavailabel:"),
+        ("knative/tls/domainmapping.yaml", "secretName:", "secretNam:"),
+        ("knative/tls/domainmapping.yaml", "ref:", "reference:"),
+        ("knative/tls/certificate.yaml", "dnsNames:", "dnsName:"),
+        ("knative/base/secret.example.yaml", "stringData:", "stringdata:"),
     ],
 )
 def test_validator_rejects_broken_objects(file: str, old: str, new: str) -> None:
@@ -272,6 +285,9 @@ def test_validator_knows_every_kind() -> None:
         ("eventing.knative.dev/v1", "Trigger"),
         ("sources.knative.dev/v1", "SinkBinding"),
         ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("policy/v1", "PodDisruptionBudget"),
+        ("serving.knative.dev/v1beta1", "DomainMapping"),
+        ("cert-manager.io/v1", "Certificate"),
         ("apps/v1", "StatefulSet"),
     }
 
@@ -518,7 +534,9 @@ def test_only_infer_holds_secrets(folder: str) -> None:
     for service in objects(folder, *KSVC):
         refs = _secret_refs(service["spec"])
         if service["metadata"]["name"] == "rlm-infer":
-            assert len(refs) == 2 + (folder in LEDGER_OVERLAYS), refs
+            names = {json.loads(r).get("name") or json.loads(r).get("secretName") for r in refs}
+            ledger = {"rlm-ledger"} if folder in LEDGER_OVERLAYS else set()
+            assert names == {"llm-secrets", "rlm-token-key", "rlm-api-keys", *ledger}, refs
         else:
             assert not refs, f"{service['metadata']['name']} must hold no secret: {refs}"
 
@@ -593,6 +611,39 @@ def test_scaling_per_overlay() -> None:
         assert cc["rlm-execute"] < cc["rlm-infer"]
         limit = int(env(ksvc(folder, "rlm-execute"))["EXECUTE_CONCURRENCY"]["value"])
         assert cc["rlm-execute"] == limit
+
+
+_QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "": 1}
+
+
+def _bytes(quantity: str) -> int:
+    number, unit = re.fullmatch(r"([0-9]+)([KMGT]i)?", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * _QUANTITY[unit or ""]
+
+
+def execute_memory_shortfall(service: dict[str, Any]) -> int:
+    """How far the execute pod's memory limit falls short of what its settings let the process
+    hold with as many cells in flight as Knative sends it (negative: room to spare)."""
+    spec = service["spec"]["template"]["spec"]
+    values = {name: e["value"] for name, e in env(service).items() if "value" in e}
+    settings = execute_settings.ExecuteSettings.from_env(values)
+    cells = min(spec["containerConcurrency"], int(values["THREADS"]))
+    assert settings.slots <= cells, "EXECUTE_CONCURRENCY above the cells a pod is sent"
+    return settings.host_bytes(cells) - _bytes(container(service)["resources"]["limits"]["memory"])
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_execute_memory_limit_covers_its_settings(folder: str) -> None:
+    service = ksvc(folder, "rlm-execute")
+    shortfall = execute_memory_shortfall(service)
+    assert shortfall <= 0, f"the memory limit is {shortfall >> 20} MiB short of the settings"
+    # The check trips: the settings this manifest had (2 GiB guests, four of them, 4 GiB pod).
+    before = copy.deepcopy(service)
+    for variable in container(before)["env"]:
+        if variable["name"] == "EXECUTE_MEMORY_MB":
+            variable["value"] = "2048"
+    container(before)["resources"]["limits"]["memory"] = "4Gi"
+    assert execute_memory_shortfall(before) > 0
 
 
 def test_images_by_overlay() -> None:
@@ -768,13 +819,36 @@ def test_default_deny_and_dns() -> None:
         if {(p["protocol"], p["port"]) for p in rule.get("ports", [])} == {("UDP", 53), ("TCP", 53)}
     ]
     assert dns, "every pod needs DNS egress"
+    # NodeLocal DNSCache answers on a link-local address of each node, not from kube-system
+    peers = _peers(dns, "Egress")
+    assert {"cidr": NODE_LOCAL_DNS} in [p.get("ipBlock") for p in peers]
+
+
+NODE_LOCAL_DNS = "169.254.20.10/32"
+
+
+def test_every_pod_reaches_the_mesh_control_plane() -> None:
+    """Under Istio each pod's sidecar gets its configuration and certificates from istiod on
+    TCP 15012; a default-deny egress without this leaves every sidecar unready."""
+    for name in ("rlm-infer", "rlm-execute"):
+        rules = [
+            r
+            for r in _rules(name, "Egress")
+            if "istio-system" in _namespaces(_peers([r], "Egress"))
+            and 15012 in {p["port"] for p in r.get("ports", [])}
+        ]
+        assert rules, f"{name} cannot reach istiod"
+        for rule in rules:
+            assert all(p.get("podSelector") == {"matchLabels": {"app": "istiod"}}
+                       for p in rule["to"]), "only istiod, not all of istio-system"  # fmt: skip
 
 
 def test_execute_network() -> None:
     ingress = _peers(_rules("rlm-execute", "Ingress"), "Ingress")
     assert {"knative-serving", "kourier-system", "istio-system"} <= _namespaces(ingress)
     egress = _peers(_rules("rlm-execute", "Egress"), "Egress")
-    assert not [p for p in egress if "ipBlock" in p], "execute has no internet egress"
+    blocks = [p["ipBlock"] for p in egress if "ipBlock" in p]
+    assert blocks == [{"cidr": NODE_LOCAL_DNS}], "execute has no internet egress"
     ports = {p["port"] for r in _rules("rlm-execute", "Egress") for p in r.get("ports", [])}
     assert 443 not in ports
     allowed_ns = {"kube-system", "kourier-system", "istio-system", "contour-internal"}
@@ -1319,8 +1393,24 @@ def test_guide_covers_the_steps() -> None:
         "create secret generic rlm-token-key",
         "kubectl delete",
         "HMAC",
+        # callers, TLS and the corrections of the deployment
+        "create secret generic rlm-api-keys",
+        "create secret generic rlm-metrics-key",
+        "Authorization: Bearer $RLM_KEY",
+        "OpenAI(base_url=",
+        "ce-rlmkey: $RLM_KEY",
+        "kind: ClusterDomainClaim",
+        "kubectl apply -k knative/tls",
+        "http-protocol",
+        "kubernetes.podspec-volumes-emptydir",
+        "169.254.20.10",
+        "15012",
+        "--traffic @latest=100",
+        "INFER_METRICS_CIDRS",
+        "PodDisruptionBudget",
     ]:
         assert needle in text, f"docs/deploy.md lacks {needle!r}"
+    assert '"kubernetes.podspec-emptydir"' not in text, "the flag is podspec-volumes-emptydir"
 
 
 def test_guide_deploys_the_ledger() -> None:
@@ -1392,6 +1482,9 @@ def test_guide_acl_user_can_run_the_ledger(tmp_path: Path) -> None:
         store.push("log", b"b", 60)
         assert store.pop_first("log") == b"a"
         assert store.pop_all("log") == [b"b"]
+        assert store.hold("runs", "r1", 1, 60) and not store.hold("runs", "r2", 1, 60)
+        store.unhold("runs", "r1")
+        assert store.hold("runs", "r2", 1, 60)
         as_user = redis_py.Redis(port=server.port, username=user, password=user_password)
         for command in (("FLUSHALL",), ("CONFIG", "GET", "requirepass"), ("ACL", "LIST")):
             with pytest.raises(redis_py.exceptions.NoPermissionError):
@@ -1460,3 +1553,107 @@ def test_calls_through_the_local_gateway_reach_each_kind_of_gateway(name: str) -
     assert to_gateways
     for rule in to_gateways:
         assert {8080, 8081} <= {p["port"] for p in rule["ports"]}
+
+
+# -- callers, ceilings and the URLs the planes reach ----------------------------------------
+
+
+def _volume_of(service: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The volume mount holding `path`, and its volume."""
+    pod = service["spec"]["template"]["spec"]
+    mounts = [m for m in container(service).get("volumeMounts", [])
+              if path.startswith(m["mountPath"].rstrip("/") + "/")]  # fmt: skip
+    assert len(mounts) == 1, f"{path} is not in exactly one mounted volume"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[0]["name"]]
+    return mounts[0], volume
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_infer_reads_callers_keys_from_the_mounted_secret(folder: str) -> None:
+    service = ksvc(folder, "rlm-infer")
+    variables = env(service)
+    assert "INFER_AUTH" not in variables, "a deployment asks every caller for a key"
+    assert "INFER_API_KEYS" not in variables, "keys come from the Secret's file"
+    path = variables["INFER_API_KEYS_FILE"]["value"]
+    mount, volume = _volume_of(service, path)
+    assert mount.get("readOnly") is True
+    assert "subPath" not in mount, "a subPath mount never sees the Secret change"
+    assert volume["secret"]["secretName"] == "rlm-api-keys"
+    assert [i["path"] for i in volume["secret"]["items"]] == [path.rsplit("/", 1)[1]]
+
+
+def test_the_key_list_example_is_what_infer_reads() -> None:
+    from functions.infer.callers import KeySpec
+
+    docs = load_all((ROOT / "knative/base/secret.example.yaml").read_text())
+    (example,) = [d for d in docs if d["metadata"]["name"] == "rlm-api-keys"]
+    entries = json.loads(example["stringData"]["keys.json"])
+    assert entries and any(e.get("operator") for e in entries.values())
+    for entry in entries.values():
+        KeySpec.model_validate({**entry, "sha256": "0" * 64})  # every other field as infer reads
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_execute_posts_sub_calls_only_to_infer(folder: str) -> None:
+    from functions.urls import Allowlist
+
+    origins = env(ksvc(folder, "rlm-execute"))["EXECUTE_CALLBACK_ORIGINS"]["value"]
+    allowed = Allowlist.of("EXECUTE_CALLBACK_ORIGINS", origins)
+    callback = env(ksvc(folder, "rlm-infer"))["INFER_CALLBACK_URL"]["value"] + "/subcalls"
+    _, prefix = allowed.check(callback)
+    assert prefix.names_private, "infer's cluster address is private: the prefix must name it"
+    assert len(allowed.prefixes) == 1 and "*" not in origins
+
+
+@pytest.mark.parametrize("folder", OVERLAYS)
+def test_infer_ceilings_fit_the_route(folder: str) -> None:
+    from functions.infer.settings import InferSettings
+
+    service = ksvc(folder, "rlm-infer")
+    values = {name: item.get("value", "") for name, item in env(service).items()}
+    settings = InferSettings.from_env({**values, "LLM_API_KEY": "k", "RLM_TOKEN_KEY": "k" * 32})
+    timeout = service["spec"]["template"]["spec"]["timeoutSeconds"]
+    assert settings.max_timeout_s is not None and settings.max_timeout_s < timeout, (
+        "a run must stop before Knative cuts its request, to return its partial answer"
+    )
+    assert settings.default_budget_usd <= settings.max_budget_usd
+    assert settings.allow_unpriced is False and settings.models, "only priced, listed models"
+
+
+def test_prod_takes_infer_pods_down_one_at_a_time() -> None:
+    (budget,) = objects("knative/overlays/prod", "policy/v1", "PodDisruptionBudget")
+    spec = budget["spec"]
+    assert spec["selector"] == {"matchLabels": {"serving.knative.dev/service": "rlm-infer"}}
+    assert spec["maxUnavailable"] == 1 and "minAvailable" not in spec
+    assert budget["metadata"]["labels"]["app.kubernetes.io/component"] == "infer"
+    assert not objects("knative/overlays/dev", "policy/v1", "PodDisruptionBudget")
+
+
+def test_every_image_is_tagged_or_pinned() -> None:
+    for folder in [*OVERLAYS, "eventing"]:
+        for service in objects(folder, *KSVC):
+            image = container(service)["image"]
+            name = image.rsplit("/", 1)[-1]
+            assert "@sha256:" in image or (":" in name and not name.endswith(":latest")), image
+
+
+def test_prometheus_scrapes_infer_with_an_operator_key() -> None:
+    found = objects("knative/monitoring", "monitoring.coreos.com/v1", "ServiceMonitor")
+    monitors = {m["metadata"]["name"]: m for m in found}
+    (endpoint,) = monitors["rlm-infer"]["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "rlm-metrics-key", "key": "key"},
+    }
+
+
+def test_the_public_name_is_served_over_tls_by_infer() -> None:
+    (mapping,) = objects("knative/tls", "serving.knative.dev/v1beta1", "DomainMapping")
+    (certificate,) = objects("knative/tls", "cert-manager.io/v1", "Certificate")
+    ref = mapping["spec"]["ref"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (*KSVC, "rlm-infer")
+    assert mapping["spec"]["tls"]["secretName"] == certificate["spec"]["secretName"]
+    assert certificate["spec"]["dnsNames"] == [mapping["metadata"]["name"]]
+    assert mapping["metadata"]["namespace"] == ksvc("knative/overlays/prod", "rlm-infer")[
+        "metadata"]["namespace"]  # fmt: skip
