@@ -90,15 +90,23 @@ class CellFailed(Exception):
 
 
 class CellRunner:
-    def __init__(self, settings: ExecuteSettings, transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        settings: ExecuteSettings,
+        transport: Transport | None = None,
+        keep_spare: bool = True,
+    ) -> None:
+        """`keep_spare`: open the next interpreter after each cell, so a new session starts at
+        once (a pod serving many sessions); without it only `prewarm` opens one ahead."""
         self.settings = settings
+        self._keep_spare = keep_spare
         self.transport = transport or HttpTransport(
             settings.subcall_timeout_s, settings.callback_origins
         )
         # Each live session is charged its interpreter's linear memory, each blob its bytes;
         # the least recently used go first. A running cell's session is out of the map.
         self.blobs: LRU[bytes] = LRU(settings.cache_bytes // 4)
-        self.contexts: LRU[tuple[bytes, str]] = LRU(settings.cache_bytes // 4)
+        self.contexts: LRU[tuple[bytes | memoryview, str]] = LRU(settings.cache_bytes // 4)
         self.sessions: LRU[Live] = LRU(
             settings.cache_bytes // 2, settings.max_sessions, on_evict=self._evicted
         )
@@ -123,13 +131,18 @@ class CellRunner:
                     response = self._run_in_session(request, scope, traceparent, lease)
         finally:
             lease.end()
-            self._top_up()
+            if self._keep_spare:
+                self._top_up()
         response.scope = scope
         return response
 
-    def prewarm(self) -> None:
-        """Open one interpreter ahead of need (the first request then skips the ~1 s start)."""
-        self._spares.put(self._open())
+    def prewarm(self, wait: bool = True) -> None:
+        """Open one interpreter ahead of need (the first cell then skips the ~1 s start); with
+        `wait=False` on a thread of its own, which the first cell waits for if it comes first."""
+        if wait:
+            self._spares.put(self._open())
+        else:
+            self._top_up()
 
     def close(self) -> None:
         self._closed = True
@@ -413,19 +426,23 @@ class CellRunner:
 
     def _take_spare(self) -> Live:
         try:
-            live = self._spares.get_nowait()
+            return self._spares.get_nowait()
         except queue.Empty:
-            live = self._open()
-        return live
+            pass
+        with self._refilling:  # one is being opened: waiting for it beats opening another
+            pass
+        try:
+            return self._spares.get_nowait()
+        except queue.Empty:
+            return self._open()
 
     def _top_up(self) -> None:
         """Open the next spare after the cell, not while it runs: both would share the cores."""
-        if self._spares.empty() and not self._closed and not self._refilling.locked():
+        if self._spares.empty() and not self._closed and self._refilling.acquire(blocking=False):
             threading.Thread(target=self._refill, daemon=True).start()
 
     def _refill(self) -> None:
-        if not self._refilling.acquire(blocking=False):
-            return
+        """On its own thread, holding `_refilling` (taken by `_top_up`) until it is done."""
         try:
             live = self._open()
             if self._closed:
