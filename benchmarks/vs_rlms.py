@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.table import print_table
 from functions.testing.haystack import haystack
-from functions.testing.processes import process_tree, serve
+from functions.testing.processes import process_tree
 from functions.testing.scripted_model import ModelRequest, ScriptedModel, answer_from_prompt, repl
 
 NEEDLE = 90210
@@ -140,17 +140,10 @@ def in_process(system: str, context_file: Path, model: ScriptedModel, logs: Path
 def served(context: str, model: ScriptedModel, logs: Path) -> Sample:
     import httpx
 
-    from functions.testing.processes import free_port
+    from functions.testing.load import serve_planes
 
-    execute = serve("execute", {}, logs, ready="/health/readiness")
-    port = free_port()
-    env = {
-        "LLM_BASE_URL": model.base_url, "LLM_API_KEY": "benchmark", "LLM_MODEL": "scripted",
-        "WASM_SERVICE_URL": execute.url, "INFER_CALLBACK_URL": f"http://127.0.0.1:{port}",
-        "RLM_TOKEN_KEY": "benchmark-key-0123456789abcdef0123456789", "MAX_ITERATIONS": "10",
-        "INFER_MAX_CONTEXT_MB": "128",
-    }  # fmt: skip
-    infer = serve("infer", env, logs, port=port)
+    settings = {"MAX_ITERATIONS": "10", "INFER_MAX_CONTEXT_MB": "128"}
+    execute, infer, _ = serve_planes(model.base_url, logs, settings)
     try:
         trees = [process_tree(execute.process.pid), process_tree(infer.process.pid)]
         body = json.dumps({"query": QUERY, "context": context}).encode()

@@ -23,6 +23,7 @@ from functions.errors import MissingRefs
 from functions.execute.cells import CellRunner, unpack_state
 from functions.execute.settings import ExecuteSettings
 from functions.infer.service import prompts_digest
+from functions.testing.load import restarting, start_stack
 from functions.testing.scripted_model import repl, scripted_replies
 from tests.conftest import WASM_CACHE, free_port, infer_env, serve
 
@@ -284,36 +285,31 @@ def test_prompt_bytes_in_a_json_body_is_400(stack):
 # ----------------------------------------------------------------------------- replay
 
 
-def test_a_large_state_lost_with_its_pod_is_replayed_without_asking_the_model_again(tmp_path, llm):
-    execute = serve("execute", {}, tmp_path, ready="/health/readiness")
-    port = free_port()
-    infer = serve("infer", infer_env(llm, execute.url, port), tmp_path, port=port)
-    restarted = []
+def test_a_large_state_lost_with_its_pod_is_replayed_without_asking_the_model_again(tmp_path):
+    """Each root turn lands on a fresh execute process: the live-only state of the first cell
+    is rebuilt by replay, its batch answered from the memo."""
 
     def policy(request):
         if not request.is_root:
             return "sub-" + hashlib.sha256(request.last.encode()).hexdigest()[:8]
-        if request.turn == 1 and not restarted:
-            execute.kill()
-            restarted.append(serve("execute", {}, tmp_path, port=int(execute.url.rsplit(":", 1)[1]),
-                                   ready="/health/readiness"))  # fmt: skip
         steps = [
             repl(BIG + "\nr = llm_query_batched(['p' * 60_000, 'q' * 60_000])"),
             repl("answer['content'] = str(len(big)) + ' ' + r[1]\nanswer['ready'] = True"),
         ]
         return steps[min(request.turn, 1)]
 
-    llm.switch.current = policy
+    switch = {}
+    stack = start_stack(lambda request: switch["policy"](request), tmp_path)
     try:
-        r = httpx.post(infer.url + "/infer", json={"query": "q", "context": "c"}, timeout=120)
+        switch["policy"], starts = restarting(stack, policy)
+        r = httpx.post(stack.infer.url + "/infer", json={"query": "q", "context": "c"}, timeout=120)
         want = "sub-" + hashlib.sha256(b"q" * 60_000).hexdigest()[:8]
         assert r.json()["answer"] == f"3000 {want}", r.text
-        assert len(llm.sub_requests()) == 2  # the replayed cell's batch came from the memo
+        assert len(starts) == 2 and len(stack.model.sub_requests()) == 2
     finally:
-        infer.stop()
-        execute.stop()
-        for e in restarted:
-            e.stop()
+        stack.stop()
+        for old in stack.replaced:
+            old.stop()
 
 
 # ----------------------------------------------------------------------------- start
