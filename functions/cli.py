@@ -278,6 +278,15 @@ def _warm(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- mcp
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    from functions.infer.mcp_server import serve_stdio
+
+    return serve_stdio()
+
+
 def _exec(args: argparse.Namespace) -> int:
     from functions.contract import ExecuteRequest
     from functions.execute.cells import CellRunner
@@ -481,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive,
                    help="each function's threads (default: enough for --max-runs)")  # fmt: skip
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser("mcp", help="serve the RLM as MCP tools on stdio, for an agent's config")
+    p.set_defaults(run=_mcp)
 
     p = sub.add_parser("exec", help="run Python in the sandbox and print what it printed")
     p.add_argument("code", help="the code, or - to read it from standard input")

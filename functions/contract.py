@@ -427,6 +427,12 @@ class InferRequest(Strict):
     run_id: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Chosen by the caller."
     )
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON Schema the answer must match: the model sets the answer as a value, "
+        "infer checks it (one repair turn on a mismatch, then a stop with code output_schema) "
+        "and the result carries it parsed in `value`.",
+    )
 
     @field_validator("models_by_depth", mode="before")
     @classmethod
@@ -451,6 +457,11 @@ class InferResult(Open):
         "run, max_iterations says its answer came in the final request.",
     )
     stop_reason: str | None = Field(default=None, description="The stop, in words.")
+    value: Any = Field(
+        default=None,
+        description="With output_schema: the answer parsed, matching the schema (`answer` is "
+        "its JSON text).",
+    )
     error: str | None = None
     usage: UsageByModel = Field(default_factory=dict)
     total_cost_usd: float = 0.0

@@ -95,6 +95,7 @@ class StopCode(StrEnum):
     MAX_TIMEOUT_S = "max_timeout_s"
     MAX_ERRORS = "max_errors"
     CANCELLED = "cancelled"
+    OUTPUT_SCHEMA = "output_schema"  # the answer missed its schema, after the repair turn
 
 
 class LimitExceeded(RLMError):
@@ -133,6 +134,12 @@ class CancellationError(LimitExceeded):
     code = StopCode.CANCELLED
 
 
+class OutputSchemaError(LimitExceeded):
+    """The answer did not match the requested schema, even after its repair turn."""
+
+    code = StopCode.OUTPUT_SCHEMA
+
+
 LIMIT_ERRORS: dict[StopCode, type[LimitExceeded]] = {
     cls.code: cls
     for cls in (
@@ -142,6 +149,7 @@ LIMIT_ERRORS: dict[StopCode, type[LimitExceeded]] = {
         TimeoutExceededError,
         ErrorThresholdExceededError,
         CancellationError,
+        OutputSchemaError,
     )
 }
 

@@ -86,10 +86,10 @@ def parse(headers: Mapping[str, str], body: bytes, expected_type: str) -> CloudE
         raise BadEvent(f"not a valid CloudEvent ({reason}): {_HOW}") from None
     if event["type"] != expected_type:
         raise BadEvent(f"event type {event['type']!r} is not handled here; send {expected_type!r}")
-    if event.data is None:
-        raise BadEvent("the event has no data: send the request's JSON object as its data")
     if isinstance(event.data, bytes | bytearray | str):  # binary mode: the body, undecoded
         event.data = _json(event.data, "data")
+    if event.data is None:  # none sent, or JSON null
+        raise BadEvent("the event has no data: send the request's JSON object as its data")
     if has_lone_surrogate(body, event.data):
         raise BadEvent(f"the event {LONE_SURROGATE}")
     return event

@@ -31,9 +31,12 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ValidationError
+
 from functions import sdk_options
 from functions.config import ConfigError
-from functions.contract import InferRequest
+from functions.contract import InferRequest, InferResult
+from functions.errors import StopCode
 from functions.infer.loop import Emit
 from functions.infer.settings import InferSettings
 from functions.sdk_types import RLMChatCompletion, RLMLogger
@@ -148,16 +151,27 @@ class RLM:
         raise AssertionError(f"sdk_options.environment() let {environment!r} through")
 
     def completion(
-        self, prompt: Any, root_prompt: str | None = None, **overrides: Any
+        self,
+        prompt: Any,
+        root_prompt: str | None = None,
+        output_schema: type[BaseModel] | dict[str, Any] | None = None,
+        **overrides: Any,
     ) -> RLMChatCompletion:
         """Answer `root_prompt` (or the task written in `prompt`) about the context `prompt`.
 
         A run stopped by a limit returns its partial answer with `status` "stopped" and its
         `stop_code`; with `raise_on_stop=True` it raises the official library's typed error
-        instead (`raise_for_status()`)."""
+        instead (`raise_for_status()`).
+
+        `output_schema` (a pydantic model, or a JSON Schema as a dict) makes the answer typed:
+        `value` is then an instance of the model (or the JSON value), or None when the run
+        stopped without an answer that matches it (`stop_code` "output_schema")."""
+        model, schema = typed_answer_schema(output_schema)
         fields = {"run_id": uuid.uuid4().hex[:16], **self.request_defaults, **overrides}
         if self.persistent:
             fields.update(persistent=True, conversation_id=self.conversation_id)
+        if schema is not None:
+            fields["output_schema"] = schema
         request = InferRequest(query=root_prompt or DEFAULT_QUERY, trajectory=True, **fields)
         self._running.add(request.run_id or "")
         try:
@@ -166,8 +180,10 @@ class RLM:
             self._running.discard(request.run_id or "")
         if self.persistent:
             self.conversation_id = result.conversation_id
+        value = result.value if model is None else typed_value(model, result)
         self._log(result.trajectory or [])
         completion = RLMChatCompletion.of(result, request.model or self.settings.model, prompt)
+        completion.value = value
         return completion.raise_for_status() if self.raise_on_stop else completion
 
     async def acompletion(
@@ -218,3 +234,31 @@ class RLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def typed_answer_schema(
+    output_schema: type[BaseModel] | dict[str, Any] | None,
+) -> tuple[type[BaseModel] | None, dict[str, Any] | None]:
+    """The pydantic model (if one was given) and the JSON Schema a typed answer must match."""
+    if output_schema is None or isinstance(output_schema, dict):
+        return None, output_schema
+    if isinstance(output_schema, type) and issubclass(output_schema, BaseModel):
+        return output_schema, output_schema.model_json_schema()
+    raise TypeError(
+        f"output_schema must be a pydantic model class or a JSON Schema dict, not {output_schema!r}"
+    )
+
+
+def typed_value(model: type[BaseModel], result: InferResult) -> BaseModel | None:
+    """The typed answer as an instance of `model`. An answer the JSON Schema let through but the
+    model's own validators refuse stops the run, as a mismatch does."""
+    if result.status != "completed" or result.answer is None:
+        return None
+    try:
+        return model.model_validate(result.value)
+    except ValidationError as e:
+        result.status = "stopped"
+        result.stop_code = StopCode.OUTPUT_SCHEMA
+        result.stop_reason = f"output_schema: {model.__name__} refused the answer: {e.errors()[0]}"
+        result.value = None
+        return None

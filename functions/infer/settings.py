@@ -63,6 +63,9 @@ ENV_NAMES = (
     "INFER_EVENT_TTL",
     "INFER_READ_TIMEOUT",
     "INFER_MAX_HEADER_KB",
+    "INFER_MAX_SCHEMA_KB",
+    "INFER_SCHEMA_REPAIRS",
+    "RLM_MCP_FILE_ROOTS",
 )
 AUTH_MODES = ("keys", "none")
 REQUIRED_ENV = ("LLM_API_KEY", "LLM_BASE_URL", "LLM_MODEL", "WASM_SERVICE_URL", "RLM_TOKEN_KEY")
@@ -116,6 +119,9 @@ class InferSettings:
     event_ttl_s: float = 24 * 3600.0  # INFER_EVENT_TTL: an answered CloudEvent is remembered
     read_timeout_s: float = 120.0  # INFER_READ_TIMEOUT: a whole request must arrive within it
     max_header_bytes: int = 64 << 10  # INFER_MAX_HEADER_KB: request line and headers
+    max_schema_bytes: int = 64 * 1024  # INFER_MAX_SCHEMA_KB: an output_schema, a tool's parameters
+    schema_repairs: int = 1  # INFER_SCHEMA_REPAIRS: turns to fix an answer that misses its schema
+    mcp_file_roots: tuple[str, ...] = ()  # RLM_MCP_FILE_ROOTS: where `rlm mcp` reads files; ()=cwd
 
     def run_bound(self, threads: int | None = None) -> int:
         """Runs to take at once: INFER_MAX_RUNS, but never so many that no thread is left.
@@ -178,6 +184,9 @@ class InferSettings:
             event_ttl_s=env_float("INFER_EVENT_TTL", 24 * 3600.0, 1, e),
             read_timeout_s=env_float("INFER_READ_TIMEOUT", 120.0, 1, e),
             max_header_bytes=env_int("INFER_MAX_HEADER_KB", 64, 8, e) << 10,
+            max_schema_bytes=env_int("INFER_MAX_SCHEMA_KB", 64, 1, e) * 1024,
+            schema_repairs=env_int("INFER_SCHEMA_REPAIRS", 1, 0, e),
+            mcp_file_roots=_items(e.get("RLM_MCP_FILE_ROOTS", "")),
         )
         return settings._with_ceilings(e) if served else settings
 
@@ -253,6 +262,11 @@ def _store_url(env: Mapping[str, str]) -> str:
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"INFER_STORE_URL={url!r} must be a redis://, rediss:// or unix:// URL")
     return url
+
+
+def _items(text: str) -> tuple[str, ...]:
+    """A comma-separated list."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _prefixes(name: str, env: Mapping[str, str]) -> tuple[str, ...]:

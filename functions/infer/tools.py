@@ -20,6 +20,7 @@ import httpx
 from functions import http
 from functions.contract import ToolCatalog, ToolSpec
 from functions.errors import RLMError, Unprocessable
+from functions.infer.schemas import SchemaError, compile_schema
 from functions.infer.tokens import OutOfScope, TokenClaims
 from functions.urls import Allowlist, UrlRefused
 
@@ -49,11 +50,19 @@ def catalog_digest(catalog: ToolCatalog) -> str:
 
 
 def check_catalog(
-    catalog: ToolCatalog, functions: Mapping[str, Callable[..., Any]], allowed: Allowlist
+    catalog: ToolCatalog,
+    functions: Mapping[str, Callable[..., Any]],
+    allowed: Allowlist,
+    max_schema_bytes: int | None = None,
 ) -> None:
-    """Raise `BadCatalog` for a reserved name or a spec this process cannot or may not call
-    (an HTTP tool's url must be one `allowed` takes: the operator's RLM_TOOL_URL_PREFIXES)."""
+    """Raise `BadCatalog` for a reserved name, a parameters schema that cannot be used, or a
+    spec this process cannot or may not call (an HTTP tool's url must be one `allowed` takes:
+    the operator's RLM_TOOL_URL_PREFIXES)."""
     for name, spec in catalog.items():
+        try:
+            compile_schema(spec.parameters, f"tool {name!r}: parameters", max_schema_bytes)
+        except SchemaError as e:
+            raise BadCatalog(e.message) from None
         if name in RESERVED:
             raise BadCatalog(f"tool name {name!r} is reserved ({', '.join(sorted(RESERVED))})")
         if spec.url is None and spec.ref not in functions:
@@ -114,16 +123,12 @@ def bind(schema: Mapping[str, Any], args: list[Any], kwargs: dict[str, Any]) -> 
 
 
 def check_arguments(schema: Mapping[str, Any], arguments: dict[str, Any]) -> None:
-    import jsonschema
-
     try:
-        jsonschema.validate(arguments, schema)
-    except jsonschema.ValidationError as e:
-        where = "/".join(str(p) for p in e.absolute_path)
-        raise ToolCallError(f"arguments do not match the schema: {e.message}"
-                            + (f" (at {where})" if where else "")) from None  # fmt: skip
-    except jsonschema.SchemaError as e:
-        raise ToolCallError(f"the tool's schema is invalid: {e.message}") from None
+        problems = compile_schema(schema, "the tool's schema", None).problems(arguments)
+    except SchemaError as e:
+        raise ToolCallError(e.message) from None
+    if problems:
+        raise ToolCallError(f"arguments do not match the schema: {'; '.join(problems[:3])}")
 
 
 class ToolRunner:

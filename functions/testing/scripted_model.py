@@ -385,6 +385,18 @@ def repl(code: str, preface: str = "Let me run this.") -> str:
     return f"{preface}\n```repl\n{code.strip()}\n```"
 
 
+def set_answer(value: Any, preface: str = "Setting the answer.") -> str:
+    """A reply whose one ```repl block sets `answer` to `value` (a Python literal of it)."""
+    return repl(f"answer['content'] = {value!r}\nanswer['ready'] = True", preface)
+
+
+def typed_answers(values: list[Any]) -> Policy:
+    """A root that answers with `values` in order, one per turn (the last repeats): a schema's
+    right answer, or wrong answers it may then repair when told what is wrong. The schema
+    and the repair messages it was sent are in the requests the model recorded."""
+    return scripted_replies([set_answer(v) for v in values])
+
+
 def answer_from_prompt(request: ModelRequest) -> str:
     """The sub-model: finds 'magic number is N' in its prompt and answers N, else NONE."""
     found = re.search(r"magic number is (\d+)", request.last)

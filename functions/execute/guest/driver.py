@@ -204,7 +204,7 @@ def FINAL_VAR(name):
     else:
         value = name
     answer = _answer_dict()
-    answer["content"] = value if isinstance(value, str) else str(value)
+    answer["content"] = value  # a value other than text is reported as its JSON
     answer["ready"] = True
     return answer["content"]
 
@@ -324,11 +324,20 @@ def _answer():
     try:
         content = dict.get(answer, "content")
         if content is not None and not isinstance(content, str):
-            content = str(content)
+            content = _as_text(content)
         return {"ready": bool(dict.get(answer, "ready")), "content": content}
     except BaseException as e:
         _say(f"[rlm] answer cannot be read ({type(e).__name__}): no answer\n")
         return None
+
+
+def _as_text(value):
+    """A value set as the answer: its JSON when it has one (a typed answer is read back from
+    it), else its str()."""
+    try:
+        return json_dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return str(value)
 
 
 class _Oversize(Exception):
