@@ -1,4 +1,5 @@
-"""The contract between the planes (v1): every JSON body either plane sends or receives.
+"""The contract between the planes (v1): every JSON body either plane sends or receives, and
+the two that carry large values as bytes after a JSON header.
 
 Field names here are the contract. Add fields freely; never rename these.
 """
@@ -9,6 +10,7 @@ import hashlib
 import json
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -107,6 +109,33 @@ def merge_usage(into: UsageByModel, other: UsageByModel) -> UsageByModel:
     return into
 
 
+# ----------------------------------------------------------------------------- bytes
+
+# A body too large to escape and parse as JSON travels as bytes: a JSON header (the request, its
+# large values replaced by their lengths in bytes), a newline, then those values' bytes in the
+# order the header names them. Nothing on the way decodes, escapes or parses them but the
+# plane that uses them, once.
+SUBCALL_BYTES_TYPE = "application/vnd.rlm.subcall+bytes"  # prompts: SubcallRequest.prompt_bytes
+EXECUTE_BYTES_TYPE = "application/vnd.rlm.execute+bytes"  # contexts: ContextRef.data_bytes
+
+
+def framed(header: dict[str, Any], parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """The body, in pieces (the parts are not copied): the header's line, then the parts."""
+    return [json.dumps(header, separators=(",", ":")).encode() + b"\n", *parts]
+
+
+def unframed(body: bytes, media_type: str) -> tuple[bytes, memoryview]:
+    """(the header's JSON, the bytes after it, not copied); `ValueError` without a header."""
+    end = body.find(b"\n")
+    if end < 0:
+        raise ValueError(f"a {media_type} body is a JSON object, a newline, then bytes")
+    return body[:end], memoryview(body)[end + 1 :]
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
 # ----------------------------------------------------------------------------- execute
 
 
@@ -123,6 +152,21 @@ class ContextRef(Strict):
 
     ref: str = Field(pattern=SHA256_PATTERN)
     data: Any = None
+
+
+class CellContext(ContextRef):
+    """A context as a cell request carries it: by reference, with data, or with its bytes."""
+
+    data_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description=f"Sent as {EXECUTE_BYTES_TYPE} instead of data: the length of the context's "
+        "canonical bytes (what its ref hashes), which follow the JSON header in the order of "
+        "rlm_context, then rlm_contexts.",
+    )
+    data_kind: Literal["text", "json"] | None = Field(
+        default=None, description="With data_bytes: UTF-8 text, or compact sorted-key JSON."
+    )
 
 
 class Limits(Strict):
@@ -171,11 +215,11 @@ class ExecuteRequest(Strict):
     timeout: float | None = Field(default=None, gt=0, description="Seconds; same as deadline_s.")
     session_id: str | None = Field(default=None, min_length=1, max_length=256)
     state: StateRef | None = None
-    rlm_context: ContextRef | None = None
+    rlm_context: CellContext | None = None
     limits: Limits = Field(default_factory=Limits)
     callback: Callback | None = None
     return_state: bool = Field(default=False, description="Always include state.data.")
-    rlm_contexts: list[ContextRef] | None = Field(
+    rlm_contexts: list[CellContext] | None = Field(
         default=None,
         description="A conversation's contexts, oldest first, bound to context_0, context_1, ...; "
         "one whose ref equals rlm_context's is that same value, sent once.",
@@ -210,6 +254,11 @@ class StateOut(Open):
     ref: str
     data: str | None = None
     size: int = 0
+    live_only: bool = Field(
+        default=False,
+        description="Held only by this pod's live interpreter, never pickled (it is larger than "
+        "EXECUTE_STATE_INLINE_BYTES): another pod rebuilds it by replaying the session's cells.",
+    )
 
 
 class SubcallSummary(Open):
@@ -252,9 +301,43 @@ class Problem(Open):
 # ----------------------------------------------------------------------------- sub-calls
 
 
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts as one run of UTF-8, and each prompt's length in it."""
+
+    data: bytes | memoryview
+    lengths: list[int]
+
+    def problem(self) -> str | None:
+        """What is wrong with the batch's shape, or None."""
+        if not self.lengths:
+            return "the batch holds no prompts"
+        if any(type(n) is not int or n < 0 for n in self.lengths):
+            return "prompt_bytes must be lengths in bytes (integers, 0 or more)"
+        if sum(self.lengths) != len(self.data):
+            return f"prompt_bytes add up to {sum(self.lengths):,}; {len(self.data):,} bytes came"
+        return None
+
+    def prompts(self) -> list[str]:
+        """The prompts; `ValueError` naming the first that is not UTF-8 text."""
+        out, at, view = [], 0, memoryview(self.data)
+        for index, length in enumerate(self.lengths):
+            try:
+                out.append(str(view[at : at + length], "utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError(f"prompt {index} of the batch is not UTF-8 text") from None
+            at += length
+        return out
+
+
 class SubcallRequest(Strict):
     kind: Literal["llm", "rlm", "tool"]
     prompts: list[str] = Field(default_factory=list)
+    prompt_bytes: list[int] | None = Field(
+        default=None,
+        description=f"Sent as {SUBCALL_BYTES_TYPE}: each prompt's length in bytes, the prompts "
+        "following this JSON object and a newline as UTF-8, one after another.",
+    )
     model: str | None = None
     tool: str | None = Field(default=None, description="kind tool: the tool's name.")
     arguments: dict[str, Any] | None = Field(default=None, description='{"args", "kwargs"}')
@@ -266,7 +349,7 @@ class SubcallRequest(Strict):
     def _shape(self) -> SubcallRequest:
         if self.kind == "tool" and not self.tool:
             raise ValueError("a tool call names its tool")
-        if self.kind != "tool" and not self.prompts:
+        if self.kind != "tool" and not (self.prompts or self.prompt_bytes):
             raise ValueError("prompts must not be empty")
         return self
 

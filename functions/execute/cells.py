@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 import zlib
@@ -30,7 +31,7 @@ from pydantic import ValidationError
 
 from functions.contract import (
     Answer,
-    ContextRef,
+    CellContext,
     ErrorInfo,
     ExecuteRequest,
     ExecuteResponse,
@@ -90,15 +91,23 @@ class CellFailed(Exception):
 
 
 class CellRunner:
-    def __init__(self, settings: ExecuteSettings, transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        settings: ExecuteSettings,
+        transport: Transport | None = None,
+        keep_spare: bool = True,
+    ) -> None:
+        """`keep_spare`: open the next interpreter after each cell, so a new session starts at
+        once (a pod serving many sessions); without it only `prewarm` opens one ahead."""
         self.settings = settings
+        self._keep_spare = keep_spare
         self.transport = transport or HttpTransport(
             settings.subcall_timeout_s, settings.callback_origins
         )
         # Each live session is charged its interpreter's linear memory, each blob its bytes;
         # the least recently used go first. A running cell's session is out of the map.
         self.blobs: LRU[bytes] = LRU(settings.cache_bytes // 4)
-        self.contexts: LRU[tuple[bytes, str]] = LRU(settings.cache_bytes // 4)
+        self.contexts: LRU[tuple[bytes | memoryview, str]] = LRU(settings.cache_bytes // 4)
         self.sessions: LRU[Live] = LRU(
             settings.cache_bytes // 2, settings.max_sessions, on_evict=self._evicted
         )
@@ -123,13 +132,18 @@ class CellRunner:
                     response = self._run_in_session(request, scope, traceparent, lease)
         finally:
             lease.end()
-            self._top_up()
+            if self._keep_spare:
+                self._top_up()
         response.scope = scope
         return response
 
-    def prewarm(self) -> None:
-        """Open one interpreter ahead of need (the first request then skips the ~1 s start)."""
-        self._spares.put(self._open())
+    def prewarm(self, wait: bool = True) -> None:
+        """Open one interpreter ahead of need (the first cell then skips the ~1 s start); with
+        `wait=False` on a thread of its own, which the first cell waits for if it comes first."""
+        if wait:
+            self._spares.put(self._open())
+        else:
+            self._top_up()
 
     def close(self) -> None:
         self._closed = True
@@ -282,18 +296,21 @@ class CellRunner:
         return True
 
     def _context_data(
-        self, rc: ContextRef, scope: str, field_name: str
+        self, rc: CellContext, scope: str, field_name: str
     ) -> tuple[bytes, str] | None:
         """A context's canonical bytes and kind ("text" or "json"), from the request or cache."""
         if rc.data is None:
             return self.contexts.get((scope, rc.ref))
-        data = context_bytes(rc.data)
+        if isinstance(rc.data, memoryview):  # its canonical bytes, as an EXECUTE_BYTES_TYPE body
+            data, kind = rc.data, rc.data_kind or "json"
+        else:
+            data = context_bytes(rc.data)
+            kind = "text" if isinstance(rc.data, str) else "json"
         if hashlib.sha256(data).hexdigest() != rc.ref:
             raise BadCell(
                 f"{field_name}.data does not match its ref: the ref is the sha256 of "
                 "the text's UTF-8, or of compact sorted-key JSON for other values"
             )
-        kind = "text" if isinstance(rc.data, str) else "json"
         self.contexts.put((scope, rc.ref), (data, kind), len(data))
         return data, kind
 
@@ -316,19 +333,21 @@ class CellRunner:
         max_subcalls = min(
             s.max_subcalls if limits.max_subcalls is None else limits.max_subcalls, s.max_subcalls
         )
-        cell = {"restore": plan.restore, "context": plan.context_kind, "snapshot": snapshot}
+        cell = {"restore": plan.restore, "context": plan.context_kind, "snapshot": snapshot,
+                "batch_bytes": s.max_batch_bytes}  # fmt: skip
         if plan.contexts is not None:
             cell["contexts"], cell["context_count"] = plan.contexts, plan.context_count
         if request.context:
             cell["vars"] = request.context
         if request.return_state:
             cell["force_state"] = True
+        else:  # a larger state is kept live only: no pickle until someone asks for it
+            cell["state_limit"] = s.state_inline_bytes
         if request.callback and request.callback.tools:
             cell["tools"] = {n: _tool_doc(t) for n, t in request.callback.tools.items()}
         cell_scope = live.gate.scope = CellScope(
             callback=request.callback,
             max_subcalls=max_subcalls,
-            max_batch_bytes=s.max_batch_bytes,
             headers={"traceparent": traceparent} if traceparent else {},
             pause=lease.pause,
             resume=lease.resume,
@@ -369,7 +388,9 @@ class CellRunner:
             )
             return response, {}
         meta = take_report(result, response)
-        if snapshot:
+        if snapshot and meta.get("state_live") is True and not request.return_state:
+            response.state = StateOut(ref=secrets.token_hex(32), live_only=True)
+        elif snapshot:
             blob = result.outputs.get("state.out")
             if blob is None and "state_inline" in meta:
                 try:
@@ -404,6 +425,7 @@ class CellRunner:
             memory_bytes=s.memory_bytes,
             fuel=s.fuel,
             state_cap=s.max_state_bytes,
+            batch_cap=s.max_batch_bytes,
             max_subcalls=s.max_subcalls,
             subcall_timeout_s=s.subcall_timeout_s,
             max_request_bytes=s.max_request_bytes,
@@ -413,19 +435,23 @@ class CellRunner:
 
     def _take_spare(self) -> Live:
         try:
-            live = self._spares.get_nowait()
+            return self._spares.get_nowait()
         except queue.Empty:
-            live = self._open()
-        return live
+            pass
+        with self._refilling:  # one is being opened: waiting for it beats opening another
+            pass
+        try:
+            return self._spares.get_nowait()
+        except queue.Empty:
+            return self._open()
 
     def _top_up(self) -> None:
         """Open the next spare after the cell, not while it runs: both would share the cores."""
-        if self._spares.empty() and not self._closed and not self._refilling.locked():
+        if self._spares.empty() and not self._closed and self._refilling.acquire(blocking=False):
             threading.Thread(target=self._refill, daemon=True).start()
 
     def _refill(self) -> None:
-        if not self._refilling.acquire(blocking=False):
-            return
+        """On its own thread, holding `_refilling` (taken by `_top_up`) until it is done."""
         try:
             live = self._open()
             if self._closed:

@@ -17,8 +17,8 @@ from flask import Request, Response
 
 from functions import events, logs
 from functions.config import ConfigError
-from functions.contract import ExecuteRequest
-from functions.errors import BadCell, MissingRefs, RLMError, Saturated, Unavailable
+from functions.contract import EXECUTE_BYTES_TYPE, ExecuteRequest, media_type, unframed
+from functions.errors import BadCell, BadRequest, MissingRefs, RLMError, Saturated, Unavailable
 from functions.execute import metrics
 from functions.execute.cells import CellRunner
 from functions.execute.settings import ExecuteSettings
@@ -98,9 +98,41 @@ def _route(request: Request) -> Response:
         if events.is_cloudevent(request.headers):
             return _serve_event(request)
         body = read_body(request, SETTINGS.max_request_bytes)
-        cell = validate(ExecuteRequest, parse_json(body))
+        cell = parse_cell(body, request.content_type)
         return json_response(run_cell(cell, request.headers.get("traceparent")))
     raise not_found(request, ROUTES)
+
+
+def parse_cell(body: bytes, content_type: str | None) -> ExecuteRequest:
+    """The request: JSON, or JSON with its contexts' canonical bytes after it
+    (`EXECUTE_BYTES_TYPE`), each bound to its ref as bytes, never decoded here."""
+    if media_type(content_type) != EXECUTE_BYTES_TYPE:
+        return json_cell(parse_json(body))
+    try:
+        head, data = unframed(body, EXECUTE_BYTES_TYPE)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    cell = validate(ExecuteRequest, parse_json(head))
+    at = 0
+    for ref in (cell.rlm_context, *(cell.rlm_contexts or ())):
+        if ref is None or ref.data_bytes is None:
+            continue
+        if ref.data is not None or ref.data_kind is None:
+            raise BadRequest("a context sent as bytes has data_bytes and data_kind, not data")
+        ref.data, at = data[at : at + ref.data_bytes], at + ref.data_bytes
+    if at != len(data):
+        raise BadRequest(f"the contexts' data_bytes add up to {at:,}; {len(data):,} bytes came")
+    return cell
+
+
+def json_cell(value: object) -> ExecuteRequest:
+    """A request that came as JSON: its contexts' data, if any, is in it."""
+    cell = validate(ExecuteRequest, value)
+    if any(
+        ref and ref.data_bytes is not None for ref in (cell.rlm_context, *(cell.rlm_contexts or ()))
+    ):
+        raise BadRequest(f"data_bytes comes only with a {EXECUTE_BYTES_TYPE} body; send data")
+    return cell
 
 
 # The outcome label each refusal counts under; the refusal itself is the answer (409/422/503).
@@ -130,7 +162,7 @@ def _serve_event(request: Request) -> Response:
     body = read_body(request, SETTINGS.max_request_bytes)
     event = events.parse(dict(request.headers), body, events.EXECUTE_REQUESTED)
     try:
-        cell = validate(ExecuteRequest, event.data)
+        cell = json_cell(event.data)
         result = run_cell(cell, request.headers.get("traceparent"))
         headers, data = events.reply(
             events.EXECUTE_COMPLETED,

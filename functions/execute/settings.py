@@ -54,7 +54,7 @@ class ExecuteSettings:
     max_sessions: int = 64  # EXECUTE_MAX_SESSIONS: live interpreters held by the pod
     concurrency: int = 0  # EXECUTE_CONCURRENCY: cells at once (0: one per CPU)
     queue_wait_s: float = 2.0  # EXECUTE_QUEUE_WAIT: wait for a slot before answering 503
-    max_batch_bytes: int = 64 * MIB  # EXECUTE_MAX_BATCH_MB: prompt text of one staged batch
+    max_batch_bytes: int = 64 * MIB  # EXECUTE_MAX_BATCH_MB: prompt bytes of one large batch
     read_timeout_s: float = 60.0  # EXECUTE_READ_TIMEOUT: a whole request must arrive within it
     max_header_bytes: int = 64 << 10  # EXECUTE_MAX_HEADER_KB: request line and headers
     wasm_cache_dir: str = ""  # WASI_PYTHON_CACHE: the pre-compiled module cache

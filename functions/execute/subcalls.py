@@ -12,17 +12,23 @@ from pydantic import ValidationError
 
 from functions import http
 from functions.contract import (
+    SUBCALL_BYTES_TYPE,
     Callback,
+    PromptBatch,
     SubcallRequest,
     SubcallResponse,
     SubcallSummary,
+    framed,
     merge_usage,
 )
 from functions.execute.sandbox import SubcallRefused
 from functions.urls import Allowlist, UrlRefused
 
-# Delivers one sub-call request for a cell: over HTTP to infer, or in-process when embedded.
-Transport = Callable[[Callback, SubcallRequest, dict[str, str]], SubcallResponse]
+# Delivers one sub-call request for a cell (a large batch's prompts as bytes beside it): over
+# HTTP to infer, or in-process when embedded.
+Transport = Callable[
+    [Callback, SubcallRequest, dict[str, str], "PromptBatch | None"], SubcallResponse
+]
 
 
 @dataclass
@@ -31,16 +37,12 @@ class CellScope:
 
     callback: Callback | None = None
     max_subcalls: int = 0
-    max_batch_bytes: int = 0  # the most prompt text one staged batch holds on the host
     headers: dict[str, str] = field(default_factory=dict)
     summary: SubcallSummary = field(default_factory=SubcallSummary)
     # While the guest waits on a sub-call it uses no CPU: its slot is lent out meanwhile, so
     # cells of child RLMs can run (otherwise deep recursion would deadlock on slots).
     pause: Callable[[], None] = lambda: None
     resume: Callable[[], None] = lambda: None
-    staged: list[str] = field(default_factory=list)  # whole prompts of the batch being staged
-    pieces: list[str] = field(default_factory=list)  # the prompt being staged, so far
-    staged_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancel: threading.Event = field(default_factory=threading.Event)  # set: the run was cancelled
 
@@ -52,44 +54,27 @@ class SubcallGate:
         self.transport = transport
         self.scope = CellScope()
 
-    def stage(self, part: str, end: bool) -> None:
-        """A piece of one prompt of a large batch. Counted as it arrives: the batch may not hold
-        more prompts than the cell has sub-calls left, nor more than `max_batch_bytes`."""
-        scope = self.scope
-        with scope.lock:
-            prompts = len(scope.staged) + 1
-            left = scope.max_subcalls - scope.summary.count
-            size = scope.staged_bytes + len(part.encode("utf-8", "surrogatepass"))
-            if prompts > left or size > scope.max_batch_bytes:
-                scope.staged, scope.pieces, scope.staged_bytes = [], [], 0
-                if prompts > left:
-                    raise SubcallRefused(
-                        f"sub-call limit reached: at most {scope.max_subcalls} per cell "
-                        f"({scope.summary.count} made, a batch of more than {left} asked)"
-                    )
-                raise SubcallRefused(
-                    f"sub-call batch is over {scope.max_batch_bytes:,} bytes "
-                    "(EXECUTE_MAX_BATCH_MB): send it in smaller batches"
-                )
-            scope.staged_bytes = size
-            scope.pieces.append(part)
-            if end:
-                scope.staged.append("".join(scope.pieces))
-                scope.pieces = []
-
-    def staged_prompts(self) -> list[str]:
-        scope = self.scope
-        with scope.lock:
-            prompts, unfinished = scope.staged, scope.pieces
-            scope.staged, scope.pieces, scope.staged_bytes = [], [], 0
-        if unfinished or not prompts:
-            raise SubcallRefused("the staged sub-call batch was incomplete")
-        return prompts
-
     def __call__(self, kind: str, prompts: list[str], model: str | None) -> list[str]:
         tools = self._callback().sub_tools if kind == "rlm" else {}
         reply = self._send(len(prompts), kind=kind, prompts=prompts, model=model, tools=tools)
         if len(reply.responses) != len(prompts):
+            raise SubcallRefused("the sub-call answer did not match the prompts")
+        return reply.responses
+
+    def batch(
+        self, kind: str, data: bytes | None, lengths: list[int], model: str | None
+    ) -> list[str]:
+        """A large batch the guest wrote to the mount as UTF-8, `lengths` its prompts' bytes:
+        handed on as it is (the infer plane decodes it)."""
+        if data is None:
+            raise SubcallRefused("the sub-call batch was not written")
+        batch = PromptBatch(data, lengths)
+        if problem := batch.problem():
+            raise SubcallRefused(f"the sub-call batch is malformed: {problem}")
+        tools = self._callback().sub_tools if kind == "rlm" else {}
+        reply = self._send(len(lengths), batch, kind=kind, prompt_bytes=lengths, model=model,
+                           tools=tools)  # fmt: skip
+        if len(reply.responses) != len(lengths):
             raise SubcallRefused("the sub-call answer did not match the prompts")
         return reply.responses
 
@@ -99,7 +84,7 @@ class SubcallGate:
         if spec is None:
             raise SubcallRefused(f"no tool named {name!r} in this cell")
         arguments = {"args": args, "kwargs": kwargs}
-        reply = self._send(1, kind="tool", tool=name, arguments=arguments, tools={name: spec})
+        reply = self._send(1, None, kind="tool", tool=name, arguments=arguments, tools={name: spec})
         return reply.result
 
     def _callback(self) -> Callback:
@@ -109,7 +94,7 @@ class SubcallGate:
             )
         return self.scope.callback
 
-    def _send(self, count: int, **fields: Any) -> SubcallResponse:
+    def _send(self, count: int, batch: PromptBatch | None = None, **fields: Any) -> SubcallResponse:
         scope = self.scope
         callback = self._callback()
         if scope.cancel.is_set():
@@ -127,7 +112,7 @@ class SubcallGate:
             raise SubcallRefused(f"bad sub-call: {e.errors()[0]['msg']}") from None
         scope.pause()
         try:
-            reply = self.transport(callback, request, scope.headers)
+            reply = self.transport(callback, request, scope.headers, batch)
         finally:
             scope.resume()
         with scope.lock:
@@ -161,7 +146,11 @@ class HttpTransport:
         self.allowed = Allowlist.of("EXECUTE_CALLBACK_ORIGINS", origins)
 
     def __call__(
-        self, callback: Callback, request: SubcallRequest, headers: dict[str, str]
+        self,
+        callback: Callback,
+        request: SubcallRequest,
+        headers: dict[str, str],
+        batch: PromptBatch | None = None,
     ) -> SubcallResponse:
         if not self.allowed:
             raise SubcallRefused("sub-call not sent: EXECUTE_CALLBACK_ORIGINS names no infer")
@@ -169,13 +158,20 @@ class HttpTransport:
             target = self.allowed.target(callback.url, "callback.url")
         except UrlRefused as e:
             raise SubcallRefused(f"sub-call not sent: {e.message}") from None
+        headers = {"Authorization": f"Bearer {callback.token}", **headers, **target.headers}
+        body: dict[str, Any] = {"json": request.model_dump()}
+        if batch is not None:  # the prompts as the guest wrote them, after a JSON header
+            parts = framed(request.model_dump(exclude={"prompts"}), [batch.data])
+            headers["Content-Type"] = SUBCALL_BYTES_TYPE
+            headers["Content-Length"] = str(sum(len(part) for part in parts))
+            body = {"content": iter(parts)}
         try:
             response = self._client.post(
                 target.connect_url,
-                json=request.model_dump(),
-                headers={"Authorization": f"Bearer {callback.token}", **headers, **target.headers},
+                headers=headers,
                 extensions=target.extensions,
                 follow_redirects=False,
+                **body,
             )
         except httpx.TimeoutException:
             raise SubcallRefused("sub-call timed out waiting for the infer plane") from None

@@ -18,14 +18,17 @@ from pydantic import ValidationError
 
 from functions import http
 from functions.contract import (
+    EXECUTE_BYTES_TYPE,
     Callback,
-    ContextRef,
+    CellContext,
     ExecuteRequest,
     ExecuteResponse,
     Limits,
     Missing,
     StateRef,
+    context_bytes,
     context_ref,
+    framed,
     new_scope,
 )
 from functions.errors import BadCell, MissingRefs, RLMError, Saturated, UpstreamError
@@ -87,19 +90,18 @@ class RemoteExecutor:
         self._client = http.client(httpx.Timeout(timeout_s, connect=5.0))
 
     def run(self, request: ExecuteRequest, traceparent: str | None = None) -> ExecuteResponse:
-        body = request.model_dump_json(exclude_none=True).encode()
-        headers = {"content-type": "application/json"}
+        body, headers = _body(request)
         if traceparent:
             headers["traceparent"] = traceparent
         busy_for = request.limits.deadline_s or self.timeout_s
         return run_until_free(lambda: self._post(body, headers), busy_for, self.backoff_s)
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> ExecuteResponse:
+    def _post(self, body: list[bytes], headers: dict[str, str]) -> ExecuteResponse:
         """One cell, through failed connections and 502/504s; refusals as execute raised them."""
         for failures in itertools.count(1):
             wait = min(self.max_backoff_s, self.backoff_s * 2**failures) * (0.5 + random.random())
             try:
-                response = self._client.post(self.url, content=body, headers=headers)
+                response = self._client.post(self.url, content=iter(body), headers=headers)
             except httpx.HTTPError as e:
                 if failures > self.retries:
                     raise ExecuteError(f"execute plane unreachable at {self.url}: {e}") from None
@@ -119,6 +121,29 @@ class RemoteExecutor:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _body(request: ExecuteRequest) -> tuple[list[bytes], dict[str, str]]:
+    """The request's body in pieces, and its headers: JSON, or with contexts' data, JSON and
+    their canonical bytes after it (`EXECUTE_BYTES_TYPE`: no escaping, no parsing on the way)."""
+    refs = [r for r in (request.rlm_context, *(request.rlm_contexts or ())) if r is not None]
+    if all(ref.data is None for ref in refs):
+        body = [request.model_dump_json(exclude_none=True).encode()]
+        return body, {"content-type": "application/json", "content-length": str(len(body[0]))}
+    without_data = {"rlm_context": {"data"}, "rlm_contexts": {"__all__": {"data"}}}
+    header = request.model_dump(mode="json", exclude_none=True, exclude=without_data)
+    places = [header.get("rlm_context"), *(header.get("rlm_contexts") or ())]
+    parts = []
+    for ref, place in zip(refs, [p for p in places if p is not None], strict=True):
+        if ref.data is None:
+            continue
+        data = context_bytes(ref.data)
+        place["data_bytes"] = len(data)
+        place["data_kind"] = "text" if isinstance(ref.data, str) else "json"
+        parts.append(data)
+    body = framed(header, parts)
+    size = str(sum(len(part) for part in body))
+    return body, {"content-type": EXECUTE_BYTES_TYPE, "content-length": size}
 
 
 class LocalExecutor:
@@ -193,11 +218,11 @@ class ReplSession:
             context=variables or {},
             session_id=self.session_id,
             state=StateRef(ref=self.state_ref) if self.state_ref else None,
-            rlm_context=ContextRef(ref=self.context_ref),
+            rlm_context=CellContext(ref=self.context_ref),
             limits=self.limits,
             callback=callback,
             return_state=return_state,
-            rlm_contexts=[ContextRef(ref=r) for r in self.context_refs] if self.contexts else None,
+            rlm_contexts=[CellContext(ref=r) for r in self.context_refs] if self.contexts else None,
             scope=self.scope,
         )
         for _ in range(3):
@@ -205,10 +230,10 @@ class ReplSession:
                 return self.executor.run(request, traceparent)
             except MissingRefs as e:
                 if "rlm_context" in e.missing:
-                    request.rlm_context = ContextRef(ref=self.context_ref, data=self.context)
+                    request.rlm_context = CellContext(ref=self.context_ref, data=self.context)
                 if "rlm_contexts" in e.missing and self.contexts:
                     request.rlm_contexts = [
-                        ContextRef(ref=r, data=c)
+                        CellContext(ref=r, data=c)
                         for r, c in zip(self.context_refs, self.contexts, strict=True)
                     ]
                 if "state" in e.missing:

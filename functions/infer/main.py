@@ -139,7 +139,8 @@ def _route(request: Request) -> Response:
         return json_response(document(keys=KEYS is not None))
     if method == "POST" and path == "/subcalls":
         read = lambda n: read_body(request, n)  # noqa: E731
-        return json_response(subcalls.serve(service(), request.headers.get("authorization"), read))
+        authorization, media = request.headers.get("authorization"), request.content_type
+        return json_response(subcalls.serve(service(), authorization, read, media))
     if method == "POST" and path.startswith("/infer/") and path.endswith("/cancel"):
         caller = _caller(request)
         run_id = path[len("/infer/") : -len("/cancel")]

@@ -8,6 +8,7 @@ infer process serves any run's sub-calls and cancel.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import threading
@@ -283,7 +284,7 @@ class InferService:
             return _cancelled()
         if request.kind == "tool":
             return self._tool(claims, root, request, keep_s)
-        call = json.dumps([claims.depth, request.kind, model, request.prompts])
+        call = json.dumps([claims.depth, request.kind, model, prompts_digest(request.prompts)])
         if claims.nonce.startswith("replay-"):  # a rebuilt session calls no model twice
             remembered = self.ledger.recall(root, call)
             if remembered is not None:
@@ -442,6 +443,17 @@ class InferService:
         if result.answer is not None:
             answer += f" partial answer: {result.answer}"
         return answer, result.usage, child.trajectory
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    """A batch's prompts as one sha256, each prompt's length first, without joining them (a
+    batch may hold hundreds of megabytes): the memo's key needs only their identity."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        data = prompt.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
 
 
 CHILD_QUERY = "Carry out the request written in `context` and give its answer."

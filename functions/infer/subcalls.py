@@ -14,8 +14,23 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
-from functions.contract import Callback, SubcallRequest, SubcallResponse
-from functions.errors import Forbidden, PayloadTooLarge, RLMError, Unauthorized, UpstreamError
+from functions.contract import (
+    SUBCALL_BYTES_TYPE,
+    Callback,
+    PromptBatch,
+    SubcallRequest,
+    SubcallResponse,
+    media_type,
+    unframed,
+)
+from functions.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    RLMError,
+    Unauthorized,
+    UpstreamError,
+)
 from functions.http import parse_json, validate
 
 if TYPE_CHECKING:
@@ -32,11 +47,39 @@ def bearer(authorization: str | None) -> str:
     return token.strip()
 
 
-def parse(body: bytes) -> SubcallRequest:
-    """The request in `body` (read with at most `MAX_BODY_BYTES + 1` bytes)."""
+def parse(body: bytes, content_type: str | None = None) -> SubcallRequest:
+    """The request in `body` (read with at most `MAX_BODY_BYTES + 1` bytes): JSON, or a large
+    batch's prompts as bytes after a JSON header (`SUBCALL_BYTES_TYPE`)."""
     if len(body) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"sub-call body is over the limit of {MAX_BODY_BYTES} bytes")
-    return validate(SubcallRequest, parse_json(body))
+    if media_type(content_type) != SUBCALL_BYTES_TYPE:
+        request = validate(SubcallRequest, parse_json(body))
+        if request.prompt_bytes is not None:
+            raise BadRequest(f"prompt_bytes comes only with a {SUBCALL_BYTES_TYPE} body")
+        return request
+    try:
+        head, data = unframed(body, SUBCALL_BYTES_TYPE)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    header = validate(SubcallRequest, parse_json(head))
+    if header.prompts:
+        raise BadRequest(f"a {SUBCALL_BYTES_TYPE} body sends prompt_bytes, not prompts")
+    return with_prompts(header, PromptBatch(data, header.prompt_bytes or []), BadRequest)
+
+
+def with_prompts(
+    request: SubcallRequest, batch: PromptBatch, error: Callable[[str], Exception]
+) -> SubcallRequest:
+    """`request` with the batch's prompts decoded in; `error(message)` raised for a bad one."""
+    problem = batch.problem()
+    if problem is None:
+        try:
+            prompts = batch.prompts()
+        except ValueError as e:
+            problem = str(e)
+    if problem is not None:
+        raise error(f"bad sub-call batch: {problem}")
+    return request.model_copy(update={"prompts": prompts, "prompt_bytes": None})
 
 
 def dispatch(service: InferService, token: str, request: SubcallRequest) -> SubcallResponse:
@@ -64,11 +107,14 @@ def refusal(error: RLMError) -> SubcallResponse:
 
 
 def serve(
-    service: InferService, authorization: str | None, read: Callable[[int], bytes]
+    service: InferService,
+    authorization: str | None,
+    read: Callable[[int], bytes],
+    content_type: str | None = None,
 ) -> SubcallResponse:
     """The whole endpoint: `read(n)` gives at most n bytes of the body."""
     token = bearer(authorization)
-    return dispatch(service, token, parse(read(MAX_BODY_BYTES + 1)))
+    return dispatch(service, token, parse(read(MAX_BODY_BYTES + 1), content_type))
 
 
 class InProcess:
@@ -77,10 +123,16 @@ class InProcess:
     service: InferService  # set once the service that owns this transport is built
 
     def __call__(
-        self, callback: Callback, request: SubcallRequest, headers: dict[str, str]
+        self,
+        callback: Callback,
+        request: SubcallRequest,
+        headers: dict[str, str],
+        batch: PromptBatch | None = None,
     ) -> SubcallResponse:
         from functions.execute.sandbox import SubcallRefused
 
+        if batch is not None:
+            request = with_prompts(request, batch, SubcallRefused)
         try:
             return dispatch(self.service, callback.token, request)
         except RLMError as e:
@@ -107,7 +159,8 @@ def callback_server(service: InferService, host: str, port: int) -> ThreadingHTT
                         f"sub-call body is {length} bytes; the limit is {MAX_BODY_BYTES}"
                     )
                 read = lambda n: self.rfile.read(min(n, length))  # noqa: E731
-                answer = serve(service, self.headers.get("authorization"), read)
+                answer = serve(service, self.headers.get("authorization"), read,
+                               self.headers.get("content-type"))  # fmt: skip
                 reply = answer.model_dump_json().encode()
             except RLMError as e:
                 status, reply = e.status, json.dumps(e.problem()).encode()

@@ -66,7 +66,10 @@ def _embedded(settings: InferSettings) -> InferService:
     from functions.infer.executor import LocalExecutor
 
     transport = subcalls.InProcess()
-    runner = CellRunner(ExecuteSettings.from_env(), transport)
+    # One process, one run at a time: the first interpreter opens while the service is built
+    # and the root model is asked its first turn; later sessions open in milliseconds.
+    runner = CellRunner(ExecuteSettings.from_env(), transport, keep_spare=False)
+    runner.prewarm(wait=False)
     service = InferService(
         settings, model_client(settings), LocalExecutor(runner), EMBEDDED_CALLBACK_URL,
         ledger(settings),

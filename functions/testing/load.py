@@ -99,19 +99,37 @@ def start_stack(
     model = ScriptedModel(policy).start()
     exec_env = {"EXECUTE_CONCURRENCY": str(execute_slots),
                 "EXECUTE_QUEUE_WAIT": str(queue_wait_s), **(execute_env or {})}  # fmt: skip
-    execute = serve("execute", exec_env, logs, ready="/health/readiness")
-    port = free_port()
     env = {
-        "LLM_BASE_URL": model.base_url, "LLM_API_KEY": "k", "LLM_MODEL": "scripted",
-        "LLM_MAX_RETRIES": "6", "WASM_SERVICE_URL": execute.url,
-        "INFER_CALLBACK_URL": f"http://127.0.0.1:{port}", "RLM_TOKEN_KEY": TOKEN_KEY,
-        "MAX_ITERATIONS": "6", "INFER_CELL_TIMEOUT": "60", "INFER_MAX_RUNS": str(max_runs),
-        "INFER_AUTH": "none",  # load, not callers: no API keys
+        "LLM_MAX_RETRIES": "6", "MAX_ITERATIONS": "6", "INFER_CELL_TIMEOUT": "60",
+        "INFER_MAX_RUNS": str(max_runs),
         # Each run holds a request thread; its cells' sub-call callbacks need threads too.
         "THREADS": str(2 * max_runs + 8), **(infer_env or {}),
     }  # fmt: skip
-    infer = serve("infer", env, logs, port=port)
-    return Stack(model, infer, execute, logs, {"infer": env, "execute": exec_env})
+    execute, infer, envs = serve_planes(model.base_url, logs, env, exec_env)
+    return Stack(model, infer, execute, logs, envs)
+
+
+def serve_planes(
+    llm_url: str,
+    logs: Path,
+    infer_env: dict[str, str] | None = None,
+    execute_env: dict[str, str] | None = None,
+) -> tuple[Served, Served, dict[str, dict[str, str]]]:
+    """Execute, then infer wired to it and to the model at `llm_url`, both on loopback and open
+    to any caller (load and benchmarks, not callers: no API keys); each plane's environment."""
+    execute = serve("execute", execute_env or {}, logs, ready="/health/readiness")
+    port = free_port()
+    env = {
+        "LLM_BASE_URL": llm_url, "LLM_API_KEY": "k", "LLM_MODEL": "scripted",
+        "WASM_SERVICE_URL": execute.url, "INFER_CALLBACK_URL": f"http://127.0.0.1:{port}",
+        "RLM_TOKEN_KEY": TOKEN_KEY, "INFER_AUTH": "none", **(infer_env or {}),
+    }  # fmt: skip
+    try:
+        infer = serve("infer", env, logs, port=port)
+    except BaseException:
+        execute.stop()
+        raise
+    return execute, infer, {"infer": env, "execute": execute_env or {}}
 
 
 # ----------------------------------------------------------------------------- one client run

@@ -29,15 +29,16 @@ from host import tools
 MOUNT = "/rlm"
 CELL_FILE = "<cell>"
 INLINE_STATE = 64 << 10  # a smaller state travels in the report, not as a file
-# A tool request frame is capped at 1 MiB: a batch of more than this many characters is staged
-# on the host a piece of one prompt at a time (JSON-escaped, a piece stays under the cap).
-STAGE_CHARS = 100_000
+# A tool request frame is capped at 1 MiB: a batch of more than this many characters (JSON-
+# escaped, it stays under the cap) goes through the mount as bytes instead.
+FRAME_CHARS = 100_000
+READ_BYTES = 1 << 20  # a mounted file is read this much at a time
 
 main = sys.modules["__main__"].__dict__
-# Taken now, before any cell: a cell that replaces sys.__stderr__, os.write or cloudpickle's
-# functions changes only its own view of them.
-write_fd = os.write
-pickle_dumps = cloudpickle.dumps
+# Taken now, before any cell: a cell that replaces sys.__stderr__, os.write, os.fstat or
+# cloudpickle's functions changes only its own view of them.
+write_fd, fstat = os.write, os.fstat
+pickle_dump = cloudpickle.dump
 pickle_loads = cloudpickle.loads
 json_dumps, json_loads = json.dumps, json.loads
 stdout, stderr = sys.stdout, sys.stderr
@@ -62,6 +63,7 @@ ToolError.__qualname__ = ToolError.__name__
 ToolError.__module__ = "builtins"
 
 tool_names = set()  # the caller's tools, defined anew each cell; never pickled
+limits = {"batch_bytes": 0}  # the host's, for the cell running
 bound = set()  # context_0, context_1, ...: bound by the host each cell, never pickled
 
 
@@ -88,16 +90,34 @@ def _subcall(kind, prompts, model):
     if model is not None and not isinstance(model, str):
         raise TypeError("model must be a str or None")
     try:
-        if sum(len(p) + 4 for p in prompts) <= STAGE_CHARS:  # escaped, within one frame
+        if sum(len(p) + 4 for p in prompts) <= FRAME_CHARS:  # escaped, within one frame
             return tools.subcall(kind=kind, prompts=prompts, model=model)
-        for prompt in prompts:  # the host counts prompts and characters as they arrive
-            last = max(len(prompt) - 1, 0) // STAGE_CHARS * STAGE_CHARS
-            for start in range(0, last + 1, STAGE_CHARS):
-                piece = prompt[start : start + STAGE_CHARS]
-                tools.subcall_part(part=piece, end=start == last)
-        return tools.subcall(kind=kind, prompts=[], model=model, staged=True)
+        lengths = _write_batch(prompts)
+        return tools.subcall(kind=kind, prompts=[], model=model, batch=lengths)
     except Exception as e:
         raise SubcallError(str(e)) from None
+
+
+def _write_batch(prompts):
+    """A large batch goes to the host in one file, its prompts' UTF-8 one after another; their
+    byte lengths go with the call. Stopped at the host's cap, before more is written."""
+    cap = limits["batch_bytes"]
+    lengths, total = [], 0
+    with open(f"{MOUNT}/batch.out", "wb") as f:
+        for index, prompt in enumerate(prompts):
+            try:
+                data = prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt {index} is not text ({e.reason} at {e.start})") from None
+            total += len(data)
+            if total > cap:
+                raise ValueError(
+                    f"sub-call batch is over {cap:,} bytes (EXECUTE_MAX_BATCH_MB): "
+                    "send it in smaller batches"
+                )
+            f.write(data)
+            lengths.append(len(data))
+    return lengths
 
 
 def llm_query(prompt, model=None):
@@ -240,8 +260,17 @@ def _say(line):
 
 
 def _read(name):
-    with open(f"{MOUNT}/{name}", "rb") as f:
-        return f.read()
+    """A mounted file's bytes, read in pieces: the host copies each read whole on its way in."""
+    with open(f"{MOUNT}/{name}", "rb", buffering=0) as f:
+        data = bytearray(fstat(f.fileno()).st_size)
+        view, at = memoryview(data), 0
+        while at < len(data):
+            got = f.readinto(view[at : at + READ_BYTES])
+            if not got:
+                break
+            at += got
+    del view
+    return data
 
 
 def _write(name, data):
@@ -311,17 +340,47 @@ def _as_text(value):
         return str(value)
 
 
-def _snapshot():
-    """Pickle the user's variables; values that cannot be pickled are dropped and named."""
+class _Oversize(Exception):
+    """The pickle passed the size the host keeps eagerly."""
+
+
+class _CappedWriter:
+    """A pickle's bytes, collected up to `limit` (None: no limit)."""
+
+    def __init__(self, limit):
+        self.parts, self.size, self.limit = [], 0, limit
+
+    def write(self, data):
+        self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            raise _Oversize
+        self.parts.append(bytes(data))
+        return len(data)
+
+
+def _pickle(value, limit):
+    out = _CappedWriter(limit)
+    pickle_dump(value, out, protocol=5)
+    return b"".join(out.parts)
+
+
+def _snapshot(limit):
+    """Pickle the user's variables; values that cannot be pickled are dropped and named. None
+    (and nothing dropped) when the pickle would pass `limit` bytes: such a state is kept only
+    by the live interpreter, and rebuilt elsewhere by replay, so it is not pickled at all."""
     space = {n: main[n] for n in list(main) if _kept(n)}
     try:
-        return pickle_dumps(space, protocol=5), []
+        return _pickle(space, limit), []
+    except _Oversize:
+        return None, []
     except Exception:
         pass
     dropped = []
     for name in list(space):
         try:
-            pickle_dumps(space[name], protocol=5)
+            _pickle(space[name], limit)
+        except _Oversize:
+            return None, []
         except Exception as e:
             dropped.append(name)
             _say(
@@ -329,7 +388,10 @@ def _snapshot():
                 f"({type(e).__name__}); it will not survive a restore on another pod\n"
             )
             del space[name]
-    return pickle_dumps(space, protocol=5), dropped
+    try:
+        return _pickle(space, limit), dropped
+    except _Oversize:
+        return None, []
 
 
 def _bind_contexts(plan):
@@ -358,6 +420,7 @@ last = {"meta": "{}", "blob": None}
 def cell(plan, code):
     last["meta"] = "{}"  # until this cell's report is made, none can be read back
     plan = json_loads(plan)
+    limits["batch_bytes"] = plan.get("batch_bytes", 0)
     meta = {"error": None, "answer": None, "locals": {}, "dropped": []}
     try:
         if plan.get("restore"):
@@ -406,8 +469,11 @@ def _describe(plan, meta):
         for n in _user_names()[:200]
     }
     if plan.get("snapshot"):
-        blob, meta["dropped"] = _snapshot()
-        if len(blob) > INLINE_STATE:
+        blob, meta["dropped"] = _snapshot(plan.get("state_limit"))
+        if blob is None:
+            meta["state_live"] = True
+            last["blob"] = None
+        elif len(blob) > INLINE_STATE:
             try:
                 _write("state.out", blob)
             except OSError as e:
