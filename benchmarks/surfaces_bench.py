@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.table import print_table
 from functions.testing.haystack import haystack
-from functions.testing.processes import free_port, serve
+from functions.testing.load import serve_planes
 from functions.testing.scripted_model import ScriptedModel, needle_policy, repl, scripted_replies
 
 QUESTION = "What is the magic number?"
@@ -51,14 +51,7 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp())
     switch = {"policy": needle_policy}
     model = ScriptedModel(lambda request: switch["policy"](request)).start()
-    execute = serve("execute", {}, logs, ready="/health/readiness")
-    port = free_port()
-    env = {
-        "LLM_BASE_URL": model.base_url, "LLM_API_KEY": "k", "LLM_MODEL": "scripted",
-        "WASM_SERVICE_URL": execute.url, "INFER_CALLBACK_URL": f"http://127.0.0.1:{port}",
-        "RLM_TOKEN_KEY": "benchmark-key-0123456789abcdef0123456789", "THREADS": "16",
-    }  # fmt: skip
-    infer = serve("infer", env, logs, port=port)
+    execute, infer, _ = serve_planes(model.base_url, logs, {"THREADS": "16"})
     rows: list[tuple[str, str, str, str]] = []
     try:
         context = haystack(1_000_000, 31337)
