@@ -19,7 +19,12 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from functions.testing.haystack import haystack
-from functions.testing.scripted_model import repl, scripted_replies, typed_answers
+from functions.testing.scripted_model import (
+    needle_policy,
+    repl,
+    scripted_replies,
+    typed_answers,
+)
 from tests.test_callers import KEYS, keyed, keys_file  # noqa: F401
 from tests.test_cancel import (  # noqa: F401
     SLOW_S,
@@ -87,6 +92,17 @@ async def ask_needle(client: Client, **context) -> tuple[dict, Progress]:
     return result.structured_content, progress
 
 
+# Progress is looked at every PROGRESS_EVERY_S (0.25 s). In the progress tests each model reply
+# takes SLOW_MODEL_S and the search cell pauses after its batch, so the looks see the run's turns
+# and its answered sub-calls while it goes: a 3 MB run can otherwise end between two looks.
+SLOW_MODEL_S = 0.3
+
+
+def paused_needle(request):
+    """The needle script, its search cell pausing after its batch."""
+    return needle_policy(request).replace("found = ", "__import__('time').sleep(0.6)\nfound = ", 1)
+
+
 def check_progress(progress: Progress) -> None:
     values = [p for p, _, _ in progress.seen]
     assert len(values) >= 2 and values == sorted(values) and len(set(values)) == len(values)
@@ -111,6 +127,7 @@ async def cancel_mid_run(client: Client, llm) -> float:
 
 
 def test_stdio_tools_progress_files_and_urls(llm, documents, tmp_path):
+    llm.latency_s, llm.switch.current = SLOW_MODEL_S, paused_needle
     report = tmp_path / "report.txt"
     report.write_text(haystack(3_000_000, 48213))
 
@@ -231,6 +248,8 @@ def test_rlm_mcp_without_a_model_says_so():
 
 
 def test_http_tools_a_multi_megabyte_context_and_progress(stack, llm, documents):
+    llm.latency_s, llm.switch.current = SLOW_MODEL_S, paused_needle
+
     async def main(client: Client):
         async with client:
             tools = {t.name: t for t in (await client.list_tools()).tools}
