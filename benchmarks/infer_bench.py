@@ -86,20 +86,21 @@ def ledger_rows(redis: RedisServer, repeats: int) -> list[tuple[str, str, str, s
         key = RunKey("bench", f"run-{name}")
         ledger.open_run(key, 1e9, None, 3600)
         ledger.open_cell(key, key.run_id, "cell", False, 3600)
+        caps = ledger.budgets(key)  # read once per run tree, as the account does
 
-        def subcall(i: int, ledger: Ledger = ledger, key: RunKey = key) -> None:
-            ledger.take_prompts(key, key.run_id, "cell", 1, 10**9)
+        def subcall(i: int, ledger: Ledger = ledger, key: RunKey = key, caps: dict = caps) -> None:
+            keep_s = ledger.take_prompts(key, key.run_id, "cell", 1, 10**9)
             ledger.cancelled(key)
-            held = ledger.reserve(key, 100, 4096, (1.0, 2.0))
+            held = ledger.reserve(key, 100, 4096, (1.0, 2.0), caps)
             ledger.settle(key, held, "m", usage)
-            ledger.remember(key, f"call {i}", ["answer"])
-            ledger.log(key, "cell", {"kind": "llm", "calls": []})
+            ledger.remember(key, f"call {i}", ["answer"], keep_s)
+            ledger.log(key, "cell", {"kind": "llm", "calls": []}, keep_s)
 
-        def turn(i: int, ledger: Ledger = ledger, key: RunKey = key) -> None:
+        def turn(i: int, ledger: Ledger = ledger, key: RunKey = key, caps: dict = caps) -> None:
             ledger.cancelled(key)
             ledger.stopped(key)
             ledger.spent(key)
-            held = ledger.reserve(key, 2000, 4096, (1.0, 2.0))
+            held = ledger.reserve(key, 2000, 4096, (1.0, 2.0), caps)
             ledger.settle(key, held, "m", usage)
             ledger.checkpoint(key, {"messages": [{"role": "user", "content": "x" * 4000}]})
             ledger.open_cell(key, key.run_id, f"cell-{i}", False, 3600)

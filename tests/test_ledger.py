@@ -68,7 +68,8 @@ def test_cell_tokens_work_for_the_current_cell_of_a_live_run_only(ledger):
     key = RunKey("alice", "r3")
     ledger.open_run(key, None, None, 60)
     ledger.open_cell(key, "r3", "cell-1", False, 60)
-    ledger.take_prompts(key, "r3", "cell-1", 3, cap=5)
+    keep_s = ledger.take_prompts(key, "r3", "cell-1", 3, cap=5)
+    assert 50 < keep_s <= 60  # what the run keeps (memo, logs) lives no longer than the run
     with pytest.raises(Forbidden, match="at most 5"):
         ledger.take_prompts(key, "r3", "cell-1", 3, cap=5)
     ledger.open_cell(key, "r3", "cell-2", False, 60)
@@ -132,12 +133,12 @@ def test_children_log_memo_and_events(ledger):
         ledger.start_child(key, 2)
     ledger.end_child(key)
     ledger.start_child(key, 2)
-    ledger.log(key, "c1", {"kind": "llm"})
-    ledger.log(key, "c1", {"kind": "rlm"})
+    ledger.log(key, "c1", {"kind": "llm"}, 60)
+    ledger.log(key, "c1", {"kind": "rlm"}, 60)
     assert [e["kind"] for e in ledger.take_log(key, "c1")] == ["llm", "rlm"]
     assert ledger.take_log(key, "c1") == []
-    ledger.remember(key, "call", ["a"])
-    ledger.remember(key, "call", ["b"])
+    ledger.remember(key, "call", ["a"], 60)
+    ledger.remember(key, "call", ["b"], 60)
     assert [ledger.recall(key, "call") for _ in range(3)] == [["a"], ["b"], None]
     one = event_key("/src", "id-1", {"query": "q"})
     assert one == event_key("/src", "id-1", {"query": "q"})

@@ -27,6 +27,7 @@ class Account:
         self.root = root
         self.output_cap = output_cap
         self.prices = llm.prices
+        self._budgets: dict[str, float] | None = None  # a run's budgets do not change
 
     def complete(self, messages: Any, model: str, deadline: float | None = None) -> Any:
         """One model call, paid from the budget: `BudgetRefused` before the call if it may not
@@ -35,7 +36,9 @@ class Account:
         tokens_in = chars // CHARS_PER_RESERVED_TOKEN + 16 * len(messages)
         price = self.prices.price(model) or (0.0, 0.0)
         try:
-            held = self.ledger.reserve(self.root, tokens_in, self.output_cap, price)
+            if self._budgets is None:
+                self._budgets = self.ledger.budgets(self.root)
+            held = self.ledger.reserve(self.root, tokens_in, self.output_cap, price, self._budgets)
         except BudgetRefused as refused:
             self.ledger.stop(self.root, refused.code, refused.message)
             raise

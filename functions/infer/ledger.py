@@ -416,34 +416,43 @@ class Ledger:
         the next one; a rebuilt session's replayed cells have a slot of their own."""
         self.store.put(_cell_slot(root, run_id, replay), nonce.encode(), ttl_s)
 
-    def take_prompts(self, root: RunKey, run_id: str, nonce: str, count: int, cap: int) -> None:
-        """Count `count` prompts against the cell's cap; refuse a cell that is not current."""
+    def take_prompts(self, root: RunKey, run_id: str, nonce: str, count: int, cap: int) -> float:
+        """Count `count` prompts against the cell's cap; refuse a cell that is not current.
+        Returns the seconds the run may still go on (what it keeps lives no longer)."""
         record = self._record(root)
         if record is None or record.get("status") != "running":
             raise Unauthorized("sub-call token of a run that has ended")
-        current = {self.store.get(_cell_slot(root, run_id, r)) for r in (False, True)}
-        if nonce.encode() not in current:
+        replay = nonce.startswith("replay-")
+        if self.store.get(_cell_slot(root, run_id, replay)) != nonce.encode():
             raise Unauthorized("sub-call token of a cell that has ended")
         taken = self.store.add(
             f"{root.id}:prompts:{nonce}", {"prompts": count}, {"prompts": cap}, self.run_ttl_s
         )
         if taken is None:
             raise Forbidden(f"sub-call limit reached: at most {cap} prompts per cell")
+        return self._lifetime(record)
 
     # ------------------------------------------------------------------ spend
 
+    def budgets(self, key: RunKey) -> dict[str, float]:
+        """The run's budgets as the ledger caps its spend: "usd" and "tokens", where set."""
+        record = self._record(key) or {}
+        return {name: float(record[name]) for name in ("usd", "tokens") if record.get(name)
+                is not None}  # fmt: skip
+
     def reserve(
-        self, key: RunKey, input_tokens: int, output_cap: int, price: tuple[float, float]
+        self,
+        key: RunKey,
+        input_tokens: int,
+        output_cap: int,
+        price: tuple[float, float],
+        caps: dict[str, float] | None = None,
     ) -> Reservation:
         """Hold a model call's worst case before it is made: `input_tokens` (an estimate from
-        above) and as many output tokens as the run's budgets leave, at most `output_cap`.
-        `BudgetRefused` when fewer than `MIN_OUTPUT_TOKENS` would be left for the answer."""
-        record = self._record(key) or {}
-        caps = {}
-        if record.get("usd") is not None:
-            caps["usd"] = float(record["usd"])
-        if record.get("tokens") is not None:
-            caps["tokens"] = float(record["tokens"])
+        above) and as many output tokens as the run's budgets (`caps`, read when not given)
+        leave, at most `output_cap`. `BudgetRefused` when fewer than `MIN_OUTPUT_TOKENS` would
+        be left for the answer."""
+        caps = self.budgets(key) if caps is None else caps
         per_in, per_out = price[0] / 1e6, price[1] / 1e6
         for _ in range(3):  # another pod may reserve between the look and the hold
             spent = self.store.counters(key.id + ":spend")
@@ -518,20 +527,18 @@ class Ledger:
 
     # ------------------------------------------------------------------ log and memo
 
-    def log(self, key: RunKey, nonce: str, entry: dict[str, Any]) -> None:
-        self.store.push(f"{key.id}:log:{nonce}", _dump(entry), self._lifetime(key))
+    def log(self, key: RunKey, nonce: str, entry: dict[str, Any], ttl_s: float) -> None:
+        self.store.push(f"{key.id}:log:{nonce}", _dump(entry), ttl_s)
 
     def take_log(self, key: RunKey, nonce: str) -> list[dict[str, Any]]:
         return [json.loads(item) for item in self.store.pop_all(f"{key.id}:log:{nonce}")]
 
-    def remember(self, key: RunKey, call: str, responses: list[str]) -> None:
-        """A sub-call's answers, so a replayed cell gets the same ones (no model called twice)."""
-        self.store.push(f"{key.id}:memo:{_digest(call)}", _dump(responses), self._lifetime(key))
+    def remember(self, key: RunKey, call: str, responses: list[str], ttl_s: float) -> None:
+        """A sub-call's answers, so a replayed cell gets the same ones (no model called twice);
+        kept `ttl_s`, the run's remaining life (`take_prompts` says it), not a day."""
+        self.store.push(f"{key.id}:memo:{_digest(call)}", _dump(responses), ttl_s)
 
-    def _lifetime(self, key: RunKey) -> float:
-        """Seconds the run may still go on: what it keeps for itself (answers, logs) lives no
-        longer, so a finished run's memo is not kept for a day."""
-        record = self._record(key) or {}
+    def _lifetime(self, record: dict[str, Any]) -> float:
         return max(1.0, min(self.run_ttl_s, float(record.get("expires", 0)) - time.time()))
 
     def recall(self, key: RunKey, call: str) -> list[str] | None:

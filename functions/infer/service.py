@@ -279,11 +279,11 @@ class InferService:
         if request.kind == "rlm" and tools.catalog_digest(request.tools) != claims.sub_tools:
             raise tokens.OutOfScope("the child RLMs' tools do not match the ones this run declared")
         count = len(request.prompts) if request.kind != "tool" else 1
-        self.ledger.take_prompts(root, claims.run_id, claims.nonce, count, claims.prompts)
+        keep_s = self.ledger.take_prompts(root, claims.run_id, claims.nonce, count, claims.prompts)
         if self.ledger.cancelled(root):
             return _cancelled()
         if request.kind == "tool":
-            return self._tool(claims, root, request)
+            return self._tool(claims, root, request, keep_s)
         call = json.dumps([claims.depth, request.kind, model, prompts_digest(request.prompts)])
         if claims.nonce.startswith("replay-"):  # a rebuilt session calls no model twice
             remembered = self.ledger.recall(root, call)
@@ -335,7 +335,7 @@ class InferService:
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
         responses = [text for text, _ in results]
-        self.ledger.remember(root, call, responses)
+        self.ledger.remember(root, call, responses, keep_s)
         self.ledger.log(
             root,
             claims.nonce,
@@ -349,6 +349,7 @@ class InferService:
                 ],
                 "usage": {m: u.model_dump() for m, u in usage.items()},
             },
+            keep_s,
         )
         return SubcallResponse(responses=responses, usage=usage)
 
@@ -368,7 +369,7 @@ class InferService:
         return report
 
     def _tool(
-        self, claims: tokens.TokenClaims, root: RunKey, request: SubcallRequest
+        self, claims: tokens.TokenClaims, root: RunKey, request: SubcallRequest, keep_s: float
     ) -> SubcallResponse:
         """A caller's tool; its failures are answers the guest raises, not HTTP errors."""
         name = request.tool or ""
@@ -386,13 +387,13 @@ class InferService:
             reply = SubcallResponse(responses=[], result=self.tools.call(name, spec, args, kwargs))
         except tools.ToolCallError as e:
             reply = SubcallResponse(responses=[], error=str(e))
-        self.ledger.remember(root, call, [reply.model_dump_json()])
+        self.ledger.remember(root, call, [reply.model_dump_json()], keep_s)
         shown = json.dumps(reply.result) if reply.error is None else f"ToolError: {reply.error}"
         self.ledger.log(root, claims.nonce, {  # in the trajectory, as sub-calls are
             "kind": "tool", "model": name, "depth": claims.depth, "usage": {},
             "calls": [{"prompt": json.dumps(arguments)[:LOGGED_CHARS],
                        "response": shown[:LOGGED_CHARS], "trajectory": None}],
-        })  # fmt: skip
+        }, keep_s)  # fmt: skip
         return reply
 
     def _child(
