@@ -149,3 +149,13 @@ def test_cancel_is_in_the_openapi_document(stack):
     doc = httpx.get(stack.infer.url + "/openapi.json", timeout=10).json()
     assert "post" in doc["paths"]["/infer/{run_id}/cancel"]
     assert {"CancelReply", "ToolSpec"} <= doc["components"]["schemas"].keys()
+
+
+def test_a_chosen_cancel_token_too_short_or_too_long_is_refused_before_the_run(stack, llm):
+    """A caller's own cancel token must be a secret worth the name: 16 to 200 characters."""
+    llm.reset()
+    for token in ("short", "x" * 201):
+        r = httpx.post(stack.infer.url + "/infer", json={"query": "q", "context": "c"},
+                       headers={"x-rlm-cancel-token": token}, timeout=30)  # fmt: skip
+        assert r.status_code == 400 and "x-rlm-cancel-token" in r.json()["error"], r.text
+    assert llm.received == 0  # no run started, no model called
